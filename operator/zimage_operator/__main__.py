@@ -1,0 +1,70 @@
+"""``zimage-operator``: run the kopf operator."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from typing import Any
+
+import kopf
+
+from zimage_operator import events
+from zimage_operator.k8s import Kube
+from zimage_operator.runtime import Runtime
+from zimage_operator.settings import OperatorSettings
+from zimage_queue import JobQueue
+
+log = logging.getLogger("zimage_operator")
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    # Handler progress lives in status, never in annotations: GitOps tools see no drift on user objects.
+    settings.persistence.progress_storage = kopf.StatusProgressStorage(field="status.kopf.progress")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage()
+    settings.posting.level = logging.WARNING
+    settings.watching.server_timeout = 60
+    cfg = OperatorSettings()
+    rt = Runtime(settings=cfg, kube=Kube(), queue=JobQueue.from_url(cfg.redis_url))
+    if cfg.consumer_name:
+        rt.consumer = cfg.consumer_name
+    memo.runtime = rt
+    rt.tasks.append(asyncio.create_task(events.consume(rt), name="worker-events"))
+
+
+@kopf.on.cleanup()
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    rt: Runtime | None = memo.get("runtime")
+    for task in rt.tasks if rt else []:
+        task.cancel()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="zimage-operator", description="Run the zimage kopf operator.")
+    p.add_argument("-n", "--namespace", action="append", default=[], help="watch this namespace (repeatable)")
+    p.add_argument("-A", "--all-namespaces", action="store_true", help="watch the whole cluster")
+    p.add_argument("--standalone", action="store_true", help="no peering (development only)")
+    p.add_argument("--peering", default="zimage-operator", help="peering object name for HA replicas")
+    p.add_argument("--priority", type=int, default=0, help="peering priority of this replica")
+    p.add_argument("--liveness", default=None, help="e.g. http://0.0.0.0:8080/healthz")
+    p.add_argument("--verbose", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format='{"ts":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":%(message)r}')
+    from zimage_operator.handlers import imagejob  # noqa: F401  (registers the handlers)
+
+    if not args.namespace and not args.all_namespaces:
+        args.namespace = ["default"]
+    asyncio.run(kopf.operator(
+        clusterwide=args.all_namespaces,
+        namespaces=args.namespace if not args.all_namespaces else [],
+        standalone=args.standalone,
+        peering_name=args.peering,
+        priority=args.priority,
+        liveness_endpoint=args.liveness,
+    ))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,211 @@
+"""Pure ImageJob decisions: (spec, observed state, now) -> status patch or action. No I/O here."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import ValidationError
+
+from zimage_operator.conditions import iso, parse_iso, set_condition
+from zimage_operator.types import TERMINAL_PHASES, Cond, ImageJobSpec, Reason, variant_defaults
+from zimage_queue import GenerationParams, JobEvent, JobMessage
+from zimage_queue.keys import queue_name
+
+PROGRESS_MIN_INTERVAL = 1.0
+
+
+@dataclass
+class Admission:
+    action: Literal["enqueue", "wait", "fail", "skip"]
+    patch: dict[str, Any] = field(default_factory=dict)
+    message: JobMessage | None = None
+    event: tuple[str, str, str] | None = None  # (type, reason, message) for a Kubernetes Event
+
+
+def _status_patch(status: dict[str, Any], now: datetime, generation: int | None, phase: str,
+                  conds: list[tuple[str, bool, str, str]], **fields: Any) -> dict[str, Any]:
+    conditions = status.get("conditions")
+    for type_, ok, reason, msg in conds:
+        conditions, _ = set_condition(conditions, type_, ok, reason, msg, now, generation)
+    patch: dict[str, Any] = {"phase": phase, "conditions": conditions, **fields}
+    if generation is not None:
+        patch["observedGeneration"] = generation
+    return patch
+
+
+def _validation_message(e: ValidationError) -> str:
+    return "; ".join(f"spec.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
+
+
+def admit(
+    *,
+    spec: dict[str, Any],
+    status: dict[str, Any],
+    meta: dict[str, Any],
+    model: dict[str, Any] | None,
+    now: datetime,
+    rng: random.Random | None = None,
+) -> Admission:
+    """Decide what a new (or resumed) ImageJob needs: enqueue it, wait for its model, or fail it."""
+    gen = meta.get("generation")
+    phase = status.get("phase")
+    if phase in TERMINAL_PHASES or phase in ("Queued", "Running"):
+        # Queued/Running jobs are already on the queue; enqueueing again is a no-op, but skip the round trip.
+        return Admission("skip")
+    try:
+        parsed = ImageJobSpec.model_validate(spec)
+    except ValidationError as e:
+        msg = _validation_message(e)
+        return Admission("fail", _status_patch(status, now, gen, "Failed", [(Cond.FAILED, True, Reason.INVALID_SPEC, msg)],
+                                               message=msg, finishedAt=iso(now)),
+                         event=("Warning", Reason.INVALID_SPEC, msg))
+    errors = parsed.cross_field_errors()
+    if errors:
+        msg = "; ".join(errors)
+        return Admission("fail", _status_patch(status, now, gen, "Failed", [(Cond.FAILED, True, Reason.INVALID_SPEC, msg)],
+                                               message=msg, finishedAt=iso(now)),
+                         event=("Warning", Reason.INVALID_SPEC, msg))
+    if model is None:
+        msg = f"ModelDeployment {parsed.model!r} not found in namespace {meta.get('namespace')}; waiting for it"
+        patch = _status_patch(status, now, gen, "Pending", [(Cond.QUEUED, False, Reason.MODEL_NOT_FOUND, msg)],
+                              message=msg)
+        return Admission("wait", patch, event=("Warning", Reason.MODEL_NOT_FOUND, msg))
+
+    variant = (model.get("spec") or {}).get("model", {}).get("variant")
+    default_steps, default_guidance = variant_defaults(variant)
+    seed = parsed.seed if parsed.seed is not None else (rng or random.SystemRandom()).randrange(2**32)
+    params = GenerationParams.model_validate({
+        **parsed.model_dump(include=set(GenerationParams.model_fields)),
+        "steps": parsed.steps or default_steps,
+        "guidance_scale": default_guidance if parsed.guidance_scale is None else parsed.guidance_scale,
+        "seed": seed,
+    })
+    message = JobMessage(
+        uid=meta["uid"], namespace=meta["namespace"], name=meta["name"],
+        queue=queue_name(meta["namespace"], parsed.model), params=params,
+        max_retries=parsed.max_retries, timeout_seconds=parsed.timeout_seconds, enqueued_at=now.timestamp(),
+    )
+    msg = f"enqueued on {parsed.model} ({parsed.priority} priority)"
+    patch = _status_patch(
+        status, now, gen, "Queued", [(Cond.QUEUED, True, Reason.ENQUEUED, msg)],
+        queuedAt=iso(now), seed=seed, steps=params.steps, message=msg,
+        progress={"step": 0, "totalSteps": params.steps, "summary": f"0/{params.steps}"},
+    )
+    return Admission("enqueue", patch, message, event=("Normal", Reason.ENQUEUED, msg))
+
+
+def _seconds(start: str | None, end: datetime) -> float | None:
+    t0 = parse_iso(start)
+    return None if t0 is None else round(max(0.0, (end - t0).total_seconds()), 3)
+
+
+def event_patch(
+    status: dict[str, Any],
+    event: JobEvent,
+    now: datetime,
+    *,
+    last_progress_at: float | None = None,
+    generation: int | None = None,
+) -> tuple[dict[str, Any] | None, tuple[str, str, str] | None]:
+    """The status patch (or None) and Kubernetes Event (or None) for one worker event.
+
+    Terminal phases are final; a late or duplicate event never moves a job backwards.
+    """
+    phase = status.get("phase")
+    if phase in TERMINAL_PHASES:
+        return None, None
+    ev_time = datetime.fromtimestamp(event.ts, now.tzinfo)
+    total = event.total_steps or (status.get("progress") or {}).get("totalSteps") or 0
+
+    if event.type == "progress":
+        if last_progress_at is not None and event.ts - last_progress_at < PROGRESS_MIN_INTERVAL:
+            return None, None
+        step = event.step or 0
+        patch = {"progress": {"step": step, "totalSteps": total, "summary": f"{step}/{total}"}}
+        if phase != "Running":
+            patch["phase"] = "Running"
+        return patch, None
+
+    if event.type == "started":
+        msg = f"running on {event.worker} (attempt {event.attempt})"
+        patch = _status_patch(
+            status, ev_time, generation, "Running", [(Cond.RUNNING, True, Reason.STARTED, msg)],
+            worker=event.worker, attempts=event.attempt, startedAt=iso(ev_time), message=msg,
+            progress={"step": 0, "totalSteps": total, "summary": f"0/{total}"},
+        )
+        if not status.get("queueSeconds"):
+            patch["queueSeconds"] = _seconds(status.get("queuedAt"), ev_time)
+        return patch, ("Normal", Reason.STARTED, msg)
+
+    if event.type == "retrying":
+        msg = f"attempt {event.attempt} failed ({event.reason}: {event.message}); requeued"
+        patch = _status_patch(status, ev_time, generation, "Queued",
+                              [(Cond.RUNNING, False, Reason.RETRYING, msg)], attempts=event.attempt, message=msg)
+        return patch, ("Warning", Reason.RETRYING, msg)
+
+    if event.type == "succeeded":
+        results = [r.wire() for r in event.results or []]
+        msg = f"{len(results)} image(s) stored"
+        run = event.run_seconds if event.run_seconds is not None else _seconds(status.get("startedAt"), ev_time)
+        patch = _status_patch(
+            status, ev_time, generation, "Succeeded",
+            [(Cond.RUNNING, False, Reason.COMPLETED, msg), (Cond.SUCCEEDED, True, Reason.COMPLETED, msg)],
+            results=results, finishedAt=iso(ev_time), runSeconds=run, message=msg,
+            duration=f"{run:.1f}s" if run is not None else None, attempts=event.attempt or status.get("attempts"),
+            progress={"step": total, "totalSteps": total, "summary": f"{total}/{total}"},
+        )
+        if event.worker:
+            patch["worker"] = event.worker
+        return patch, ("Normal", Reason.COMPLETED, msg)
+
+    if event.type in ("failed", "cancelled"):
+        failed = event.type == "failed"
+        reason = event.reason or (Reason.WORKER_ERROR if failed else Reason.CANCELLED)
+        msg = event.message or reason
+        run = event.run_seconds
+        patch = _status_patch(
+            status, ev_time, generation, "Failed" if failed else "Cancelled",
+            [(Cond.RUNNING, False, reason, msg), (Cond.FAILED if failed else Cond.CANCELLED, True, reason, msg)],
+            finishedAt=iso(ev_time), message=msg, attempts=event.attempt or status.get("attempts"),
+            runSeconds=run, duration=f"{run:.1f}s" if run is not None else None,
+        )
+        return patch, ("Warning" if failed else "Normal", reason, msg)
+
+    return None, None
+
+
+def timeout_patch(spec: dict[str, Any], status: dict[str, Any], meta: dict[str, Any], now: datetime
+                  ) -> dict[str, Any] | None:
+    """Fail a job that has not finished within timeoutSeconds of its creation."""
+    limit = spec.get("timeoutSeconds")
+    if not limit or status.get("phase") in TERMINAL_PHASES:
+        return None
+    created = parse_iso(meta.get("creationTimestamp"))
+    if created is None or (now - created).total_seconds() < limit:
+        return None
+    msg = f"not finished within timeoutSeconds={limit}"
+    return _status_patch(
+        status, now, meta.get("generation"), "Failed",
+        [(Cond.RUNNING, False, Reason.TIMEOUT, msg), (Cond.FAILED, True, Reason.TIMEOUT, msg)],
+        finishedAt=iso(now), message=msg,
+    )
+
+
+def seconds_until_expiry(spec: dict[str, Any], status: dict[str, Any], now: datetime) -> float | None:
+    """For ttlSecondsAfterFinished: how long until the finished job may be deleted (<= 0: now)."""
+    ttl = spec.get("ttlSecondsAfterFinished")
+    finished = parse_iso(status.get("finishedAt"))
+    if ttl is None or finished is None or status.get("phase") not in TERMINAL_PHASES:
+        return None
+    return ttl - (now - finished).total_seconds()
+
+
+def cancel_patch(status: dict[str, Any], now: datetime, generation: int | None) -> dict[str, Any] | None:
+    if status.get("phase") in TERMINAL_PHASES:
+        return None
+    msg = "cancelled: the ImageJob was deleted"
+    return _status_patch(status, now, generation, "Cancelled",
+                         [(Cond.CANCELLED, True, Reason.DELETED, msg)], finishedAt=iso(now), message=msg)

@@ -1,0 +1,20 @@
+"""What the handlers share for the operator's lifetime (kept in kopf's memo, not in globals)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from dataclasses import dataclass, field
+
+from zimage_operator.k8s import Kube
+from zimage_operator.settings import OperatorSettings
+from zimage_queue import JobQueue
+
+
+@dataclass
+class Runtime:
+    settings: OperatorSettings
+    kube: Kube
+    queue: JobQueue
+    consumer: str = field(default_factory=socket.gethostname)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)

@@ -1,0 +1,115 @@
+"""The job message and the worker events: the wire format between operator, API and worker.
+
+Field constraints here are the single source of truth for generation parameters: the ImageJob CRD schema is
+generated from these models (see zimage_operator.crdgen) and the API validates requests with them.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+Task = Literal["text-to-image", "image-to-image", "inpaint"]
+Priority = Literal["high", "normal", "low"]
+OutputFormat = Literal["png", "jpeg", "webp"]
+EventType = Literal["started", "progress", "succeeded", "failed", "retrying", "cancelled"]
+
+DEFAULT_MAX_RETRIES = 3
+# An object-store URI: s3://bucket/key, file:///path, or http(s)://...
+URI_PATTERN = r"^(s3|file|https?)://.+$"
+
+
+class CamelModel(BaseModel):
+    """Kubernetes objects are camelCase; Python code uses snake_case. Both spellings are accepted."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+    def wire(self) -> dict[str, object]:
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+class GenerationParams(CamelModel):
+    task: Task = Field("text-to-image", description="What to generate.")
+    prompt: str = Field(min_length=1, max_length=4000, description="Text prompt.")
+    negative_prompt: str | None = Field(None, max_length=4000, description="What the image should not show.")
+    width: int = Field(1024, ge=64, le=2048, multiple_of=16, description="Image width in pixels.")
+    height: int = Field(1024, ge=64, le=2048, multiple_of=16, description="Image height in pixels.")
+    steps: int | None = Field(
+        None, ge=1, le=100, description="Denoising steps; default from the model variant (Turbo: 8)."
+    )
+    guidance_scale: float | None = Field(
+        None, ge=0, le=20, description="Classifier-free guidance; default from the model variant (Turbo: 0)."
+    )
+    seed: int | None = Field(
+        None, ge=0, le=2**53 - 1, description="Random seed; chosen and recorded when omitted."
+    )
+    num_images: int = Field(1, ge=1, le=8, description="Images to generate.")
+    input_image: str | None = Field(
+        None, max_length=2048, pattern=URI_PATTERN, description="Source image URI (image-to-image, inpaint)."
+    )
+    mask_image: str | None = Field(
+        None, max_length=2048, pattern=URI_PATTERN, description="Mask image URI (inpaint; white = repaint)."
+    )
+    strength: float | None = Field(None, ge=0, le=1, description="How far to move from the input image.")
+    output_format: OutputFormat = Field("png", description="Encoding of the stored images.")
+
+    def cross_field_errors(self) -> list[str]:
+        """Rules a structural schema cannot express; checked by the operator (Failed condition) and the API."""
+        errors = []
+        if self.task in ("image-to-image", "inpaint") and not self.input_image:
+            errors.append(f"spec.inputImage: required when task is {self.task}")
+        if self.task == "inpaint" and not self.mask_image:
+            errors.append("spec.maskImage: required when task is inpaint")
+        if self.task == "text-to-image" and (self.input_image or self.mask_image):
+            errors.append("spec.inputImage/maskImage: only allowed for image-to-image and inpaint")
+        return errors
+
+
+class JobMessage(CamelModel):
+    """What goes on a model's stream. Everything a worker needs; nothing it must look up elsewhere."""
+
+    uid: str = Field(min_length=1)
+    namespace: str
+    name: str
+    queue: str
+    params: GenerationParams
+    max_retries: int = Field(DEFAULT_MAX_RETRIES, ge=0, le=20)
+    timeout_seconds: int | None = Field(None, ge=1)
+    enqueued_at: float = Field(default_factory=time.time)
+
+    @model_validator(mode="after")
+    def _resolved(self) -> JobMessage:
+        # The operator resolves defaults before enqueueing, so a redelivery replays exactly the same job.
+        if self.params.seed is None:
+            raise ValueError("params.seed must be resolved before enqueueing")
+        return self
+
+
+class ResultImage(CamelModel):
+    uri: str
+    width: int
+    height: int
+    seed: int
+    sha256: str
+    bytes: int
+
+
+class JobEvent(CamelModel):
+    """A worker's report about one job, read by the operator from the events stream."""
+
+    type: EventType
+    uid: str
+    namespace: str
+    name: str
+    worker: str = ""
+    attempt: int = 0
+    step: int | None = None
+    total_steps: int | None = None
+    results: list[ResultImage] | None = None
+    reason: str | None = None
+    message: str | None = None
+    run_seconds: float | None = None
+    ts: float = Field(default_factory=time.time)
