@@ -77,6 +77,16 @@ return 'failed'
 """
 
 
+# KEYS: job, stream ; ARGV: group, entry id, payload
+_RELEASE = """
+redis.call('XADD', KEYS[2], '*', 'job', ARGV[3])
+redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])
+redis.call('HINCRBY', KEYS[1], 'attempts', -1)
+redis.call('HSET', KEYS[1], 'state', 'queued')
+return 1
+"""
+
+
 @dataclass(frozen=True)
 class EnqueueResult:
     entry_id: str
@@ -118,6 +128,7 @@ class JobQueue:
         self._begin = client.register_script(_BEGIN)
         self._complete = client.register_script(_COMPLETE)
         self._fail = client.register_script(_FAIL)
+        self._release = client.register_script(_RELEASE)
         self._groups_ready: set[tuple[str, str]] = set()
 
     @classmethod
@@ -256,6 +267,11 @@ class JobQueue:
                   f"{event.reason}: {event.message}", self.result_ttl_seconds],
         )
         return _s(outcome)
+
+    def release(self, delivery: Delivery) -> None:
+        """Hand an unfinished job back to the queue (a worker shutting down); the attempt is not counted."""
+        self._release(keys=[keys.job(delivery.message.uid), delivery.stream],
+                      args=[keys.WORKER_GROUP, delivery.entry_id, delivery.message.model_dump_json(by_alias=True)])
 
     def ack(self, delivery: Delivery) -> None:
         self.r.xack(delivery.stream, keys.WORKER_GROUP, delivery.entry_id)

@@ -1,0 +1,213 @@
+"""The real engine: Z-Image through Hugging Face diffusers, loaded once per worker process."""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from diffusers import ZImageImg2ImgPipeline, ZImageInpaintPipeline, ZImagePipeline
+from PIL import Image
+
+from zimage_worker.engine import TINY_RANDOM, VARIANT_DEFAULTS, VARIANTS, Cancelled
+
+if TYPE_CHECKING:
+    from zimage_queue import GenerationParams
+
+DEFAULT_IMG2IMG_STRENGTH = 0.6
+DEFAULT_INPAINT_STRENGTH = 1.0
+
+_DTYPES = {
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+}
+
+
+def resolve_device(device: str | None) -> torch.device:
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto`` is bfloat16 on CUDA (what Z-Image is released in) and float32 elsewhere: CPU kernels for
+    bfloat16 are slow or missing for some ops."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"dtype must be auto or one of {', '.join(_DTYPES)}, got {dtype!r}") from None
+
+
+def _dtype_kwarg() -> str:
+    # diffusers renamed from_pretrained's `torch_dtype` to `dtype` (huggingface/diffusers#14205) and warns on
+    # the old name; releases before that do not accept `dtype=`.
+    from diffusers.utils import deprecation_utils
+
+    return "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
+
+
+def denoising_schedule(steps: int) -> tuple[int, list[float]]:
+    """Map the user's ``steps`` (transformer evaluations) to the pipelines' ``(num_inference_steps, sigmas)``.
+
+    The mapping is the identity: ``num_inference_steps = steps``, with an explicit sigma schedule
+    ``linspace(1, 1/steps, steps)`` to which the scheduler appends the terminal sigma 0. Each of the ``steps``
+    transformer evaluations then moves the latents by a non-zero Euler step.
+
+    Why explicit sigmas: until diffusers 0.38 ZImagePipeline forced ``sigma_min = 0`` and spaced its default
+    schedule ``linspace(1, 0, N)``, so the N-th evaluation ran at sigma 0 and its Euler update had ``dt = 0``.
+    Turbo's "8 steps" therefore needed ``num_inference_steps=9`` there (9 forwards, 8 useful). Since
+    diffusers 0.39 (huggingface/diffusers#13730) the default schedule is exactly the one above, so N steps are
+    N useful evaluations and "8 then" equals "9 before". Passing the schedule ourselves gives the same
+    meaning of ``steps`` on every diffusers this project allows, with results identical to the pipeline's
+    own default on 0.39 and later. Image-to-image and inpainting start part way down this schedule: they
+    skip the first ``int(steps * (1 - strength))`` sigmas (diffusers' rounding) and evaluate the rest.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    # torch.linspace rather than arithmetic here, so the floats are bit-identical to diffusers' default.
+    return steps, torch.linspace(1.0, 1.0 / steps, steps).tolist()
+
+
+class DiffusersEngine:
+    """Z-Image text-to-image, image-to-image and inpainting from one set of weights.
+
+    Not thread-safe: the three pipelines share one scheduler, whose state is set per call. A worker runs one
+    job at a time.
+    """
+
+    def __init__(
+        self,
+        source: str,
+        *,
+        variant: str = "turbo",
+        device: str | None = None,
+        dtype: str = "auto",
+        revision: str | None = None,
+    ) -> None:
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
+        self.name = source
+        self.variant = variant
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+
+        started = time.perf_counter()
+        if source == TINY_RANDOM:
+            from zimage_worker.tiny import build_tiny_pipeline
+
+            pipe: Any = build_tiny_pipeline()
+            if self.dtype != torch.float32:
+                pipe.to(dtype=self.dtype)
+        else:
+            pipe = ZImagePipeline.from_pretrained(source, revision=revision, **{_dtype_kwarg(): self.dtype})
+        pipe.to(self.device)
+        # Any: diffusers' pipeline classes are too loosely typed for mypy to follow their attributes.
+        self.text_to_image: Any = pipe
+        # The same module objects in all three pipelines, so the weights exist once. This is the core of
+        # `from_pipe`, without its final cast: that defaults to float32, would upcast the shared bfloat16
+        # modules in place unless told the dtype, and logs a misleading float32 warning per model even then.
+        self.image_to_image: Any = ZImageImg2ImgPipeline(**pipe.components)
+        self.inpaint: Any = ZImageInpaintPipeline(**pipe.components)
+        for each in (self.text_to_image, self.image_to_image, self.inpaint):
+            each.set_progress_bar_config(disable=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.load_seconds = time.perf_counter() - started
+
+    def generate(
+        self,
+        params: GenerationParams,
+        *,
+        on_step: Callable[[int, int], None],
+        should_stop: Callable[[], bool],
+        load_image: Callable[[str], bytes],
+    ) -> list[Image.Image]:
+        """See ``Engine.generate``.
+
+        Image ``i`` uses a generator seeded ``seed + i``, so any one image of a job can be reproduced alone
+        (``num_images=1``, ``seed=seed+i``). A missing seed counts as 0: the operator resolves seeds before
+        enqueueing, and an engine that picked one itself could not report it.
+        """
+        defaults = VARIANT_DEFAULTS[self.variant]
+        steps = params.steps if params.steps is not None else defaults.steps
+        guidance = params.guidance_scale if params.guidance_scale is not None else defaults.guidance_scale
+        num_inference_steps, sigmas = denoising_schedule(steps)
+        seed = params.seed if params.seed is not None else 0
+
+        with torch.inference_mode():
+            pipe, task_kwargs = self._pipeline_for(params, load_image)
+            # The prompt is the same for every image: encode it once.
+            prompt_embeds, negative_prompt_embeds = pipe.encode_prompt(
+                prompt=params.prompt,
+                negative_prompt=params.negative_prompt,
+                do_classifier_free_guidance=guidance > 0,
+                device=self.device,
+            )
+            done = 0
+            images: list[Image.Image] = []
+
+            def step_end(
+                pipeline: Any, index: int, timestep: Any, callback_kwargs: dict[str, Any]
+            ) -> dict[str, Any]:
+                nonlocal done
+                done += 1
+                # Known only once the pipeline has applied strength to the schedule.
+                on_step(done, pipeline.num_timesteps * params.num_images)
+                # Raising unwinds the pipeline before the VAE decode; `_interrupt` would skip the remaining
+                # steps but still decode and return an image nobody wants.
+                if should_stop():
+                    raise Cancelled()
+                return callback_kwargs
+
+            for index in range(params.num_images):
+                if should_stop():
+                    raise Cancelled()
+                generator = torch.Generator(device=self.device).manual_seed(seed + index)
+                output = pipe(
+                    prompt_embeds=prompt_embeds,
+                    negative_prompt_embeds=negative_prompt_embeds,
+                    height=params.height,
+                    width=params.width,
+                    num_inference_steps=num_inference_steps,
+                    sigmas=sigmas,
+                    guidance_scale=guidance,
+                    generator=generator,
+                    output_type="pil",
+                    callback_on_step_end=step_end,
+                    **task_kwargs,
+                )
+                images.extend(output.images)
+        return images
+
+    def _pipeline_for(
+        self, params: GenerationParams, load_image: Callable[[str], bytes]
+    ) -> tuple[Any, dict[str, Any]]:
+        if params.task == "text-to-image":
+            return self.text_to_image, {}
+        if not params.input_image:
+            raise ValueError(f"{params.task} needs input_image")
+        size = (params.width, params.height)
+        # The img2img and inpaint pipelines encode the input at its own size but sample latents at the
+        # requested size; resizing first keeps the two in agreement.
+        image = _decode(load_image(params.input_image), "RGB").resize(size, Image.Resampling.LANCZOS)
+        if params.task == "image-to-image":
+            strength = params.strength if params.strength is not None else DEFAULT_IMG2IMG_STRENGTH
+            return self.image_to_image, {"image": image, "strength": strength}
+        if not params.mask_image:
+            raise ValueError("inpaint needs mask_image")
+        mask = _decode(load_image(params.mask_image), "L").resize(size, Image.Resampling.NEAREST)
+        strength = params.strength if params.strength is not None else DEFAULT_INPAINT_STRENGTH
+        return self.inpaint, {"image": image, "mask_image": mask, "strength": strength}
+
+
+def _decode(data: bytes, mode: str) -> Image.Image:
+    with Image.open(io.BytesIO(data)) as opened:
+        # convert() also forces the lazy decode while the buffer is still open.
+        return opened.convert(mode)

@@ -1,0 +1,165 @@
+"""The worker's view of an image generator: one ``generate`` call per job, progress per denoising step.
+
+This module imports neither torch nor diffusers, so the queue side of the worker, the benchmarks (with
+``NoopEngine``) and the tests can use it on machines without them. The real engine lives in
+``zimage_worker.diffusers_engine`` and is imported only when ``load_engine`` needs it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from PIL import Image
+    from zimage_queue import GenerationParams
+
+NOOP = "noop"
+TINY_RANDOM = "tiny-random"
+VARIANTS = ("turbo", "base", "edit")
+
+
+@dataclass(frozen=True)
+class VariantDefaults:
+    steps: int
+    guidance_scale: float
+
+
+# Turbo is distilled for 8 transformer evaluations without classifier-free guidance. The undistilled models use
+# the pipeline's own 50 steps with the guidance Z-Image's model card recommends (the pipeline's default is 5.0).
+VARIANT_DEFAULTS = {
+    "turbo": VariantDefaults(steps=8, guidance_scale=0.0),
+    "base": VariantDefaults(steps=50, guidance_scale=4.0),
+    "edit": VariantDefaults(steps=50, guidance_scale=4.0),
+}
+
+# owner/name as the Hugging Face Hub spells repository ids.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+
+
+class Cancelled(Exception):
+    """Generation was stopped between denoising steps because ``should_stop()`` returned true."""
+
+
+class Engine(Protocol):
+    name: str
+    variant: str
+
+    def generate(
+        self,
+        params: GenerationParams,
+        *,
+        on_step: Callable[[int, int], None],
+        should_stop: Callable[[], bool],
+        load_image: Callable[[str], bytes],
+    ) -> list[Image.Image]:
+        """Generate ``params.num_images`` images.
+
+        ``on_step(step, total)`` is called after every denoising step, ``step`` counting from 1 up to
+        ``total`` over all images of the job. ``should_stop()`` is polled between steps; when it returns true
+        the engine raises ``Cancelled``. ``load_image(uri)`` returns the encoded bytes of an input or mask
+        image.
+        """
+        ...
+
+
+class NoopEngine:
+    """Solid-colour images without a model: for benchmarks of the queue path and fast tests.
+
+    It goes through the same motions as a real engine (progress for every step, cancellation between steps,
+    input images fetched) so callers exercise the same code paths, but it never sleeps.
+    """
+
+    name = NOOP
+
+    def __init__(self, variant: str = "turbo") -> None:
+        if variant not in VARIANT_DEFAULTS:
+            raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
+        self.variant = variant
+        self.load_seconds = 0.0
+
+    def generate(
+        self,
+        params: GenerationParams,
+        *,
+        on_step: Callable[[int, int], None],
+        should_stop: Callable[[], bool],
+        load_image: Callable[[str], bytes],
+    ) -> list[Image.Image]:
+        from PIL import Image
+
+        # Fetch inputs anyway so storage errors surface here just as they would with a real model.
+        for uri in (params.input_image, params.mask_image):
+            if uri:
+                load_image(uri)
+        steps = params.steps or VARIANT_DEFAULTS[self.variant].steps
+        total = steps * params.num_images
+        images = []
+        for index in range(params.num_images):
+            for step in range(1, steps + 1):
+                if should_stop():
+                    raise Cancelled()
+                on_step(index * steps + step, total)
+            images.append(
+                Image.new("RGB", (params.width, params.height), _seed_colour((params.seed or 0) + index))
+            )
+        return images
+
+
+def _seed_colour(seed: int) -> tuple[int, int, int]:
+    # A multiplicative hash spreads neighbouring seeds over visibly different colours.
+    mixed = (seed * 2654435761) & 0xFFFFFF
+    return (mixed >> 16) & 0xFF, (mixed >> 8) & 0xFF, mixed & 0xFF
+
+
+def resolve_source(name_or_path: str, models_dir: str | None) -> str:
+    """Turn a model reference into something ``load_engine`` can load, checking in this order:
+
+    1. ``MODELS_DIR/<name>`` when that directory exists (a pre-downloaded model on a volume; a hub id such as
+       ``Tongyi-MAI/Z-Image-Turbo`` maps to the nested directory of the same name). Names that would escape
+       ``models_dir`` (``..``) are not looked up there.
+    2. ``name_or_path`` itself when it is an existing local directory.
+    3. ``name_or_path`` unchanged when it looks like a Hub repository id (``owner/name``).
+    4. The built-in names ``tiny-random`` (random tiny weights, offline) and ``noop`` (no model).
+
+    Anything else raises ``ValueError``: a typo in a path should fail at startup, not as a Hub download error.
+    """
+    if models_dir:
+        root = Path(models_dir).resolve()
+        candidate = (root / name_or_path).resolve()
+        if candidate.is_relative_to(root) and candidate != root and candidate.is_dir():
+            return str(candidate)
+    if Path(name_or_path).is_dir():
+        return name_or_path
+    if _HUB_ID.match(name_or_path):
+        return name_or_path
+    if name_or_path in (TINY_RANDOM, NOOP):
+        return name_or_path
+    where = f" or in {models_dir}" if models_dir else ""
+    raise ValueError(
+        f"model {name_or_path!r} is neither a directory{where}, a Hub id (owner/name), "
+        f"{TINY_RANDOM!r} nor {NOOP!r}"
+    )
+
+
+def load_engine(
+    source: str,
+    *,
+    variant: str = "turbo",
+    device: str | None = None,
+    dtype: str = "auto",
+    models_dir: str | None = None,
+    revision: str | None = None,
+) -> Engine:
+    """Load the engine for ``source`` (see ``resolve_source``); this is where model weights are read."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
+    resolved = resolve_source(source, models_dir)
+    if resolved == NOOP:
+        return NoopEngine(variant)
+    from zimage_worker.diffusers_engine import DiffusersEngine
+
+    return DiffusersEngine(resolved, variant=variant, device=device, dtype=dtype, revision=revision)

@@ -1,0 +1,31 @@
+"""Worker configuration, from ZIMAGE_* environment variables (the Deployment sets them)."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class WorkerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ZIMAGE_")
+
+    redis_url: str = "redis://localhost:6379/0"
+    queue: str = Field("default/z-image-turbo", description="namespace/ModelDeployment whose jobs to serve")
+    model_source: str = Field("tiny-random", description="MODELS_DIR name, local path, hub id, tiny-random, noop")
+    models_dir: str | None = Field(None, validation_alias="MODELS_DIR")
+    variant: str = "turbo"
+    revision: str | None = None
+    dtype: str = "auto"
+    device: str | None = None
+    storage_url: str = "file:///tmp/zimage-images"
+    http_port: int = 8080
+    visibility_ms: int = 30_000
+    heartbeat_seconds: float = 5.0
+    worker_name: str = Field(default_factory=_default_name)

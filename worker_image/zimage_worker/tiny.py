@@ -1,0 +1,140 @@
+"""A tiny random-weight Z-Image pipeline, built entirely offline.
+
+It exercises the real diffusers code path (prompt encoding with the chat template, the transformer, the
+flow-matching scheduler, VAE decode) in tens of milliseconds on a CPU, so the worker, the queue and the
+end-to-end tests can run the genuine engine without model weights or network access. The images are noise
+with structure, not pictures.
+
+Component sizes follow diffusers' own Z-Image fast tests. Those tests download a tokenizer from the Hub;
+here a byte-level tokenizer is built in memory instead, so nothing is fetched.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from diffusers import ZImagePipeline
+    from transformers import PreTrainedTokenizerBase
+
+# The pipeline renders every prompt through the tokenizer's chat template (Qwen3 style, with the
+# `enable_thinking` switch the pipeline passes), so the tiny tokenizer needs one too.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{- '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- endif %}"
+    "{%- endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+
+TEXT_HIDDEN_SIZE = 16
+LATENT_CHANNELS = 16
+
+
+def build_tiny_tokenizer() -> PreTrainedTokenizerBase:
+    """A byte-level tokenizer with no merges: every UTF-8 byte is one token, so any prompt encodes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    # Sorted so token ids do not depend on set iteration order.
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {symbol: index for index, symbol in enumerate(alphabet)}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(SPECIAL_TOKENS)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        # Right padding keeps prompt tokens at the same positions for the causal text encoder.
+        padding_side="right",
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=512,
+    )
+
+
+def build_tiny_pipeline(seed: int = 0) -> ZImagePipeline:
+    """Build a text-to-image ZImagePipeline with small random weights, identical for the same ``seed``.
+
+    Sizes: the VAE has two blocks (spatial factor 2), so heights and widths must be multiples of 4; every
+    size the job schema allows (multiples of 16 from 64 to 2048) works. The pipeline is returned on the CPU
+    in float32. The global torch RNG state is left as it was.
+    """
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        ZImagePipeline,
+        ZImageTransformer2DModel,
+    )
+    from transformers import Qwen3Config, Qwen3Model
+
+    tokenizer = build_tiny_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        # Any: diffusers' classes are too loosely typed for mypy to see the pad-token parameters.
+        transformer: Any = ZImageTransformer2DModel(
+            all_patch_size=(2,),
+            all_f_patch_size=(1,),
+            in_channels=LATENT_CHANNELS,
+            dim=32,
+            n_layers=2,
+            n_refiner_layers=1,
+            n_heads=2,
+            n_kv_heads=2,
+            qk_norm=True,
+            cap_feat_dim=TEXT_HIDDEN_SIZE,
+            axes_dims=[8, 4, 4],
+            # RoPE tables must cover the longest caption (512 tokens plus padding) and the largest image the
+            # schema allows: 2048 px / VAE factor 2 / patch 2 = 512 positions per side.
+            axes_lens=[1024, 512, 512],
+        )
+        # The pad tokens start uninitialised (torch.empty); garbage there turns into NaNs in the output.
+        with torch.no_grad():
+            transformer.x_pad_token.fill_(1.0)
+            transformer.cap_pad_token.fill_(1.0)
+
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+            up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+            block_out_channels=[32, 64],
+            layers_per_block=1,
+            latent_channels=LATENT_CHANNELS,
+            norm_num_groups=32,
+            sample_size=32,
+            scaling_factor=0.3611,
+            shift_factor=0.1159,
+        )
+
+        text_encoder = Qwen3Model(
+            Qwen3Config(
+                hidden_size=TEXT_HIDDEN_SIZE,
+                intermediate_size=16,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                num_key_value_heads=2,
+                head_dim=TEXT_HIDDEN_SIZE // 2,
+                vocab_size=len(tokenizer),
+                max_position_embeddings=1024,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+        )
+
+    pipe: Any = ZImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
