@@ -98,23 +98,25 @@ class DiffusersEngine:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
 
+        # Any: diffusers' pipeline classes are too loosely typed for mypy to follow their attributes.
+        pipe: Any
         started = time.perf_counter()
         if source == TINY_RANDOM:
             from zimage_worker.tiny import build_tiny_pipeline
 
-            pipe: Any = build_tiny_pipeline()
+            pipe = build_tiny_pipeline()
             if self.dtype != torch.float32:
                 pipe.to(dtype=self.dtype)
         else:
             pipe = ZImagePipeline.from_pretrained(source, revision=revision, **{_dtype_kwarg(): self.dtype})
         pipe.to(self.device)
-        # Any: diffusers' pipeline classes are too loosely typed for mypy to follow their attributes.
         self.text_to_image: Any = pipe
         # The same module objects in all three pipelines, so the weights exist once. This is the core of
         # `from_pipe`, without its final cast: that defaults to float32, would upcast the shared bfloat16
         # modules in place unless told the dtype, and logs a misleading float32 warning per model even then.
         self.image_to_image: Any = ZImageImg2ImgPipeline(**pipe.components)
         self.inpaint: Any = ZImageInpaintPipeline(**pipe.components)
+        each: Any
         for each in (self.text_to_image, self.image_to_image, self.inpaint):
             each.set_progress_bar_config(disable=True)
         if self.device.type == "cuda":

@@ -28,8 +28,8 @@ class VariantDefaults:
     guidance_scale: float
 
 
-# Turbo is distilled for 8 transformer evaluations without classifier-free guidance. The undistilled models use
-# the pipeline's own 50 steps with the guidance Z-Image's model card recommends (the pipeline's default is 5.0).
+# Turbo is distilled for 8 transformer evaluations without classifier-free guidance. The undistilled models
+# use the pipeline's own 50 steps with the guidance Z-Image's model card recommends (pipeline default: 5.0).
 VARIANT_DEFAULTS = {
     "turbo": VariantDefaults(steps=8, guidance_scale=0.0),
     "base": VariantDefaults(steps=50, guidance_scale=4.0),

@@ -128,7 +128,7 @@ class Worker:
 
         metrics.QUEUE_WAIT_SECONDS.observe(max(0.0, time.time() - m.enqueued_at))
         p = m.params
-        total = p.steps or 0
+        total = (p.steps or 0) * p.num_images  # progress counts steps over all images of the job
         self.queue.publish(self._event(d, "started", total_steps=total))
         t0 = time.perf_counter()
         metrics.BUSY.set(1)

@@ -1,0 +1,172 @@
+"""Shared fixtures: a real redis-server, a real Kubernetes control plane, the operator and workers as processes.
+
+Kubernetes: ``KUBECONFIG`` when set (kind, k3d, a real cluster), else ``../shared/testbed/kube-testbed``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from zimage_queue import JobQueue
+from zimage_queue.server import RedisServer
+
+REPO = Path(__file__).resolve().parent
+TESTBED = REPO.parent / "shared" / "testbed" / "kube-testbed"
+BIN = Path(sys.executable).parent
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05, what: str = "") -> Any:
+    """Poll until predicate() is truthy (for state that has no event to await, e.g. on the API server)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(interval)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    with RedisServer() as srv:
+        yield srv
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    redis.Redis.from_url(redis_server.url).flushall()
+    return redis_server.url
+
+
+@pytest.fixture
+def queue(redis_url: str) -> JobQueue:
+    return JobQueue.from_url(redis_url, visibility_ms=500)
+
+
+# -- Kubernetes --------------------------------------------------------------------------------------------
+class Kube:
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+
+    def kubectl(self, *args: str, check: bool = True, input: str | None = None, timeout: float = 60
+                ) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(["kubectl", *args], env=self.env, capture_output=True, text=True, input=input,
+                              timeout=timeout)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+
+@pytest.fixture(scope="session")
+def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
+    env = dict(os.environ)
+    if env.get("KUBECONFIG"):
+        yield Kube(env)
+        return
+    if not TESTBED.exists():
+        pytest.skip(f"no Kubernetes: set KUBECONFIG or provide {TESTBED} (see shared/TESTBED.md)")
+    subprocess.run([str(TESTBED), "install"], check=True, capture_output=True)
+    for line in subprocess.run([str(TESTBED), "env"], check=True, capture_output=True, text=True).stdout.splitlines():
+        m = re.match(r'export (\w+)="?(.*?)"?$', line)
+        if m:
+            env[m[1]] = m[2].replace("$PATH", env.get("PATH", ""))
+    state = tmp_path_factory.mktemp("kube")
+    out = subprocess.run([str(TESTBED), "up", str(state)], check=True, capture_output=True, text=True, env=env)
+    m = re.search(r"export KUBECONFIG=(\S+)", out.stdout)
+    assert m, out.stdout + out.stderr
+    env["KUBECONFIG"] = m[1].strip('"')
+    try:
+        yield Kube(env)
+    finally:
+        subprocess.run([str(TESTBED), "down", str(state)], capture_output=True, env=env)
+
+
+@pytest.fixture(scope="session")
+def crds(kube: Kube) -> Kube:
+    kube.kubectl("apply", "-f", str(REPO / "crds"))
+    for name in ("imagejobs.zimage.dev", "modeldeployments.zimage.dev"):
+        kube.kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s")
+    return kube
+
+
+@pytest.fixture
+def namespace(crds: Kube, request: pytest.FixtureRequest) -> Iterator[str]:
+    name = "t-" + re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + f"-{os.getpid() % 1000}"
+    crds.kubectl("create", "namespace", name)
+    yield name
+    crds.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+class Processes:
+    """Operator and worker processes started by a test, stopped (and their logs shown on failure) after it."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.procs: list[tuple[str, subprocess.Popen[bytes], Path]] = []
+
+    def start(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        log = self.tmp / f"{name}-{len(self.procs)}.log"
+        with log.open("wb") as f:
+            proc = subprocess.Popen(argv, env=env, stdout=f, stderr=subprocess.STDOUT)
+        self.procs.append((name, proc, log))
+        return proc
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {n} ---\n{log.read_text()[-4000:]}" for n, _, log in self.procs)
+
+    def stop_all(self) -> None:
+        for _, proc, _ in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for _, proc, _ in self.procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@pytest.fixture
+def processes(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Processes]:
+    ps = Processes(tmp_path)
+    yield ps
+    ps.stop_all()
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.failed:
+        print(ps.logs())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.when == "call":
+        item.rep_call = rep  # type: ignore[attr-defined]
+
+
+def worker_env(redis_url: str, queue_name: str, images: Path, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"ZIMAGE_REDIS_URL": redis_url, "ZIMAGE_QUEUE": queue_name, "ZIMAGE_STORAGE_URL": images.as_uri(),
+                "ZIMAGE_MODEL_SOURCE": "tiny-random", "ZIMAGE_HTTP_PORT": "0", **extra})
+    return env
+
+
+def start_worker(ps: Processes, redis_url: str, queue_name: str, images: Path, **extra: str
+                 ) -> subprocess.Popen[bytes]:
+    return ps.start("worker", [str(BIN / "zimage-worker")], worker_env(redis_url, queue_name, images, **extra))
+
+
+def start_operator(ps: Processes, kube: Kube, redis_url: str, namespace: str, **extra: str
+                   ) -> subprocess.Popen[bytes]:
+    env = {**kube.env, "ZIMAGE_REDIS_URL": redis_url, "ZIMAGE_MODEL_RECHECK_SECONDS": "1", **extra}
+    return ps.start("operator", [str(BIN / "zimage-operator"), "--standalone", "-n", namespace], env)
