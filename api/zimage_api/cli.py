@@ -26,9 +26,6 @@ def _progress(ev: JobEvent) -> None:
 def generate(args: argparse.Namespace) -> int:
     from zimage_worker.local import copy_results, local_stack
 
-    # The tiny model's 2-block VAE only halves the image, so big sizes make huge token grids on a CPU.
-    default_size = 128 if args.model in ("tiny-random", "noop") else 1024
-    args.width, args.height = args.width or default_size, args.height or default_size
     try:
         params = GenerationParams(prompt=args.prompt, negative_prompt=args.negative_prompt, width=args.width,
                                   height=args.height, steps=args.steps, seed=args.seed, num_images=args.n,
@@ -61,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("prompt")
     g.add_argument("-o", "--output", default="image.png")
     g.add_argument("--negative-prompt", default=None)
-    g.add_argument("--width", type=int, default=None, help="default 1024 (128 for the tiny-random model)")
-    g.add_argument("--height", type=int, default=None, help="default 1024 (128 for the tiny-random model)")
+    g.add_argument("--width", type=int, default=1024)
+    g.add_argument("--height", type=int, default=1024)
     g.add_argument("--steps", type=int, default=None, help="default: the variant's (Turbo: 8)")
     g.add_argument("--guidance", type=float, default=None)
     g.add_argument("--seed", type=int, default=None)

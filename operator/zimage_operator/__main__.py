@@ -22,7 +22,7 @@ log = logging.getLogger("zimage_operator")
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     # Handler progress lives in status, never in annotations: GitOps tools see no drift on user objects.
     settings.persistence.progress_storage = kopf.StatusProgressStorage(field="status.kopf.progress")
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage()
+    settings.persistence.diffbase_storage = kopf.StatusDiffBaseStorage()
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 60
     cfg = OperatorSettings()
@@ -44,14 +44,17 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="zimage-operator", description="Run the zimage kopf operator.")
     p.add_argument("-n", "--namespace", action="append", default=[], help="watch this namespace (repeatable)")
     p.add_argument("-A", "--all-namespaces", action="store_true", help="watch the whole cluster")
-    p.add_argument("--standalone", action="store_true", help="no peering (development only)")
-    p.add_argument("--peering", default="zimage-operator", help="peering object name for HA replicas")
+    p.add_argument("--standalone", action="store_true", help="no peering (the default without --peering)")
+    p.add_argument("--peering", default=None,
+                   help="kopf peering object for HA replicas (needs kopf's peering CRDs); without it: standalone")
     p.add_argument("--priority", type=int, default=0, help="peering priority of this replica")
     p.add_argument("--liveness", default=None, help="e.g. http://0.0.0.0:8080/healthz")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format='{"ts":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":%(message)r}')
+    if not args.verbose:  # kopf logs every timer run at INFO: thousands of jobs would drown the log
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     from zimage_operator.handlers import imagejob  # noqa: F401  (registers the handlers)
 
     if not args.namespace and not args.all_namespaces:
@@ -59,8 +62,8 @@ def main(argv: list[str] | None = None) -> None:
     asyncio.run(kopf.operator(
         clusterwide=args.all_namespaces,
         namespaces=args.namespace if not args.all_namespaces else [],
-        standalone=args.standalone,
-        peering_name=args.peering,
+        standalone=args.standalone or not args.peering,
+        peering_name=args.peering if args.peering and not args.standalone else None,
         priority=args.priority,
         liveness_endpoint=args.liveness,
     ))

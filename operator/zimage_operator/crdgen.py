@@ -58,9 +58,18 @@ def schema_of(model: type[BaseModel]) -> dict[str, Any]:
     return _structural(raw, raw.get("$defs", {}))
 
 
+def _without_defaults(node: Any) -> Any:
+    """Status is written by the operator, never defaulted by the API server."""
+    if isinstance(node, dict):
+        return {k: _without_defaults(v) for k, v in node.items() if k != "default"}
+    if isinstance(node, list):
+        return [_without_defaults(v) for v in node]
+    return node
+
+
 def _crd(kind: str, plural: str, short: str, spec: type[BaseModel], status: type[BaseModel],
          columns: list[dict[str, Any]], scale: bool) -> dict[str, Any]:
-    status_schema = schema_of(status)
+    status_schema = _without_defaults(schema_of(status))
     # kopf keeps its handler progress here rather than in annotations, so user objects never drift.
     status_schema["properties"]["kopf"] = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
     subresources: dict[str, Any] = {"status": {}}

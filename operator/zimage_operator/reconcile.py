@@ -52,8 +52,9 @@ def admit(
     """Decide what a new (or resumed) ImageJob needs: enqueue it, wait for its model, or fail it."""
     gen = meta.get("generation")
     phase = status.get("phase")
-    if phase in TERMINAL_PHASES or phase in ("Queued", "Running"):
-        # Queued/Running jobs are already on the queue; enqueueing again is a no-op, but skip the round trip.
+    if phase in TERMINAL_PHASES or phase == "Running":
+        # A Queued job is enqueued again on resume: it may have been marked Queued by a handler that died
+        # before its XADD, and the queue drops the duplicate by uid.
         return Admission("skip")
     try:
         parsed = ImageJobSpec.model_validate(spec)
@@ -76,7 +77,9 @@ def admit(
 
     variant = (model.get("spec") or {}).get("model", {}).get("variant")
     default_steps, default_guidance = variant_defaults(variant)
-    seed = parsed.seed if parsed.seed is not None else (rng or random.SystemRandom()).randrange(2**32)
+    seed = parsed.seed if parsed.seed is not None else status.get("seed")
+    if seed is None:  # chosen once, recorded in status, so a retried handler enqueues the same job
+        seed = (rng or random.SystemRandom()).randrange(2**32)
     params = GenerationParams.model_validate({
         **parsed.model_dump(include=set(GenerationParams.model_fields)),
         "steps": parsed.steps or default_steps,

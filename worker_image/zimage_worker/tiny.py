@@ -62,8 +62,8 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerBase:
 def build_tiny_pipeline(seed: int = 0) -> ZImagePipeline:
     """Build a text-to-image ZImagePipeline with small random weights, identical for the same ``seed``.
 
-    Sizes: the VAE has two blocks (spatial factor 2), so heights and widths must be multiples of 4; every
-    size the job schema allows (multiples of 16 from 64 to 2048) works. The pipeline is returned on the CPU
+    Sizes: the VAE has four blocks (spatial factor 8, as on the real model), so heights and widths must be
+    multiples of 16, which is what the job schema allows (64 to 2048). The pipeline is returned on the CPU
     in float32. The global torch RNG state is left as it was.
     """
     import torch
@@ -100,18 +100,22 @@ def build_tiny_pipeline(seed: int = 0) -> ZImagePipeline:
             transformer.x_pad_token.fill_(1.0)
             transformer.cap_pad_token.fill_(1.0)
 
+        # Four blocks like the real Flux VAE (spatial factor 8), so a 1024x1024 job is a 64x64 token grid as
+        # on the real model, not 256x256: fast enough on a CPU at any size the schema allows. No mid-block
+        # attention: over a 128x128 latent it alone would dominate the CPU time.
         vae = AutoencoderKL(
             in_channels=3,
             out_channels=3,
-            down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-            up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
-            block_out_channels=[32, 64],
+            down_block_types=["DownEncoderBlock2D"] * 4,
+            up_block_types=["UpDecoderBlock2D"] * 4,
+            block_out_channels=[8, 8, 16, 16],
             layers_per_block=1,
             latent_channels=LATENT_CHANNELS,
-            norm_num_groups=32,
+            norm_num_groups=4,
             sample_size=32,
             scaling_factor=0.3611,
             shift_factor=0.1159,
+            mid_block_add_attention=False,
         )
 
         text_encoder = Qwen3Model(
