@@ -10,6 +10,7 @@ from typing import Any
 import kopf
 
 from zimage_operator import events
+from zimage_operator.handlers import imagejob
 from zimage_operator.k8s import Kube
 from zimage_operator.runtime import Runtime
 from zimage_operator.settings import OperatorSettings
@@ -23,6 +24,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     # Handler progress lives in status, never in annotations: GitOps tools see no drift on user objects.
     settings.persistence.progress_storage = kopf.StatusProgressStorage(field="status.kopf.progress")
     settings.persistence.diffbase_storage = kopf.StatusDiffBaseStorage()
+    settings.persistence.finalizer = "zimage.dev/operator"  # only used if a handler ever needs one
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 60
     cfg = OperatorSettings()
@@ -31,6 +33,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
         rt.consumer = cfg.consumer_name
     memo.runtime = rt
     rt.tasks.append(asyncio.create_task(events.consume(rt), name="worker-events"))
+    rt.tasks.append(asyncio.create_task(imagejob.housekeeping(rt), name="housekeeping"))
 
 
 @kopf.on.cleanup()
@@ -55,7 +58,6 @@ def main(argv: list[str] | None = None) -> None:
                         format='{"ts":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":%(message)r}')
     if not args.verbose:  # kopf logs every timer run at INFO: thousands of jobs would drown the log
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
-    from zimage_operator.handlers import imagejob  # noqa: F401  (registers the handlers)
 
     if not args.namespace and not args.all_namespaces:
         args.namespace = ["default"]

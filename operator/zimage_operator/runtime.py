@@ -6,6 +6,7 @@ import asyncio
 import socket
 from dataclasses import dataclass, field
 
+from zimage_operator.housekeeping import Deadlines
 from zimage_operator.k8s import Kube
 from zimage_operator.settings import OperatorSettings
 from zimage_queue import JobQueue
@@ -18,3 +19,4 @@ class Runtime:
     queue: JobQueue
     consumer: str = field(default_factory=socket.gethostname)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    deadlines: Deadlines = field(default_factory=Deadlines)

@@ -11,7 +11,7 @@ class OperatorSettings(BaseSettings):
     redis_url: str = "redis://localhost:6379/0"
     # Where an unknown model is re-checked, and how often timeouts and TTLs are looked at.
     model_recheck_seconds: float = 10.0
-    housekeeping_seconds: float = 2.0
+    housekeeping_seconds: float = 0.5
     progress_min_interval_seconds: float = 1.0
     events_block_ms: int = 1000
     consumer_name: str = ""  # defaults to the host name

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
@@ -77,6 +78,20 @@ return 'failed'
 """
 
 
+# Highest priority first, in one round trip. KEYS: streams by priority ; ARGV: group, consumer, count
+_TAKE = """
+local want = tonumber(ARGV[3])
+local out = {}
+for _, stream in ipairs(KEYS) do
+  local got = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', want - #out, 'STREAMS', stream, '>')
+  if got then
+    for _, entry in ipairs(got[1][2]) do table.insert(out, {stream, entry[1], entry[2]}) end
+  end
+  if #out >= want then break end
+end
+return out
+"""
+
 # KEYS: job, stream ; ARGV: group, entry id, payload
 _RELEASE = """
 redis.call('XADD', KEYS[2], '*', 'job', ARGV[3])
@@ -129,7 +144,9 @@ class JobQueue:
         self._complete = client.register_script(_COMPLETE)
         self._fail = client.register_script(_FAIL)
         self._release = client.register_script(_RELEASE)
+        self._take = client.register_script(_TAKE)
         self._groups_ready: set[tuple[str, str]] = set()
+        self._next_reclaim: dict[str, float] = {}
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> JobQueue:
@@ -207,18 +224,28 @@ class JobQueue:
         return out
 
     def take(self, queue: str, consumer: str, count: int = 1, block_ms: int = 1000) -> list[Delivery]:
-        """Next jobs for this worker: reclaimed ones first, then by priority, blocking up to block_ms."""
-        got = self.reclaim(queue, consumer, count)
-        if got:
-            return got
-        names = keys.streams(queue)
-        for stream in names:
-            self.ensure_group(stream)
-            got += self._read({stream: ">"}, consumer, count - len(got), None)
-            if len(got) >= count:
+        """Next jobs for this worker: reclaimed ones first, then by priority, blocking up to block_ms.
+
+        Reclaiming is checked at most every quarter of the visibility timeout: an entry only becomes
+        reclaimable after a whole timeout, and skipping the scan keeps the hot path at one round trip.
+        """
+        now = time.monotonic()
+        if now >= self._next_reclaim.get(queue, 0.0):
+            self._next_reclaim[queue] = now + self.visibility_ms / 4000
+            got = self.reclaim(queue, consumer, count)
+            if got:
                 return got
+        else:
+            got = []
+        names = keys.streams(queue)
+        self.ensure_queue(queue)
+        for stream, entry_id, flat in self._take(keys=names, args=[keys.WORKER_GROUP, consumer, count]):
+            d = self._parse(_s(stream), entry_id, dict(zip(flat[::2], flat[1::2], strict=True)))
+            if d is not None:
+                got.append(d)
         if got or block_ms <= 0:
             return got
+        # Nothing waiting: block on all priorities at once; the first entry to arrive wakes us.
         return self._read(dict.fromkeys(names, ">"), consumer, count, block_ms)
 
     def _read(self, streams: dict[str, str], consumer: str, count: int, block: int | None) -> list[Delivery]:

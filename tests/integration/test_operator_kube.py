@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from zimage_queue.server import RedisServer
 
 pytestmark = pytest.mark.kube
 EXAMPLES = REPO / "docs" / "examples"
-NS = "zimage-it"
+NS = f"zimage-it-{os.getpid()}"
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from typing import Any
 import kopf
 
 from zimage_operator import reconcile
+from zimage_operator.housekeeping import Due
 from zimage_operator.metrics import JOBS_ENQUEUED, JOBS_FINISHED
 from zimage_operator.runtime import Runtime
 from zimage_operator.types import GROUP, IMAGEJOB_PLURAL, TERMINAL_PHASES, VERSION
@@ -55,35 +56,50 @@ async def admit(spec: kopf.Spec, status: kopf.Status, meta: kopf.Meta, body: kop
         raise kopf.TemporaryError(decision.patch.get("message", "waiting"), delay=rt.settings.model_recheck_seconds)
 
 
-def _needs_housekeeping(spec: kopf.Spec, status: kopf.Status, **_: Any) -> bool:
-    if status.get("phase") in TERMINAL_PHASES:
-        return spec.get("ttlSecondsAfterFinished") is not None
-    return spec.get("timeoutSeconds") is not None
+@kopf.on.event(*RESOURCE)
+async def track(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """Keep the deadline book current; a deleted job that has not finished is cancelled in the queue.
 
-
-@kopf.timer(*RESOURCE, interval=2.0, when=_needs_housekeeping)
-async def housekeeping(spec: kopf.Spec, status: kopf.Status, meta: kopf.Meta, body: kopf.Body,
-                       memo: kopf.Memo, **_: Any) -> None:
-    """timeoutSeconds -> Failed/Timeout (and tell the worker to stop); ttlSecondsAfterFinished -> delete."""
+    A watch handler rather than on.delete or timers: those put a finalizer on every ImageJob, so deletes would
+    hang while the operator is down. A delete missed that way costs one wasted run, whose result is dropped.
+    """
     rt: Runtime = memo.runtime
-    now = _now()
-    patch = reconcile.timeout_patch(dict(spec), dict(status), dict(meta), now)
-    if patch:
-        await asyncio.to_thread(rt.queue.cancel, meta["uid"])
-        await asyncio.to_thread(rt.kube.patch_job_status, meta["namespace"], meta["name"], patch)
-        await asyncio.to_thread(rt.kube.post_event, _body(body), "Warning", "Timeout", patch["message"])
-        JOBS_FINISHED.labels(phase="Failed", reason="Timeout").inc()
+    meta = body.get("metadata") or {}
+    if event.get("type") == "DELETED":
+        rt.deadlines.forget(meta.get("uid", ""))
+        if (body.get("status") or {}).get("phase") not in TERMINAL_PHASES:
+            await asyncio.to_thread(rt.queue.cancel, meta["uid"])
+            JOBS_FINISHED.labels(phase="Cancelled", reason="Deleted").inc()
         return
-    remaining = reconcile.seconds_until_expiry(dict(spec), dict(status), now)
-    if remaining is not None and remaining <= 0:
-        log.info("deleting %s/%s: ttlSecondsAfterFinished elapsed", meta["namespace"], meta["name"])
-        await asyncio.to_thread(rt.kube.delete_job, meta["namespace"], meta["name"])
+    rt.deadlines.observe(dict(body))
 
 
-@kopf.on.delete(*RESOURCE)
-async def cancel_on_delete(status: kopf.Status, meta: kopf.Meta, memo: kopf.Memo, **_: Any) -> None:
-    """A deleted job that is still queued or running is cancelled; the worker drops it between steps."""
-    rt: Runtime = memo.runtime
-    if status.get("phase") not in TERMINAL_PHASES:
-        await asyncio.to_thread(rt.queue.cancel, meta["uid"])
-        JOBS_FINISHED.labels(phase="Cancelled", reason="Deleted").inc()
+async def act_on(rt: Runtime, due: Due) -> None:
+    """timeoutSeconds -> Failed/Timeout (and the worker is told to stop); ttlSecondsAfterFinished -> delete."""
+    obj = await asyncio.to_thread(rt.kube.get_job, due.namespace, due.name)
+    if obj is None or obj["metadata"].get("uid") != due.uid:
+        return
+    now = _now()
+    if due.action == "expire":
+        remaining = reconcile.seconds_until_expiry(obj.get("spec") or {}, obj.get("status") or {}, now)
+        if remaining is not None and remaining <= 0:
+            log.info("deleting %s/%s: ttlSecondsAfterFinished elapsed", due.namespace, due.name)
+            await asyncio.to_thread(rt.kube.delete_job, due.namespace, due.name)
+        return
+    patch = reconcile.timeout_patch(obj.get("spec") or {}, obj.get("status") or {}, obj["metadata"], now)
+    if patch:
+        await asyncio.to_thread(rt.queue.cancel, due.uid)
+        await asyncio.to_thread(rt.kube.patch_job_status, due.namespace, due.name, patch)
+        await asyncio.to_thread(rt.kube.post_event, obj, "Warning", "Timeout", patch["message"])
+        JOBS_FINISHED.labels(phase="Failed", reason="Timeout").inc()
+
+
+async def housekeeping(rt: Runtime) -> None:
+    while True:
+        for due in rt.deadlines.due(_now()):
+            try:
+                await act_on(rt, due)
+            except Exception:
+                log.exception("housekeeping of %s/%s failed; will retry", due.namespace, due.name)
+                rt.deadlines.retry_later(due, _now())
+        await asyncio.sleep(rt.settings.housekeeping_seconds)
