@@ -16,7 +16,6 @@ from typing import Any
 
 import pytest
 import redis
-
 from zimage_queue import JobQueue
 from zimage_queue.server import RedisServer
 
@@ -59,10 +58,12 @@ class Kube:
     def __init__(self, env: dict[str, str]) -> None:
         self.env = env
 
-    def kubectl(self, *args: str, check: bool = True, input: str | None = None, timeout: float = 60
-                ) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(["kubectl", *args], env=self.env, capture_output=True, text=True, input=input,
-                              timeout=timeout)
+    def kubectl(
+        self, *args: str, check: bool = True, input: str | None = None, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            ["kubectl", *args], env=self.env, capture_output=True, text=True, input=input, timeout=timeout
+        )
         if check and proc.returncode != 0:
             raise AssertionError(f"kubectl {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
         return proc
@@ -156,17 +157,23 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 def worker_env(redis_url: str, queue_name: str, images: Path, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
-    env.update({"ZIMAGE_REDIS_URL": redis_url, "ZIMAGE_QUEUE": queue_name, "ZIMAGE_STORAGE_URL": images.as_uri(),
-                "ZIMAGE_MODEL_SOURCE": "tiny-random", "ZIMAGE_HTTP_PORT": "0", **extra})
+    env.update(
+        {
+            "ZIMAGE_REDIS_URL": redis_url,
+            "ZIMAGE_QUEUE": queue_name,
+            "ZIMAGE_STORAGE_URL": images.as_uri(),
+            "ZIMAGE_MODEL_SOURCE": "tiny-random",
+            "ZIMAGE_HTTP_PORT": "0",
+            **extra,
+        }
+    )
     return env
 
 
-def start_worker(ps: Processes, redis_url: str, queue_name: str, images: Path, **extra: str
-                 ) -> subprocess.Popen[bytes]:
+def start_worker(ps: Processes, redis_url: str, queue_name: str, images: Path, **extra: str) -> subprocess.Popen[bytes]:
     return ps.start("worker", [str(BIN / "zimage-worker")], worker_env(redis_url, queue_name, images, **extra))
 
 
-def start_operator(ps: Processes, kube: Kube, redis_url: str, namespace: str, **extra: str
-                   ) -> subprocess.Popen[bytes]:
+def start_operator(ps: Processes, kube: Kube, redis_url: str, namespace: str, **extra: str) -> subprocess.Popen[bytes]:
     env = {**kube.env, "ZIMAGE_REDIS_URL": redis_url, "ZIMAGE_MODEL_RECHECK_SECONDS": "1", **extra}
     return ps.start("operator", [str(BIN / "zimage-operator"), "--standalone", "-n", namespace], env)

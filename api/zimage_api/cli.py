@@ -9,7 +9,6 @@ import tempfile
 from pathlib import Path
 
 from pydantic import ValidationError
-
 from zimage_queue import GenerationParams, JobEvent
 
 
@@ -27,9 +26,17 @@ def generate(args: argparse.Namespace) -> int:
     from zimage_worker.local import copy_results, local_stack
 
     try:
-        params = GenerationParams(prompt=args.prompt, negative_prompt=args.negative_prompt, width=args.width,
-                                  height=args.height, steps=args.steps, seed=args.seed, num_images=args.n,
-                                  guidance_scale=args.guidance, output_format=args.format)
+        params = GenerationParams(
+            prompt=args.prompt,
+            negative_prompt=args.negative_prompt,
+            width=args.width,
+            height=args.height,
+            steps=args.steps,
+            seed=args.seed,
+            num_images=args.n,
+            guidance_scale=args.guidance,
+            output_format=args.format,
+        )
     except ValidationError as e:
         for err in e.errors():
             print(f"error: {'.'.join(map(str, err['loc']))}: {err['msg']}", file=sys.stderr)
@@ -65,8 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("-n", type=int, default=1, help="number of images")
     g.add_argument("--format", default="png", choices=["png", "jpeg", "webp"])
-    g.add_argument("--model", default=os.environ.get("ZIMAGE_MODEL_SOURCE", "tiny-random"),
-                   help="MODELS_DIR name, local path, hub id, or tiny-random (default)")
+    g.add_argument(
+        "--model",
+        default=os.environ.get("ZIMAGE_MODEL_SOURCE", "tiny-random"),
+        help="MODELS_DIR name, local path, hub id, or tiny-random (default)",
+    )
     g.add_argument("--models-dir", default=os.environ.get("MODELS_DIR"))
     g.add_argument("--variant", default="turbo", choices=["turbo", "base", "edit"])
     g.add_argument("--images-dir", default=None, help="where the worker stores images (default: a temp dir)")

@@ -8,13 +8,13 @@ import logging
 from typing import Any
 
 import kopf
+from zimage_queue import JobQueue
 
 from zimage_operator import events
 from zimage_operator.handlers import imagejob
 from zimage_operator.k8s import Kube
 from zimage_operator.runtime import Runtime
 from zimage_operator.settings import OperatorSettings
-from zimage_queue import JobQueue
 
 log = logging.getLogger("zimage_operator")
 
@@ -48,27 +48,34 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("-n", "--namespace", action="append", default=[], help="watch this namespace (repeatable)")
     p.add_argument("-A", "--all-namespaces", action="store_true", help="watch the whole cluster")
     p.add_argument("--standalone", action="store_true", help="no peering (the default without --peering)")
-    p.add_argument("--peering", default=None,
-                   help="kopf peering object for HA replicas (needs kopf's peering CRDs); without it: standalone")
+    p.add_argument(
+        "--peering",
+        default=None,
+        help="kopf peering object for HA replicas (needs kopf's peering CRDs); without it: standalone",
+    )
     p.add_argument("--priority", type=int, default=0, help="peering priority of this replica")
     p.add_argument("--liveness", default=None, help="e.g. http://0.0.0.0:8080/healthz")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format='{"ts":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":%(message)r}')
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format='{"ts":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":%(message)r}',
+    )
     if not args.verbose:  # kopf logs every timer run at INFO: thousands of jobs would drown the log
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
 
     if not args.namespace and not args.all_namespaces:
         args.namespace = ["default"]
-    asyncio.run(kopf.operator(
-        clusterwide=args.all_namespaces,
-        namespaces=args.namespace if not args.all_namespaces else [],
-        standalone=args.standalone or not args.peering,
-        peering_name=args.peering if args.peering and not args.standalone else None,
-        priority=args.priority,
-        liveness_endpoint=args.liveness,
-    ))
+    asyncio.run(
+        kopf.operator(
+            clusterwide=args.all_namespaces,
+            namespaces=args.namespace if not args.all_namespaces else [],
+            standalone=args.standalone or not args.peering,
+            peering_name=args.peering if args.peering and not args.standalone else None,
+            priority=args.priority,
+            liveness_endpoint=args.liveness,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -35,7 +35,11 @@ def set_condition(
         if c.get("type") != type_:
             continue
         same = (c.get("status"), c.get("reason"), c.get("message"), c.get("observedGeneration")) == (
-            want, reason, message, generation)
+            want,
+            reason,
+            message,
+            generation,
+        )
         if same:
             return current, False
         if c.get("status") != want:
@@ -44,8 +48,13 @@ def set_condition(
         if generation is not None:
             c["observedGeneration"] = generation
         return current, True
-    new: dict[str, Any] = {"type": type_, "status": want, "reason": reason, "message": message,
-                           "lastTransitionTime": iso(now)}
+    new: dict[str, Any] = {
+        "type": type_,
+        "status": want,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": iso(now),
+    }
     if generation is not None:
         new["observedGeneration"] = generation
     return [*current, new], True

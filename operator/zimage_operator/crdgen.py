@@ -16,8 +16,22 @@ from pydantic import BaseModel
 from zimage_operator import types as t
 
 _KEEP = {
-    "type", "description", "default", "enum", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
-    "minLength", "maxLength", "pattern", "multipleOf", "minItems", "maxItems", "required", "format",
+    "type",
+    "description",
+    "default",
+    "enum",
+    "minimum",
+    "maximum",
+    "exclusiveMinimum",
+    "exclusiveMaximum",
+    "minLength",
+    "maxLength",
+    "pattern",
+    "multipleOf",
+    "minItems",
+    "maxItems",
+    "required",
+    "format",
 }
 
 
@@ -67,8 +81,15 @@ def _without_defaults(node: Any) -> Any:
     return node
 
 
-def _crd(kind: str, plural: str, short: str, spec: type[BaseModel], status: type[BaseModel],
-         columns: list[dict[str, Any]], scale: bool) -> dict[str, Any]:
+def _crd(
+    kind: str,
+    plural: str,
+    short: str,
+    spec: type[BaseModel],
+    status: type[BaseModel],
+    columns: list[dict[str, Any]],
+    scale: bool,
+) -> dict[str, Any]:
     status_schema = _without_defaults(schema_of(status))
     # kopf keeps its handler progress here rather than in annotations, so user objects never drift.
     status_schema["properties"]["kopf"] = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
@@ -86,26 +107,36 @@ def _crd(kind: str, plural: str, short: str, spec: type[BaseModel], status: type
         "spec": {
             "group": t.GROUP,
             "scope": "Namespaced",
-            "names": {"kind": kind, "listKind": f"{kind}List", "plural": plural,
-                      "singular": kind.lower(), "shortNames": [short], "categories": ["zimage"]},
-            "versions": [{
-                "name": t.VERSION,
-                "served": True,
-                "storage": True,
-                "subresources": subresources,
-                "additionalPrinterColumns": columns,
-                "schema": {"openAPIV3Schema": {
-                    "type": "object",
-                    "required": ["spec"],
-                    "properties": {
-                        "apiVersion": {"type": "string"},
-                        "kind": {"type": "string"},
-                        "metadata": {"type": "object"},
-                        "spec": schema_of(spec),
-                        "status": status_schema,
+            "names": {
+                "kind": kind,
+                "listKind": f"{kind}List",
+                "plural": plural,
+                "singular": kind.lower(),
+                "shortNames": [short],
+                "categories": ["zimage"],
+            },
+            "versions": [
+                {
+                    "name": t.VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": subresources,
+                    "additionalPrinterColumns": columns,
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "required": ["spec"],
+                            "properties": {
+                                "apiVersion": {"type": "string"},
+                                "kind": {"type": "string"},
+                                "metadata": {"type": "object"},
+                                "spec": schema_of(spec),
+                                "status": status_schema,
+                            },
+                        }
                     },
-                }},
-            }],
+                }
+            ],
         },
     }
 
@@ -117,7 +148,11 @@ def _age() -> dict[str, Any]:
 def crds() -> dict[str, dict[str, Any]]:
     return {
         "imagejob.yaml": _crd(
-            "ImageJob", t.IMAGEJOB_PLURAL, "ij", t.ImageJobSpec, t.ImageJobStatus,
+            "ImageJob",
+            t.IMAGEJOB_PLURAL,
+            "ij",
+            t.ImageJobSpec,
+            t.ImageJobStatus,
             [
                 {"name": "Model", "type": "string", "jsonPath": ".spec.model"},
                 {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
@@ -128,7 +163,11 @@ def crds() -> dict[str, dict[str, Any]]:
             scale=False,
         ),
         "modeldeployment.yaml": _crd(
-            "ModelDeployment", t.MODELDEPLOYMENT_PLURAL, "md", t.ModelDeploymentSpec, t.ModelDeploymentStatus,
+            "ModelDeployment",
+            t.MODELDEPLOYMENT_PLURAL,
+            "md",
+            t.ModelDeploymentSpec,
+            t.ModelDeploymentStatus,
             [
                 {"name": "Variant", "type": "string", "jsonPath": ".spec.model.variant"},
                 {"name": "Ready", "type": "integer", "jsonPath": ".status.readyReplicas"},

@@ -11,10 +11,11 @@ import asyncio
 import logging
 from datetime import UTC, datetime
 
+from zimage_queue import JobEvent
+
 from zimage_operator.metrics import STATUS_PATCHES
 from zimage_operator.reconcile import event_patch
 from zimage_operator.runtime import Runtime
-from zimage_queue import JobEvent
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +35,12 @@ class EventApplier:
             self.last_progress.pop(ev.uid, None)
             return
         patch, k8s_event = event_patch(
-            obj.get("status") or {}, ev, datetime.now(UTC),
-            last_progress_at=last, generation=obj["metadata"].get("generation"))
+            obj.get("status") or {},
+            ev,
+            datetime.now(UTC),
+            last_progress_at=last,
+            generation=obj["metadata"].get("generation"),
+        )
         if patch:
             await asyncio.to_thread(self.rt.kube.patch_job_status, ev.namespace, ev.name, patch)
             STATUS_PATCHES.labels(kind=ev.type).inc()
@@ -64,8 +69,7 @@ async def consume(rt: Runtime) -> None:
     applier = EventApplier(rt)
     while True:
         try:
-            batch = await asyncio.to_thread(
-                rt.queue.read_events, rt.consumer, 500, rt.settings.events_block_ms)
+            batch = await asyncio.to_thread(rt.queue.read_events, rt.consumer, 500, rt.settings.events_block_ms)
             for ev in collapse(batch):
                 await applier.apply(ev)
             await asyncio.to_thread(rt.queue.ack_events, [entry_id for entry_id, _ in batch])

@@ -31,7 +31,8 @@ class Kube:
     def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
             obj: dict[str, Any] = self.custom.get_namespaced_custom_object(
-                GROUP, VERSION, namespace, IMAGEJOB_PLURAL, name)
+                GROUP, VERSION, namespace, IMAGEJOB_PLURAL, name
+            )
             return obj
         except ApiException as e:
             if e.status == 404:
@@ -41,7 +42,8 @@ class Kube:
     def get_model(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
             obj: dict[str, Any] = self.custom.get_namespaced_custom_object(
-                GROUP, VERSION, namespace, MODELDEPLOYMENT_PLURAL, name)
+                GROUP, VERSION, namespace, MODELDEPLOYMENT_PLURAL, name
+            )
             return obj
         except ApiException as e:
             if e.status == 404:
@@ -52,7 +54,8 @@ class Kube:
         """Merge-patch the status subresource; False when the job is gone."""
         try:
             self.custom.patch_namespaced_custom_object_status(
-                GROUP, VERSION, namespace, IMAGEJOB_PLURAL, name, {"status": status})
+                GROUP, VERSION, namespace, IMAGEJOB_PLURAL, name, {"status": status}
+            )
             return True
         except ApiException as e:
             if e.status == 404:
@@ -62,7 +65,8 @@ class Kube:
     def delete_job(self, namespace: str, name: str) -> None:
         try:
             self.custom.delete_namespaced_custom_object(
-                GROUP, VERSION, namespace, IMAGEJOB_PLURAL, name, propagation_policy="Background")
+                GROUP, VERSION, namespace, IMAGEJOB_PLURAL, name, propagation_policy="Background"
+            )
         except ApiException as e:
             if e.status != 404:
                 raise
@@ -74,13 +78,22 @@ class Kube:
         body = client.CoreV1Event(
             metadata=client.V1ObjectMeta(generate_name=f"{meta['name']}.", namespace=meta["namespace"]),
             involved_object=client.V1ObjectReference(
-                api_version=obj.get("apiVersion", f"{GROUP}/{VERSION}"), kind=obj.get("kind", "ImageJob"),
-                name=meta["name"], namespace=meta["namespace"], uid=meta.get("uid"),
-                resource_version=meta.get("resourceVersion")),
-            type=type_, reason=reason, message=message[:1024], count=1,
-            first_timestamp=now, last_timestamp=now,
+                api_version=obj.get("apiVersion", f"{GROUP}/{VERSION}"),
+                kind=obj.get("kind", "ImageJob"),
+                name=meta["name"],
+                namespace=meta["namespace"],
+                uid=meta.get("uid"),
+                resource_version=meta.get("resourceVersion"),
+            ),
+            type=type_,
+            reason=reason,
+            message=message[:1024],
+            count=1,
+            first_timestamp=now,
+            last_timestamp=now,
             source=client.V1EventSource(component=COMPONENT, host=self.host),
-            reporting_component=COMPONENT, reporting_instance=self.host,
+            reporting_component=COMPONENT,
+            reporting_instance=self.host,
         )
         try:
             self.core.create_namespaced_event(meta["namespace"], body)

@@ -8,11 +8,11 @@ from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import ValidationError
+from zimage_queue import GenerationParams, JobEvent, JobMessage
+from zimage_queue.keys import queue_name
 
 from zimage_operator.conditions import iso, parse_iso, set_condition
 from zimage_operator.types import TERMINAL_PHASES, Cond, ImageJobSpec, Reason, variant_defaults
-from zimage_queue import GenerationParams, JobEvent, JobMessage
-from zimage_queue.keys import queue_name
 
 PROGRESS_MIN_INTERVAL = 1.0
 
@@ -25,8 +25,14 @@ class Admission:
     event: tuple[str, str, str] | None = None  # (type, reason, message) for a Kubernetes Event
 
 
-def _status_patch(status: dict[str, Any], now: datetime, generation: int | None, phase: str,
-                  conds: list[tuple[str, bool, str, str]], **fields: Any) -> dict[str, Any]:
+def _status_patch(
+    status: dict[str, Any],
+    now: datetime,
+    generation: int | None,
+    phase: str,
+    conds: list[tuple[str, bool, str, str]],
+    **fields: Any,
+) -> dict[str, Any]:
     conditions = status.get("conditions")
     for type_, ok, reason, msg in conds:
         conditions, _ = set_condition(conditions, type_, ok, reason, msg, now, generation)
@@ -60,19 +66,40 @@ def admit(
         parsed = ImageJobSpec.model_validate(spec)
     except ValidationError as e:
         msg = _validation_message(e)
-        return Admission("fail", _status_patch(status, now, gen, "Failed", [(Cond.FAILED, True, Reason.INVALID_SPEC, msg)],
-                                               message=msg, finishedAt=iso(now)),
-                         event=("Warning", Reason.INVALID_SPEC, msg))
+        return Admission(
+            "fail",
+            _status_patch(
+                status,
+                now,
+                gen,
+                "Failed",
+                [(Cond.FAILED, True, Reason.INVALID_SPEC, msg)],
+                message=msg,
+                finishedAt=iso(now),
+            ),
+            event=("Warning", Reason.INVALID_SPEC, msg),
+        )
     errors = parsed.cross_field_errors()
     if errors:
         msg = "; ".join(errors)
-        return Admission("fail", _status_patch(status, now, gen, "Failed", [(Cond.FAILED, True, Reason.INVALID_SPEC, msg)],
-                                               message=msg, finishedAt=iso(now)),
-                         event=("Warning", Reason.INVALID_SPEC, msg))
+        return Admission(
+            "fail",
+            _status_patch(
+                status,
+                now,
+                gen,
+                "Failed",
+                [(Cond.FAILED, True, Reason.INVALID_SPEC, msg)],
+                message=msg,
+                finishedAt=iso(now),
+            ),
+            event=("Warning", Reason.INVALID_SPEC, msg),
+        )
     if model is None:
         msg = f"ModelDeployment {parsed.model!r} not found in namespace {meta.get('namespace')}; waiting for it"
-        patch = _status_patch(status, now, gen, "Pending", [(Cond.QUEUED, False, Reason.MODEL_NOT_FOUND, msg)],
-                              message=msg)
+        patch = _status_patch(
+            status, now, gen, "Pending", [(Cond.QUEUED, False, Reason.MODEL_NOT_FOUND, msg)], message=msg
+        )
         return Admission("wait", patch, event=("Warning", Reason.MODEL_NOT_FOUND, msg))
 
     variant = (model.get("spec") or {}).get("model", {}).get("variant")
@@ -80,21 +107,35 @@ def admit(
     seed = parsed.seed if parsed.seed is not None else status.get("seed")
     if seed is None:  # chosen once, recorded in status, so a retried handler enqueues the same job
         seed = (rng or random.SystemRandom()).randrange(2**32)
-    params = GenerationParams.model_validate({
-        **parsed.model_dump(include=set(GenerationParams.model_fields)),
-        "steps": parsed.steps or default_steps,
-        "guidance_scale": default_guidance if parsed.guidance_scale is None else parsed.guidance_scale,
-        "seed": seed,
-    })
+    params = GenerationParams.model_validate(
+        {
+            **parsed.model_dump(include=set(GenerationParams.model_fields)),
+            "steps": parsed.steps or default_steps,
+            "guidance_scale": default_guidance if parsed.guidance_scale is None else parsed.guidance_scale,
+            "seed": seed,
+        }
+    )
     message = JobMessage(
-        uid=meta["uid"], namespace=meta["namespace"], name=meta["name"],
-        queue=queue_name(meta["namespace"], parsed.model), params=params,
-        max_retries=parsed.max_retries, timeout_seconds=parsed.timeout_seconds, enqueued_at=now.timestamp(),
+        uid=meta["uid"],
+        namespace=meta["namespace"],
+        name=meta["name"],
+        queue=queue_name(meta["namespace"], parsed.model),
+        params=params,
+        max_retries=parsed.max_retries,
+        timeout_seconds=parsed.timeout_seconds,
+        enqueued_at=now.timestamp(),
     )
     msg = f"enqueued on {parsed.model} ({parsed.priority} priority)"
     patch = _status_patch(
-        status, now, gen, "Queued", [(Cond.QUEUED, True, Reason.ENQUEUED, msg)],
-        queuedAt=iso(now), seed=seed, steps=params.steps, message=msg,
+        status,
+        now,
+        gen,
+        "Queued",
+        [(Cond.QUEUED, True, Reason.ENQUEUED, msg)],
+        queuedAt=iso(now),
+        seed=seed,
+        steps=params.steps,
+        message=msg,
         progress={"step": 0, "totalSteps": params.steps, "summary": f"0/{params.steps}"},
     )
     return Admission("enqueue", patch, message, event=("Normal", Reason.ENQUEUED, msg))
@@ -127,7 +168,7 @@ def event_patch(
         if last_progress_at is not None and event.ts - last_progress_at < PROGRESS_MIN_INTERVAL:
             return None, None
         step = event.step or 0
-        patch = {"progress": {"step": step, "totalSteps": total, "summary": f"{step}/{total}"}}
+        patch: dict[str, Any] = {"progress": {"step": step, "totalSteps": total, "summary": f"{step}/{total}"}}
         if phase != "Running":
             patch["phase"] = "Running"
         return patch, None
@@ -135,8 +176,15 @@ def event_patch(
     if event.type == "started":
         msg = f"running on {event.worker} (attempt {event.attempt})"
         patch = _status_patch(
-            status, ev_time, generation, "Running", [(Cond.RUNNING, True, Reason.STARTED, msg)],
-            worker=event.worker, attempts=event.attempt, startedAt=iso(ev_time), message=msg,
+            status,
+            ev_time,
+            generation,
+            "Running",
+            [(Cond.RUNNING, True, Reason.STARTED, msg)],
+            worker=event.worker,
+            attempts=event.attempt,
+            startedAt=iso(ev_time),
+            message=msg,
             progress={"step": 0, "totalSteps": total, "summary": f"0/{total}"},
         )
         if not status.get("queueSeconds"):
@@ -145,8 +193,15 @@ def event_patch(
 
     if event.type == "retrying":
         msg = f"attempt {event.attempt} failed ({event.reason}: {event.message}); requeued"
-        patch = _status_patch(status, ev_time, generation, "Queued",
-                              [(Cond.RUNNING, False, Reason.RETRYING, msg)], attempts=event.attempt, message=msg)
+        patch = _status_patch(
+            status,
+            ev_time,
+            generation,
+            "Queued",
+            [(Cond.RUNNING, False, Reason.RETRYING, msg)],
+            attempts=event.attempt,
+            message=msg,
+        )
         return patch, ("Warning", Reason.RETRYING, msg)
 
     if event.type == "succeeded":
@@ -154,10 +209,17 @@ def event_patch(
         msg = f"{len(results)} image(s) stored"
         run = event.run_seconds if event.run_seconds is not None else _seconds(status.get("startedAt"), ev_time)
         patch = _status_patch(
-            status, ev_time, generation, "Succeeded",
+            status,
+            ev_time,
+            generation,
+            "Succeeded",
             [(Cond.RUNNING, False, Reason.COMPLETED, msg), (Cond.SUCCEEDED, True, Reason.COMPLETED, msg)],
-            results=results, finishedAt=iso(ev_time), runSeconds=run, message=msg,
-            duration=f"{run:.1f}s" if run is not None else None, attempts=event.attempt or status.get("attempts"),
+            results=results,
+            finishedAt=iso(ev_time),
+            runSeconds=run,
+            message=msg,
+            duration=f"{run:.1f}s" if run is not None else None,
+            attempts=event.attempt or status.get("attempts"),
             progress={"step": total, "totalSteps": total, "summary": f"{total}/{total}"},
         )
         if event.worker:
@@ -170,18 +232,25 @@ def event_patch(
         msg = event.message or reason
         run = event.run_seconds
         patch = _status_patch(
-            status, ev_time, generation, "Failed" if failed else "Cancelled",
+            status,
+            ev_time,
+            generation,
+            "Failed" if failed else "Cancelled",
             [(Cond.RUNNING, False, reason, msg), (Cond.FAILED if failed else Cond.CANCELLED, True, reason, msg)],
-            finishedAt=iso(ev_time), message=msg, attempts=event.attempt or status.get("attempts"),
-            runSeconds=run, duration=f"{run:.1f}s" if run is not None else None,
+            finishedAt=iso(ev_time),
+            message=msg,
+            attempts=event.attempt or status.get("attempts"),
+            runSeconds=run,
+            duration=f"{run:.1f}s" if run is not None else None,
         )
         return patch, ("Warning" if failed else "Normal", reason, msg)
 
     return None, None
 
 
-def timeout_patch(spec: dict[str, Any], status: dict[str, Any], meta: dict[str, Any], now: datetime
-                  ) -> dict[str, Any] | None:
+def timeout_patch(
+    spec: dict[str, Any], status: dict[str, Any], meta: dict[str, Any], now: datetime
+) -> dict[str, Any] | None:
     """Fail a job that has not finished within timeoutSeconds of its creation."""
     limit = spec.get("timeoutSeconds")
     if not limit or status.get("phase") in TERMINAL_PHASES:
@@ -191,9 +260,13 @@ def timeout_patch(spec: dict[str, Any], status: dict[str, Any], meta: dict[str, 
         return None
     msg = f"not finished within timeoutSeconds={limit}"
     return _status_patch(
-        status, now, meta.get("generation"), "Failed",
+        status,
+        now,
+        meta.get("generation"),
+        "Failed",
         [(Cond.RUNNING, False, Reason.TIMEOUT, msg), (Cond.FAILED, True, Reason.TIMEOUT, msg)],
-        finishedAt=iso(now), message=msg,
+        finishedAt=iso(now),
+        message=msg,
     )
 
 
@@ -210,5 +283,12 @@ def cancel_patch(status: dict[str, Any], now: datetime, generation: int | None) 
     if status.get("phase") in TERMINAL_PHASES:
         return None
     msg = "cancelled: the ImageJob was deleted"
-    return _status_patch(status, now, generation, "Cancelled",
-                         [(Cond.CANCELLED, True, Reason.DELETED, msg)], finishedAt=iso(now), message=msg)
+    return _status_patch(
+        status,
+        now,
+        generation,
+        "Cancelled",
+        [(Cond.CANCELLED, True, Reason.DELETED, msg)],
+        finishedAt=iso(now),
+        message=msg,
+    )

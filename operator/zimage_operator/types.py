@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import Field
-
 from zimage_queue.message import DEFAULT_MAX_RETRIES, CamelModel, GenerationParams, Priority, ResultImage
 
 GROUP = "zimage.dev"
@@ -55,7 +54,9 @@ VARIANT_DEFAULTS: dict[str, tuple[int, float]] = {"turbo": (8, 0.0), "base": (50
 
 class ImageJobSpec(GenerationParams):
     model: str = Field(
-        min_length=1, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        min_length=1,
+        max_length=253,
+        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
         description="Name of a ModelDeployment in the same namespace.",
     )
     priority: Priority = Field("normal", description="Queue priority.")
@@ -105,7 +106,9 @@ class ImageJobStatus(CamelModel):
 class ModelSource(CamelModel):
     variant: Variant = Field("turbo", description="Model variant; sets the generation defaults.")
     source: str = Field(
-        "Tongyi-MAI/Z-Image-Turbo", min_length=1, max_length=1024,
+        "Tongyi-MAI/Z-Image-Turbo",
+        min_length=1,
+        max_length=1024,
         description="Hub id, a path under MODELS_DIR, or tiny-random.",
     )
     revision: str | None = Field(None, max_length=256)

@@ -43,9 +43,7 @@ class GenerationParams(CamelModel):
     guidance_scale: float | None = Field(
         None, ge=0, le=20, description="Classifier-free guidance; default from the model variant (Turbo: 0)."
     )
-    seed: int | None = Field(
-        None, ge=0, le=2**53 - 1, description="Random seed; chosen and recorded when omitted."
-    )
+    seed: int | None = Field(None, ge=0, le=2**53 - 1, description="Random seed; chosen and recorded when omitted.")
     num_images: int = Field(1, ge=1, le=8, description="Images to generate.")
     input_image: str | None = Field(
         None, max_length=2048, pattern=URI_PATTERN, description="Source image URI (image-to-image, inpaint)."

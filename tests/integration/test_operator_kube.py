@@ -12,10 +12,10 @@ import pytest
 import redis
 import yaml
 from PIL import Image
-
-from conftest import REPO, Kube, Processes, start_operator, start_worker, wait_for
 from zimage_queue import JobQueue, keys
 from zimage_queue.server import RedisServer
+
+from conftest import REPO, Kube, Processes, start_operator, start_worker, wait_for
 
 pytestmark = pytest.mark.kube
 EXAMPLES = REPO / "docs" / "examples"
@@ -55,8 +55,12 @@ def apply(kube: Kube, doc: dict[str, Any]) -> None:
 
 
 def job(name: str, **spec: Any) -> dict[str, Any]:
-    return {"apiVersion": "zimage.dev/v1alpha1", "kind": "ImageJob", "metadata": {"name": name},
-            "spec": {"model": "z-image-turbo", "prompt": "a red fox", "width": 64, "height": 64, **spec}}
+    return {
+        "apiVersion": "zimage.dev/v1alpha1",
+        "kind": "ImageJob",
+        "metadata": {"name": name},
+        "spec": {"model": "z-image-turbo", "prompt": "a red fox", "width": 64, "height": 64, **spec},
+    }
 
 
 def condition(st: dict[str, Any], type_: str) -> dict[str, Any] | None:
@@ -67,8 +71,11 @@ def test_example_job_waits_for_its_model_then_succeeds(stack: dict[str, Any]) ->
     kube: Kube = stack["kube"]
     kube.kubectl("apply", "-n", NS, "-f", str(EXAMPLES / "imagejob.yaml"))
     pending = wait_for(lambda: (s := status(kube, "red-fox")).get("phase") == "Pending" and s, what="Pending")
-    assert condition(pending, "Queued") == {**condition(pending, "Queued"), "status": "False",  # type: ignore[dict-item]
-                                            "reason": "ModelNotFound"}
+    assert condition(pending, "Queued") == {
+        **condition(pending, "Queued"),
+        "status": "False",  # type: ignore[dict-item]
+        "reason": "ModelNotFound",
+    }
 
     kube.kubectl("apply", "-n", NS, "-f", str(EXAMPLES / "modeldeployment.yaml"))
     kube.kubectl("wait", "-n", NS, "--for=condition=Succeeded", "ij/red-fox", "--timeout=240s", timeout=250)
@@ -89,8 +96,9 @@ def test_example_job_waits_for_its_model_then_succeeds(stack: dict[str, Any]) ->
     row = table[1].split()
     assert row[:4] == ["red-fox", "z-image-turbo", "Succeeded", "8/8"] and row[4].endswith("s")
 
-    events = json.loads(kube.kubectl("get", "events", "-n", NS, "-o", "json",
-                                     "--field-selector", "involvedObject.name=red-fox").stdout)["items"]
+    events = json.loads(
+        kube.kubectl("get", "events", "-n", NS, "-o", "json", "--field-selector", "involvedObject.name=red-fox").stdout
+    )["items"]
     reasons = {e["reason"] for e in events}
     assert {"ModelNotFound", "Enqueued", "Started", "Completed"} <= reasons
 
@@ -132,8 +140,7 @@ def test_timeout_fails_job_cancels_it_and_ttl_deletes_it(stack: dict[str, Any]) 
     model["metadata"]["name"] = "no-workers"
     apply(kube, model)
     apply(kube, job("too-slow", model="no-workers", timeoutSeconds=2, ttlSecondsAfterFinished=3))
-    st = wait_for(lambda: (s := status(kube, "too-slow")).get("phase") == "Failed" and s, timeout=30,
-                  what="Timeout")
+    st = wait_for(lambda: (s := status(kube, "too-slow")).get("phase") == "Failed" and s, timeout=30, what="Timeout")
     assert condition(st, "Failed")["reason"] == "Timeout"  # type: ignore[index]
     uid = get(kube, "ij", "too-slow")["metadata"]["uid"]  # type: ignore[index]
     assert JobQueue.from_url(stack["redis"]).is_cancelled(uid)

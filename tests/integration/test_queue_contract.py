@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 import redis
-
-from conftest import Processes, start_worker, wait_for
 from zimage_queue import GenerationParams, JobEvent, JobMessage, JobQueue, keys
-from zimage_worker.engine import Cancelled, NoopEngine
+from zimage_worker.engine import NoopEngine
 from zimage_worker.loop import Worker
 from zimage_worker.storage import LocalStore
+
+from conftest import Processes, start_worker, wait_for
 
 Q = "ns/model"
 
@@ -24,14 +24,20 @@ Q = "ns/model"
 def message(uid: str | None = None, max_retries: int = 2, **params: Any) -> JobMessage:
     uid = uid or str(uuid.uuid4())
     p = {"prompt": "a red fox", "width": 64, "height": 64, "steps": 2, "seed": 7, **params}
-    return JobMessage(uid=uid, namespace="ns", name=f"job-{uid[:6]}", queue=Q,
-                      params=GenerationParams.model_validate(p), max_retries=max_retries)
-
+    return JobMessage(
+        uid=uid,
+        namespace="ns",
+        name=f"job-{uid[:6]}",
+        queue=Q,
+        params=GenerationParams.model_validate(p),
+        max_retries=max_retries,
+    )
 
 
 def all_events(r: redis.Redis, uid: str) -> list[JobEvent]:
-    return [e for e in (JobEvent.model_validate_json(f[b"event"]) for _, f in r.xrange(keys.EVENTS_STREAM))
-            if e.uid == uid]
+    return [
+        e for e in (JobEvent.model_validate_json(f[b"event"]) for _, f in r.xrange(keys.EVENTS_STREAM)) if e.uid == uid
+    ]
 
 
 class FailingEngine(NoopEngine):
@@ -145,6 +151,7 @@ def test_cancel_before_start_and_while_running(queue: JobQueue, tmp_path: Path) 
                 on_step(i, n)
                 if i == 3:
                     queue.cancel(during.uid)
+
             return super().generate(params, on_step=step, **kw)
 
     w2 = make_worker(queue, tmp_path, CancelAtStep3())
@@ -187,7 +194,8 @@ def test_malformed_entry_is_dead_lettered_not_redelivered(queue: JobQueue) -> No
 
 @pytest.mark.slow
 def test_sigkilled_worker_job_is_redelivered_and_succeeds_once(
-        redis_url: str, tmp_path: Path, processes: Processes) -> None:
+    redis_url: str, tmp_path: Path, processes: Processes
+) -> None:
     """A real worker process (tiny Z-Image model) is SIGKILLed mid-job; a second one finishes it, once."""
     q = JobQueue.from_url(redis_url)
     m = message(steps=40, width=64, height=64, num_images=1)
@@ -195,8 +203,11 @@ def test_sigkilled_worker_job_is_redelivered_and_succeeds_once(
     images = tmp_path / "images"
     fast_reclaim = {"ZIMAGE_VISIBILITY_MS": "1000", "ZIMAGE_HEARTBEAT_SECONDS": "0.2"}
     a = start_worker(processes, redis_url, Q, images, ZIMAGE_WORKER_NAME="victim", **fast_reclaim)
-    wait_for(lambda: any(e.type == "progress" and e.worker == "victim" for e in all_events(q.r, m.uid)),
-             timeout=120, what="the victim to start denoising")
+    wait_for(
+        lambda: any(e.type == "progress" and e.worker == "victim" for e in all_events(q.r, m.uid)),
+        timeout=120,
+        what="the victim to start denoising",
+    )
     a.send_signal(signal.SIGKILL)
     a.wait()
     assert q.result(m.uid) is None

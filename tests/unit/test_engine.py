@@ -98,11 +98,7 @@ def test_tiny_pipeline_output_is_finite_and_decodable() -> None:
 
 def test_tiny_pipeline_is_deterministic_for_a_seed() -> None:
     def weights(pipe: Any) -> list[torch.Tensor]:
-        return [
-            t
-            for model in (pipe.transformer, pipe.vae, pipe.text_encoder)
-            for t in model.state_dict().values()
-        ]
+        return [t for model in (pipe.transformer, pipe.vae, pipe.text_encoder) for t in model.state_dict().values()]
 
     before = torch.random.get_rng_state()
     same, again, other = (weights(build_tiny_pipeline(seed)) for seed in (0, 0, 1))
@@ -240,9 +236,7 @@ def test_resolve_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
 
-    assert resolve_source("Tongyi-MAI/Z-Image-Turbo", str(models)) == str(
-        models / "Tongyi-MAI" / "Z-Image-Turbo"
-    )
+    assert resolve_source("Tongyi-MAI/Z-Image-Turbo", str(models)) == str(models / "Tongyi-MAI" / "Z-Image-Turbo")
     assert resolve_source("local", str(models)) == str(models / "local")
     assert resolve_source(str(elsewhere), str(models)) == str(elsewhere)
     assert resolve_source("Tongyi-MAI/Z-Image", str(models)) == "Tongyi-MAI/Z-Image"

@@ -7,7 +7,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-
 from zimage_operator.conditions import set_condition
 from zimage_operator.events import collapse
 from zimage_operator.reconcile import admit, cancel_patch, event_patch, seconds_until_expiry, timeout_patch
@@ -45,10 +44,15 @@ def test_steps_and_guidance_default_from_variant(variant: str, steps: int, guida
 
 def test_explicit_values_win_and_seed_is_kept_on_retry() -> None:
     d = admit(spec=spec(steps=4, guidanceScale=1.5, seed=42), status={}, meta=META, model=MODEL, now=NOW)
-    assert d.message and (d.message.params.steps, d.message.params.guidance_scale, d.message.params.seed) == (4, 1.5, 42)
+    assert d.message and (d.message.params.steps, d.message.params.guidance_scale, d.message.params.seed) == (
+        4,
+        1.5,
+        42,
+    )
     first = admit(spec=spec(), status={}, meta=META, model=MODEL, now=NOW)
-    again = admit(spec=spec(), status={"phase": "Pending", "seed": first.patch["seed"]}, meta=META, model=MODEL,
-                  now=NOW)
+    again = admit(
+        spec=spec(), status={"phase": "Pending", "seed": first.patch["seed"]}, meta=META, model=MODEL, now=NOW
+    )
     assert again.message and again.message.params.seed == first.patch["seed"]
 
 
@@ -58,13 +62,16 @@ def test_unknown_model_waits_pending() -> None:
     assert cond(d.patch, "Queued")["reason"] == "ModelNotFound"
 
 
-@pytest.mark.parametrize(("bad", "field"), [
-    ({"task": "image-to-image"}, "spec.inputImage"),
-    ({"task": "inpaint", "inputImage": "s3://b/in.png"}, "spec.maskImage"),
-    ({"inputImage": "s3://b/in.png"}, "spec.inputImage"),
-    ({"width": 1000}, "spec.width"),
-    ({"prompt": ""}, "spec.prompt"),
-])
+@pytest.mark.parametrize(
+    ("bad", "field"),
+    [
+        ({"task": "image-to-image"}, "spec.inputImage"),
+        ({"task": "inpaint", "inputImage": "s3://b/in.png"}, "spec.maskImage"),
+        ({"inputImage": "s3://b/in.png"}, "spec.inputImage"),
+        ({"width": 1000}, "spec.width"),
+        ({"prompt": ""}, "spec.prompt"),
+    ],
+)
 def test_invalid_specs_fail_with_reason_and_field(bad: dict[str, Any], field: str) -> None:
     d = admit(spec=spec(**bad), status={}, meta=META, model=MODEL, now=NOW)
     assert d.action == "fail" and d.patch["phase"] == "Failed"
@@ -84,13 +91,17 @@ def test_queued_job_is_enqueued_again_idempotently() -> None:
 
 
 def ev(type_: str, ts: float = NOW.timestamp(), **kw: Any) -> JobEvent:
-    return JobEvent.model_validate({"type": type_, "uid": "u-1", "namespace": "ns", "name": "fox",
-                                    "worker": "w1", "attempt": 1, "ts": ts, **kw})
+    return JobEvent.model_validate(
+        {"type": type_, "uid": "u-1", "namespace": "ns", "name": "fox", "worker": "w1", "attempt": 1, "ts": ts, **kw}
+    )
 
 
 def test_lifecycle_started_progress_succeeded() -> None:
-    status: dict[str, Any] = {"phase": "Queued", "queuedAt": "2026-11-23T11:59:58Z",
-                              "progress": {"step": 0, "totalSteps": 8}}
+    status: dict[str, Any] = {
+        "phase": "Queued",
+        "queuedAt": "2026-11-23T11:59:58Z",
+        "progress": {"step": 0, "totalSteps": 8},
+    }
     patch, event = event_patch(status, ev("started", total_steps=8), NOW)
     assert patch and patch["phase"] == "Running" and patch["queueSeconds"] == 2.0 and event
     status.update(patch)
@@ -164,8 +175,12 @@ def test_condition_transition_time_moves_only_on_flip() -> None:
 
 
 def test_collapse_keeps_only_the_last_progress_before_a_transition() -> None:
-    batch = [("1", ev("started")), ("2", ev("progress", step=1)), ("3", ev("progress", step=2)),
-             ("4", ev("progress", step=3))]
+    batch = [
+        ("1", ev("started")),
+        ("2", ev("progress", step=1)),
+        ("3", ev("progress", step=2)),
+        ("4", ev("progress", step=3)),
+    ]
     assert [(e.type, e.step) for e in collapse(batch)] == [("started", None), ("progress", 3)]
     batch.append(("5", ev("succeeded")))
     assert [e.type for e in collapse(batch)] == ["started", "succeeded"]

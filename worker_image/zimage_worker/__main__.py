@@ -10,6 +10,7 @@ import time
 from types import FrameType
 
 from zimage_queue import JobQueue
+
 from zimage_worker import metrics
 from zimage_worker.engine import load_engine
 from zimage_worker.health import serve
@@ -25,8 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-jobs", type=int, default=None, help="exit after this many jobs (burst mode)")
     p.add_argument("--no-http", action="store_true", help="no /healthz, /readyz, /metrics server")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO,
-                        format='{"ts":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":%(message)r}')
+    logging.basicConfig(
+        level=logging.INFO, format='{"ts":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":%(message)r}'
+    )
     cfg = WorkerSettings()
     ready = False
     worker: Worker | None = None
@@ -44,12 +46,19 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_term)
     server = None if args.no_http else serve(cfg.http_port, live=lambda: True, ready=lambda: ready)
     t0 = time.perf_counter()
-    engine = load_engine(cfg.model_source, variant=cfg.variant, device=cfg.device, dtype=cfg.dtype,
-                         models_dir=cfg.models_dir, revision=cfg.revision)
+    engine = load_engine(
+        cfg.model_source,
+        variant=cfg.variant,
+        device=cfg.device,
+        dtype=cfg.dtype,
+        models_dir=cfg.models_dir,
+        revision=cfg.revision,
+    )
     metrics.MODEL_LOAD_SECONDS.set(time.perf_counter() - t0)
     queue = JobQueue.from_url(cfg.redis_url, visibility_ms=cfg.visibility_ms)
-    worker = Worker(queue, engine, open_store(cfg.storage_url), cfg.queue, cfg.worker_name,
-                    heartbeat_seconds=cfg.heartbeat_seconds)
+    worker = Worker(
+        queue, engine, open_store(cfg.storage_url), cfg.queue, cfg.worker_name, heartbeat_seconds=cfg.heartbeat_seconds
+    )
     ready = True
     worker.run(max_jobs=args.max_jobs)
     if server:

@@ -155,9 +155,7 @@ class DiffusersEngine:
             done = 0
             images: list[Image.Image] = []
 
-            def step_end(
-                pipeline: Any, index: int, timestep: Any, callback_kwargs: dict[str, Any]
-            ) -> dict[str, Any]:
+            def step_end(pipeline: Any, index: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
                 nonlocal done
                 done += 1
                 # Known only once the pipeline has applied strength to the schedule.
@@ -188,9 +186,7 @@ class DiffusersEngine:
                 images.extend(output.images)
         return images
 
-    def _pipeline_for(
-        self, params: GenerationParams, load_image: Callable[[str], bytes]
-    ) -> tuple[Any, dict[str, Any]]:
+    def _pipeline_for(self, params: GenerationParams, load_image: Callable[[str], bytes]) -> tuple[Any, dict[str, Any]]:
         if params.task == "text-to-image":
             return self.text_to_image, {}
         if not params.input_image:

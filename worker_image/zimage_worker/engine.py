@@ -103,9 +103,7 @@ class NoopEngine:
                 if should_stop():
                     raise Cancelled()
                 on_step(index * steps + step, total)
-            images.append(
-                Image.new("RGB", (params.width, params.height), _seed_colour((params.seed or 0) + index))
-            )
+            images.append(Image.new("RGB", (params.width, params.height), _seed_colour((params.seed or 0) + index)))
         return images
 
 
@@ -140,8 +138,7 @@ def resolve_source(name_or_path: str, models_dir: str | None) -> str:
         return name_or_path
     where = f" or in {models_dir}" if models_dir else ""
     raise ValueError(
-        f"model {name_or_path!r} is neither a directory{where}, a Hub id (owner/name), "
-        f"{TINY_RANDOM!r} nor {NOOP!r}"
+        f"model {name_or_path!r} is neither a directory{where}, a Hub id (owner/name), {TINY_RANDOM!r} nor {NOOP!r}"
     )
 
 

@@ -11,7 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 def serve(port: int, live: Callable[[], bool], ready: Callable[[], bool]) -> ThreadingHTTPServer:
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802  (http.server's naming)
+        def do_GET(self) -> None:
             if self.path == "/metrics":
                 body, ctype, code = generate_latest(), CONTENT_TYPE_LATEST, 200
             elif self.path in ("/healthz", "/readyz"):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from zimage_queue import GenerationParams, JobEvent, JobMessage, JobQueue, ResultImage
 from zimage_queue.server import RedisServer
+
 from zimage_worker.engine import Engine, load_engine
 from zimage_worker.loop import Worker
 from zimage_worker.storage import LocalStore
@@ -32,13 +33,13 @@ class LocalStack:
 
     def submit(self, params: GenerationParams, name: str | None = None) -> JobMessage:
         uid = str(uuid.uuid4())
-        msg = JobMessage(uid=uid, namespace=LOCAL_NAMESPACE, name=name or f"job-{uid[:8]}",
-                         queue=self.queue_name, params=params)
+        msg = JobMessage(
+            uid=uid, namespace=LOCAL_NAMESPACE, name=name or f"job-{uid[:8]}", queue=self.queue_name, params=params
+        )
         self.queue.enqueue(msg)
         return msg
 
-    def wait(self, uid: str, on_event: Callable[[JobEvent], None] | None = None, timeout: float = 600.0
-             ) -> JobEvent:
+    def wait(self, uid: str, on_event: Callable[[JobEvent], None] | None = None, timeout: float = 600.0) -> JobEvent:
         """Follow the worker's events for one job until it finishes; returns the final event."""
         import time
 
@@ -57,8 +58,14 @@ class LocalStack:
 
 
 @contextmanager
-def local_stack(model: str = "tiny-random", *, images_dir: str | Path, engine: Engine | None = None,
-                models_dir: str | None = None, variant: str = "turbo") -> Iterator[LocalStack]:
+def local_stack(
+    model: str = "tiny-random",
+    *,
+    images_dir: str | Path,
+    engine: Engine | None = None,
+    models_dir: str | None = None,
+    variant: str = "turbo",
+) -> Iterator[LocalStack]:
     with RedisServer() as srv:
         queue = JobQueue.from_url(srv.url, visibility_ms=60_000)
         queue_name = f"{LOCAL_NAMESPACE}/{Path(model).name or 'model'}"

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from zimage_queue import Delivery, JobEvent, JobQueue, ResultImage
+
 from zimage_worker import metrics
 from zimage_worker.engine import Cancelled, Engine
 from zimage_worker.storage import ImageStore, read_uri
@@ -41,7 +42,9 @@ def _is_oom(e: BaseException) -> bool:
 
 def encode(image: Image.Image, fmt: str) -> bytes:
     buf = io.BytesIO()
-    image.save(buf, format={"jpeg": "JPEG", "webp": "WEBP"}.get(fmt, "PNG"), **({"quality": 95} if fmt != "png" else {}))
+    image.save(
+        buf, format={"jpeg": "JPEG", "webp": "WEBP"}.get(fmt, "PNG"), **({"quality": 95} if fmt != "png" else {})
+    )
     return buf.getvalue()
 
 
@@ -50,8 +53,15 @@ def object_key(namespace: str, name: str, uid: str, index: int, fmt: str) -> str
 
 
 class Worker:
-    def __init__(self, queue: JobQueue, engine: Engine, store: ImageStore, queue_name: str, name: str,
-                 heartbeat_seconds: float = 5.0) -> None:
+    def __init__(
+        self,
+        queue: JobQueue,
+        engine: Engine,
+        store: ImageStore,
+        queue_name: str,
+        name: str,
+        heartbeat_seconds: float = 5.0,
+    ) -> None:
         self.queue = queue
         self.engine = engine
         self.store = store
@@ -107,8 +117,17 @@ class Worker:
     # -- one job ------------------------------------------------------------------------------------------
     def _event(self, d: Delivery, type_: str, **kw: object) -> JobEvent:
         m = d.message
-        return JobEvent.model_validate({"type": type_, "uid": m.uid, "namespace": m.namespace, "name": m.name,
-                                        "worker": self.name, "attempt": d.attempt, **kw})
+        return JobEvent.model_validate(
+            {
+                "type": type_,
+                "uid": m.uid,
+                "namespace": m.namespace,
+                "name": m.name,
+                "worker": self.name,
+                "attempt": d.attempt,
+                **kw,
+            }
+        )
 
     def process(self, d: Delivery) -> str:
         m = d.message
@@ -121,8 +140,12 @@ class Worker:
             self.queue.publish(self._event(d, "cancelled", reason="Cancelled", message="cancelled before start"))
             return self._count("cancelled")
         if outcome == "exhausted":
-            ev = self._event(d, "failed", reason="MaxRetriesExceeded",
-                             message=f"gave up after {d.attempt - 1} attempt(s) (worker lost or crashed)")
+            ev = self._event(
+                d,
+                "failed",
+                reason="MaxRetriesExceeded",
+                message=f"gave up after {d.attempt - 1} attempt(s) (worker lost or crashed)",
+            )
             self.queue.fail(d, ev, retry=False)
             return self._count("dead_lettered")
 
@@ -134,7 +157,8 @@ class Worker:
         metrics.BUSY.set(1)
         try:
             images = self.engine.generate(
-                p, on_step=self._progress(d), should_stop=self._should_stop(d), load_image=self._load)
+                p, on_step=self._progress(d), should_stop=self._should_stop(d), load_image=self._load
+            )
             run_seconds = time.perf_counter() - t0
             metrics.INFERENCE_SECONDS.observe(run_seconds)
             results = self._store(d, images)
@@ -143,8 +167,15 @@ class Worker:
             return self._count("handed_back")
         except Cancelled:
             self.queue.ack(d)
-            self.queue.publish(self._event(d, "cancelled", reason="Cancelled", message="cancelled while running",
-                                           run_seconds=time.perf_counter() - t0))
+            self.queue.publish(
+                self._event(
+                    d,
+                    "cancelled",
+                    reason="Cancelled",
+                    message="cancelled while running",
+                    run_seconds=time.perf_counter() - t0,
+                )
+            )
             return self._count("cancelled")
         except InputError as e:
             self.queue.fail(d, self._event(d, "failed", reason="InvalidInput", message=str(e)[:1000]), retry=False)
@@ -154,13 +185,25 @@ class Worker:
             if reason == "OutOfMemory":
                 self._free_memory()
             log.exception("job %s/%s attempt %d failed", m.namespace, m.name, d.attempt)
-            state = self.queue.fail(d, self._event(d, "failed", reason=reason, message=f"{type(e).__name__}: {e}"[:1000],
-                                                   run_seconds=time.perf_counter() - t0), retry=True)
+            state = self.queue.fail(
+                d,
+                self._event(
+                    d,
+                    "failed",
+                    reason=reason,
+                    message=f"{type(e).__name__}: {e}"[:1000],
+                    run_seconds=time.perf_counter() - t0,
+                ),
+                retry=True,
+            )
             return self._count("retried" if state == "retrying" else "failed")
         finally:
             metrics.BUSY.set(0)
-        first = self.queue.complete(d, results, self._event(
-            d, "succeeded", results=results, run_seconds=round(run_seconds, 4), total_steps=total))
+        first = self.queue.complete(
+            d,
+            results,
+            self._event(d, "succeeded", results=results, run_seconds=round(run_seconds, 4), total_steps=total),
+        )
         return self._count("succeeded" if first else "duplicate")
 
     def _count(self, outcome: str) -> str:
@@ -171,6 +214,7 @@ class Worker:
     def _progress(self, d: Delivery) -> Callable[[int, int], None]:
         def on_step(step: int, total: int) -> None:
             self.queue.publish(self._event(d, "progress", step=step, total_steps=total))
+
         return on_step
 
     def _should_stop(self, d: Delivery) -> Callable[[], bool]:
@@ -178,6 +222,7 @@ class Worker:
             if self.hand_back.is_set():
                 raise HandedBack()
             return self.queue.is_cancelled(d.message.uid)
+
         return should_stop
 
     def _load(self, uri: str) -> bytes:
@@ -192,10 +237,19 @@ class Worker:
         results = []
         for i, img in enumerate(images):
             data = encode(img, p.output_format)
-            uri = self.store.put(object_key(m.namespace, m.name, m.uid, i, p.output_format), data,
-                                 _CONTENT_TYPES[p.output_format])
-            results.append(ResultImage(uri=uri, width=img.width, height=img.height, seed=(p.seed or 0) + i,
-                                       sha256=hashlib.sha256(data).hexdigest(), bytes=len(data)))
+            uri = self.store.put(
+                object_key(m.namespace, m.name, m.uid, i, p.output_format), data, _CONTENT_TYPES[p.output_format]
+            )
+            results.append(
+                ResultImage(
+                    uri=uri,
+                    width=img.width,
+                    height=img.height,
+                    seed=(p.seed or 0) + i,
+                    sha256=hashlib.sha256(data).hexdigest(),
+                    bytes=len(data),
+                )
+            )
         metrics.STORE_SECONDS.observe(time.perf_counter() - t0)
         return results
 

@@ -4,11 +4,15 @@ from prometheus_client import Counter, Gauge, Histogram
 
 JOBS = Counter("zimage_worker_jobs_total", "Jobs handled, by outcome", ["outcome"])
 INFERENCE_SECONDS = Histogram(
-    "zimage_worker_inference_seconds", "Pipeline time per job",
-    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300))
+    "zimage_worker_inference_seconds",
+    "Pipeline time per job",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300),
+)
 QUEUE_WAIT_SECONDS = Histogram(
-    "zimage_worker_queue_wait_seconds", "Enqueue to start of work",
-    buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 15, 60, 300, 900))
+    "zimage_worker_queue_wait_seconds",
+    "Enqueue to start of work",
+    buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 15, 60, 300, 900),
+)
 STORE_SECONDS = Histogram("zimage_worker_store_seconds", "Encode and upload time per job")
 MODEL_LOAD_SECONDS = Gauge("zimage_worker_model_load_seconds", "Time it took to load the pipeline")
 BUSY = Gauge("zimage_worker_busy", "1 while a job is running")

@@ -48,8 +48,14 @@ class LocalStore:
 class S3Store:
     """S3 or any S3-compatible store (MinIO, Ceph, moto in tests) through boto3."""
 
-    def __init__(self, bucket: str, prefix: str = "", endpoint_url: str | None = None,
-                 region: str | None = None, client: Any = None) -> None:
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        client: Any = None,
+    ) -> None:
         import boto3
 
         self.bucket = bucket
@@ -72,7 +78,8 @@ class S3Store:
     def presign(self, uri: str, expires: int = 300) -> str:
         u = urlparse(uri)
         url: str = self.s3.generate_presigned_url(
-            "get_object", Params={"Bucket": u.netloc, "Key": u.path.lstrip("/")}, ExpiresIn=expires)
+            "get_object", Params={"Bucket": u.netloc, "Key": u.path.lstrip("/")}, ExpiresIn=expires
+        )
         return url
 
 
@@ -95,7 +102,7 @@ def read_uri(uri: str, store: ImageStore) -> bytes:
     if u.scheme in ("http", "https"):
         import urllib.request
 
-        with urllib.request.urlopen(uri, timeout=30) as resp:  # noqa: S310  (scheme checked above)
+        with urllib.request.urlopen(uri, timeout=30) as resp:
             data: bytes = resp.read(64 * 1024 * 1024 + 1)
         if len(data) > 64 * 1024 * 1024:
             raise ValueError("input image larger than 64 MiB")

@@ -29,8 +29,9 @@ def _body(body: kopf.Body) -> dict[str, Any]:
 
 @kopf.on.resume(*RESOURCE)
 @kopf.on.create(*RESOURCE)
-async def admit(spec: kopf.Spec, status: kopf.Status, meta: kopf.Meta, body: kopf.Body, memo: kopf.Memo,
-                **_: Any) -> None:
+async def admit(
+    spec: kopf.Spec, status: kopf.Status, meta: kopf.Meta, body: kopf.Body, memo: kopf.Memo, **_: Any
+) -> None:
     rt: Runtime = memo.runtime
     st = dict(status)
     model = await asyncio.to_thread(rt.kube.get_model, meta["namespace"], spec.get("model", ""))
