@@ -1,0 +1,112 @@
+"""Both storage backends, S3 through a moto server on loopback used exactly like MinIO (endpoint_url)."""
+
+from __future__ import annotations
+
+import io
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import boto3
+import pytest
+from PIL import Image
+
+from zimage_queue import GenerationParams, JobMessage, JobQueue
+from zimage_queue.server import free_port
+from zimage_worker.engine import NoopEngine
+from zimage_worker.loop import Worker
+from zimage_worker.storage import LocalStore, S3Store, open_store
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint() -> Iterator[str]:
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def bucket(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    name = f"images-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=name)
+    return name
+
+
+def png(colour: tuple[int, int, int], size: int = 64) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_local_store_round_trip_and_no_escape(tmp_path: Path) -> None:
+    store = open_store((tmp_path / "imgs").as_uri())
+    assert isinstance(store, LocalStore)
+    uri = store.put("ns/job/uid/0.png", b"data", "image/png")
+    assert uri.startswith("file://") and store.get(uri) == b"data"
+    assert not list((tmp_path / "imgs").rglob(".tmp-*"))  # written via rename, no leftovers
+    with pytest.raises(ValueError, match="escapes"):
+        store.put("../../etc/x", b"x", "image/png")
+
+
+def test_s3_store_round_trip_and_presign(bucket: str, s3_endpoint: str) -> None:
+    store = open_store(f"s3://{bucket}/prefix?endpoint={s3_endpoint}")
+    assert isinstance(store, S3Store)
+    uri = store.put("ns/job/uid/0.png", b"\x89PNG...", "image/png")
+    assert uri == f"s3://{bucket}/prefix/ns/job/uid/0.png"
+    assert store.get(uri) == b"\x89PNG..."
+    head = store.s3.head_object(Bucket=bucket, Key="prefix/ns/job/uid/0.png")
+    assert head["ContentType"] == "image/png"
+    url = store.presign(uri, expires=60)
+    assert url.startswith(s3_endpoint) and ("Signature=" in url or "X-Amz-Signature=" in url)
+
+
+def test_worker_stores_results_in_s3_and_reads_its_input_from_s3(bucket: str, s3_endpoint: str, redis_url: str) -> None:
+    store = open_store(f"s3://{bucket}?endpoint={s3_endpoint}")
+    source = store.put("inputs/fox.png", png((200, 50, 10)), "image/png")
+    q = JobQueue.from_url(redis_url)
+    params = GenerationParams(
+        prompt="a red fox",
+        task="image-to-image",
+        input_image=source,
+        width=64,
+        height=64,
+        steps=2,
+        seed=3,
+        num_images=2,
+        output_format="webp",
+    )
+    m = JobMessage(uid=str(uuid.uuid4()), namespace="ns", name="fox", queue="ns/m", params=params)
+    q.enqueue(m)
+    Worker(q, NoopEngine(), store, "ns/m", "w").run(max_jobs=1, block_ms=0)
+    results = q.result(m.uid)
+    assert results is not None and [r.uri for r in results] == [
+        f"s3://{bucket}/ns/fox/{m.uid}/0.webp",
+        f"s3://{bucket}/ns/fox/{m.uid}/1.webp",
+    ]
+    with Image.open(io.BytesIO(store.get(results[0].uri))) as img:
+        assert img.format == "WEBP" and img.size == (64, 64)
+
+
+def test_unreadable_input_fails_without_retries(redis_url: str, tmp_path: Path) -> None:
+    q = JobQueue.from_url(redis_url)
+    params = GenerationParams(
+        prompt="x",
+        task="image-to-image",
+        input_image="file:///nonexistent/in.png",
+        width=64,
+        height=64,
+        steps=1,
+        seed=1,
+    )
+    m = JobMessage(uid=str(uuid.uuid4()), namespace="ns", name="bad", queue="ns/m", params=params, max_retries=3)
+    q.enqueue(m)
+    w = Worker(q, NoopEngine(), LocalStore(tmp_path), "ns/m", "w")
+    w.run(max_jobs=1, block_ms=0)
+    [(dead, error)] = q.dead_letters()
+    assert dead.uid == m.uid and "InvalidInput" in error and "/nonexistent/in.png" in error

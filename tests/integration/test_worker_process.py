@@ -1,0 +1,56 @@
+"""The zimage-worker process: probes, metrics, and draining on SIGTERM (finish the job in hand, exit 0)."""
+
+from __future__ import annotations
+
+import signal
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+from conftest import Processes, start_worker, wait_for
+from zimage_queue import GenerationParams, JobMessage, JobQueue
+from zimage_queue.server import free_port
+
+Q = "ns/m"
+
+
+def get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, ""
+    except OSError:
+        return 0, ""
+
+
+def job(steps: int) -> JobMessage:
+    params = GenerationParams(prompt="a red fox", width=64, height=64, steps=steps, seed=1)
+    return JobMessage(uid=str(uuid.uuid4()), namespace="ns", name="fox", queue=Q, params=params)
+
+
+def test_worker_probes_metrics_and_drain_on_sigterm(redis_url: str, tmp_path: Path, processes: Processes) -> None:
+    port = free_port()
+    q = JobQueue.from_url(redis_url)
+    proc = start_worker(processes, redis_url, Q, tmp_path / "images", ZIMAGE_HTTP_PORT=str(port))
+    base = f"http://127.0.0.1:{port}"
+    wait_for(lambda: get(f"{base}/readyz")[0] == 200, timeout=120, what="/readyz")
+    assert get(f"{base}/healthz")[0] == 200
+
+    first = job(steps=2)
+    q.enqueue(first)
+    wait_for(lambda: q.result(first.uid), timeout=60, what="first job")
+    status, text = get(f"{base}/metrics")
+    assert status == 200 and 'zimage_worker_jobs_total{outcome="succeeded"} 1.0' in text
+    assert "zimage_worker_inference_seconds_count 1.0" in text and "zimage_worker_model_load_seconds" in text
+
+    # SIGTERM mid-job: the job in hand is finished and acked, nothing new is taken, exit code 0.
+    long, after = job(steps=60), job(steps=2)
+    q.enqueue(long)
+    wait_for(lambda: q.r.hget(f"zimage:job:{long.uid}", "state") == b"running", what="long job to start")
+    proc.send_signal(signal.SIGTERM)
+    q.enqueue(after)
+    assert proc.wait(timeout=120) == 0
+    assert q.result(long.uid) is not None
+    assert q.result(after.uid) is None and q.stats(Q).queued == 1 and q.stats(Q).in_flight == 0
