@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import redis
+
 from zimage_queue import JobQueue
 from zimage_queue.server import RedisServer
 

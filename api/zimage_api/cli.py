@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 from pydantic import ValidationError
+
 from zimage_queue import GenerationParams, JobEvent
 
 

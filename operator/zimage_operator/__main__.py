@@ -8,13 +8,13 @@ import logging
 from typing import Any
 
 import kopf
-from zimage_queue import JobQueue
 
 from zimage_operator import events
 from zimage_operator.handlers import imagejob
 from zimage_operator.k8s import Kube
 from zimage_operator.runtime import Runtime
 from zimage_operator.settings import OperatorSettings
+from zimage_queue import JobQueue
 
 log = logging.getLogger("zimage_operator")
 

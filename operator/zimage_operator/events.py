@@ -11,11 +11,10 @@ import asyncio
 import logging
 from datetime import UTC, datetime
 
-from zimage_queue import JobEvent
-
 from zimage_operator.metrics import STATUS_PATCHES
 from zimage_operator.reconcile import event_patch
 from zimage_operator.runtime import Runtime
+from zimage_queue import JobEvent
 
 log = logging.getLogger(__name__)
 

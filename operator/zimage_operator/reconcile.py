@@ -8,11 +8,11 @@ from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import ValidationError
-from zimage_queue import GenerationParams, JobEvent, JobMessage
-from zimage_queue.keys import queue_name
 
 from zimage_operator.conditions import iso, parse_iso, set_condition
 from zimage_operator.types import TERMINAL_PHASES, Cond, ImageJobSpec, Reason, variant_defaults
+from zimage_queue import GenerationParams, JobEvent, JobMessage
+from zimage_queue.keys import queue_name
 
 PROGRESS_MIN_INTERVAL = 1.0
 

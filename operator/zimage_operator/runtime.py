@@ -6,11 +6,10 @@ import asyncio
 import socket
 from dataclasses import dataclass, field
 
-from zimage_queue import JobQueue
-
 from zimage_operator.housekeeping import Deadlines
 from zimage_operator.k8s import Kube
 from zimage_operator.settings import OperatorSettings
+from zimage_queue import JobQueue
 
 
 @dataclass

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import Field
+
 from zimage_queue.message import DEFAULT_MAX_RETRIES, CamelModel, GenerationParams, Priority, ResultImage
 
 GROUP = "zimage.dev"

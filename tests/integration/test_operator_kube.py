@@ -12,10 +12,10 @@ import pytest
 import redis
 import yaml
 from PIL import Image
-from zimage_queue import JobQueue, keys
-from zimage_queue.server import RedisServer
 
 from conftest import REPO, Kube, Processes, start_operator, start_worker, wait_for
+from zimage_queue import JobQueue, keys
+from zimage_queue.server import RedisServer
 
 pytestmark = pytest.mark.kube
 EXAMPLES = REPO / "docs" / "examples"

@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 import redis
+
+from conftest import Processes, start_worker, wait_for
 from zimage_queue import GenerationParams, JobEvent, JobMessage, JobQueue, keys
 from zimage_worker.engine import NoopEngine
 from zimage_worker.loop import Worker
 from zimage_worker.storage import LocalStore
-
-from conftest import Processes, start_worker, wait_for
 
 Q = "ns/model"
 

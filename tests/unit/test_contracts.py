@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import yaml
+
 from zimage_operator import crdgen
 from zimage_operator.types import ImageJobSpec
 from zimage_queue import GenerationParams, JobMessage

@@ -14,6 +14,7 @@ pytest.importorskip("diffusers")
 import numpy as np
 import torch
 from PIL import Image
+
 from zimage_queue import GenerationParams
 from zimage_worker.diffusers_engine import DiffusersEngine, denoising_schedule
 from zimage_worker.engine import Cancelled, NoopEngine, load_engine, resolve_source

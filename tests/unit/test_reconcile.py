@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+
 from zimage_operator.conditions import set_condition
 from zimage_operator.events import collapse
 from zimage_operator.reconcile import admit, cancel_patch, event_patch, seconds_until_expiry, timeout_patch

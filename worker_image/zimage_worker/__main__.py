@@ -10,7 +10,6 @@ import time
 from types import FrameType
 
 from zimage_queue import JobQueue
-
 from zimage_worker import metrics
 from zimage_worker.engine import load_engine
 from zimage_worker.health import serve

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from PIL import Image
+
     from zimage_queue import GenerationParams
 
 NOOP = "noop"

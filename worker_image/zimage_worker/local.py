@@ -16,7 +16,6 @@ from pathlib import Path
 
 from zimage_queue import GenerationParams, JobEvent, JobMessage, JobQueue, ResultImage
 from zimage_queue.server import RedisServer
-
 from zimage_worker.engine import Engine, load_engine
 from zimage_worker.loop import Worker
 from zimage_worker.storage import LocalStore

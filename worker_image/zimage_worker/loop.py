@@ -15,7 +15,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from zimage_queue import Delivery, JobEvent, JobQueue, ResultImage
-
 from zimage_worker import metrics
 from zimage_worker.engine import Cancelled, Engine
 from zimage_worker.storage import ImageStore, read_uri
