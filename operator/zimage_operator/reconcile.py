@@ -103,15 +103,15 @@ def admit(
         return Admission("wait", patch, event=("Warning", Reason.MODEL_NOT_FOUND, msg))
 
     variant = (model.get("spec") or {}).get("model", {}).get("variant")
-    default_steps, default_guidance = variant_defaults(variant)
+    defaults = variant_defaults(variant)
     seed = parsed.seed if parsed.seed is not None else status.get("seed")
     if seed is None:  # chosen once, recorded in status, so a retried handler enqueues the same job
         seed = (rng or random.SystemRandom()).randrange(2**32)
     params = GenerationParams.model_validate(
         {
             **parsed.model_dump(include=set(GenerationParams.model_fields)),
-            "steps": parsed.steps or default_steps,
-            "guidance_scale": default_guidance if parsed.guidance_scale is None else parsed.guidance_scale,
+            "steps": parsed.steps or defaults.steps,
+            "guidance_scale": defaults.guidance_scale if parsed.guidance_scale is None else parsed.guidance_scale,
             "seed": seed,
         }
     )

@@ -10,7 +10,15 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from zimage_queue.message import DEFAULT_MAX_RETRIES, CamelModel, GenerationParams, Priority, ResultImage
+from zimage_queue.message import (
+    DEFAULT_MAX_RETRIES,
+    VARIANT_DEFAULTS,
+    CamelModel,
+    GenerationParams,
+    Priority,
+    ResultImage,
+    VariantDefaults,
+)
 
 GROUP = "zimage.dev"
 VERSION = "v1alpha1"
@@ -47,10 +55,6 @@ class Reason:
     WORKER_ERROR = "WorkerError"
     DELETED = "Deleted"
     CANCELLED = "Cancelled"
-
-
-# Per-variant generation defaults. Turbo is distilled for 8 evaluations without guidance.
-VARIANT_DEFAULTS: dict[str, tuple[int, float]] = {"turbo": (8, 0.0), "base": (50, 4.0), "edit": (50, 4.0)}
 
 
 class ImageJobSpec(GenerationParams):
@@ -155,5 +159,5 @@ class ModelDeploymentStatus(CamelModel):
     observed_generation: int | None = None
 
 
-def variant_defaults(variant: str | None) -> tuple[int, float]:
+def variant_defaults(variant: str | None) -> VariantDefaults:
     return VARIANT_DEFAULTS.get(variant or "turbo", VARIANT_DEFAULTS["turbo"])

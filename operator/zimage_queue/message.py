@@ -7,6 +7,7 @@ generated from these models (see zimage_operator.crdgen) and the API validates r
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -18,6 +19,22 @@ OutputFormat = Literal["png", "jpeg", "webp"]
 EventType = Literal["started", "progress", "succeeded", "failed", "retrying", "cancelled"]
 
 DEFAULT_MAX_RETRIES = 3
+
+
+@dataclass(frozen=True)
+class VariantDefaults:
+    steps: int
+    guidance_scale: float
+
+
+# Turbo is distilled for 8 transformer evaluations without classifier-free guidance. The undistilled models use
+# 50 steps with the guidance Z-Image's model card recommends (the pipeline's own default is 5.0). The operator
+# resolves these into the job message; the worker falls back to them for messages that leave them open.
+VARIANT_DEFAULTS = {
+    "turbo": VariantDefaults(steps=8, guidance_scale=0.0),
+    "base": VariantDefaults(steps=50, guidance_scale=4.0),
+    "edit": VariantDefaults(steps=50, guidance_scale=4.0),
+}
 # An object-store URI: s3://bucket/key, file:///path, or http(s)://...
 URI_PATTERN = r"^(s3|file|https?)://.+$"
 

@@ -11,7 +11,8 @@ import torch
 from diffusers import ZImageImg2ImgPipeline, ZImageInpaintPipeline, ZImagePipeline
 from PIL import Image
 
-from zimage_worker.engine import TINY_RANDOM, VARIANT_DEFAULTS, VARIANTS, Cancelled
+from zimage_queue.message import VARIANT_DEFAULTS
+from zimage_worker.engine import TINY_RANDOM, VARIANTS, Cancelled
 
 if TYPE_CHECKING:
     from zimage_queue import GenerationParams

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
+
+from zimage_queue.message import VARIANT_DEFAULTS
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -20,22 +21,8 @@ if TYPE_CHECKING:
 
 NOOP = "noop"
 TINY_RANDOM = "tiny-random"
-VARIANTS = ("turbo", "base", "edit")
+VARIANTS = tuple(VARIANT_DEFAULTS)
 
-
-@dataclass(frozen=True)
-class VariantDefaults:
-    steps: int
-    guidance_scale: float
-
-
-# Turbo is distilled for 8 transformer evaluations without classifier-free guidance. The undistilled models
-# use the pipeline's own 50 steps with the guidance Z-Image's model card recommends (pipeline default: 5.0).
-VARIANT_DEFAULTS = {
-    "turbo": VariantDefaults(steps=8, guidance_scale=0.0),
-    "base": VariantDefaults(steps=50, guidance_scale=4.0),
-    "edit": VariantDefaults(steps=50, guidance_scale=4.0),
-}
 
 # owner/name as the Hugging Face Hub spells repository ids.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
