@@ -14,6 +14,7 @@ import time
 
 import redis
 from celery import Celery
+
 from zimage_queue import GenerationParams
 from zimage_worker.engine import NoopEngine
 

@@ -43,12 +43,12 @@ if str(ROOT) not in sys.path:  # run as a script: make ``bench.celery_dispatch``
     sys.path.insert(0, str(ROOT))
 
 import redis  # noqa: E402
+
+from bench.celery_dispatch import noop_model  # noqa: E402
 from zimage_queue import GenerationParams, JobEvent, JobMessage, JobQueue  # noqa: E402
 from zimage_queue import keys as qkeys  # noqa: E402
 from zimage_queue.server import RedisServer, find_server_binary  # noqa: E402
 from zimage_worker.engine import NoopEngine  # noqa: E402
-
-from bench.celery_dispatch import noop_model  # noqa: E402
 
 RESULTS_KEY = "bench:results"
 RAW_STREAM = "bench:raw"
@@ -217,9 +217,7 @@ class ContractSystem:
     @staticmethod
     def _message(name: str, seed: int) -> JobMessage:
         params = GenerationParams(prompt="bench", width=64, height=64, steps=1, seed=seed)
-        return JobMessage(
-            uid=f"bench-{name}", namespace="bench", name=name, queue=CONTRACT_QUEUE, params=params
-        )
+        return JobMessage(uid=f"bench-{name}", namespace="bench", name=name, queue=CONTRACT_QUEUE, params=params)
 
     def send(self, idx: int) -> float:
         msg = self._message(f"{JOB}-{idx}", idx)
@@ -482,9 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"{'system':<18}{'jobs/s':>10}{'enqueue/s':>11}{'p50 ms':>9}{'p99 ms':>9}")
     for row in rows.values():
-        print(
-            f"{row.name:<18}{row.jobs_per_s:>10.0f}{row.enqueue_per_s:>11.0f}{row.p50_ms:>9.3f}{row.p99_ms:>9.3f}"
-        )
+        print(f"{row.name:<18}{row.jobs_per_s:>10.0f}{row.enqueue_per_s:>11.0f}{row.p50_ms:>9.3f}{row.p99_ms:>9.3f}")
     print()
     ok = True
     if "raw" in rows and "contract" in rows:
