@@ -177,4 +177,5 @@ def start_worker(ps: Processes, redis_url: str, queue_name: str, images: Path, *
 
 def start_operator(ps: Processes, kube: Kube, redis_url: str, namespace: str, **extra: str) -> subprocess.Popen[bytes]:
     env = {**kube.env, "ZIMAGE_REDIS_URL": redis_url, "ZIMAGE_MODEL_RECHECK_SECONDS": "1", **extra}
-    return ps.start("operator", [str(BIN / "zimage-operator"), "--standalone", "-n", namespace], env)
+    argv = [str(BIN / "zimage-operator"), "--standalone", "-n", namespace, "--metrics-port", "0"]
+    return ps.start("operator", argv, env)

@@ -8,6 +8,7 @@ import logging
 from typing import Any
 
 import kopf
+import prometheus_client
 
 from zimage_operator import events
 from zimage_operator.handlers import imagejob
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--priority", type=int, default=0, help="peering priority of this replica")
     p.add_argument("--liveness", default=None, help="e.g. http://0.0.0.0:8080/healthz")
+    p.add_argument("--metrics-port", type=int, default=8000, help="Prometheus /metrics port (0: off)")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(
@@ -64,6 +66,8 @@ def main(argv: list[str] | None = None) -> None:
     if not args.verbose:  # kopf logs every timer run at INFO: thousands of jobs would drown the log
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
 
+    if args.metrics_port:
+        prometheus_client.start_http_server(args.metrics_port)
     if not args.namespace and not args.all_namespaces:
         args.namespace = ["default"]
     asyncio.run(
