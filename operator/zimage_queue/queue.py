@@ -331,8 +331,14 @@ class JobQueue:
     ) -> list[tuple[str, JobEvent]]:
         """Events not yet handled by this group; pending ones (from a crashed reader) come first."""
         self.ensure_group(keys.EVENTS_STREAM, group)
+        now = time.monotonic()
+        if now >= self._next_reclaim.get(keys.EVENTS_STREAM, 0.0):
+            # Events left unacked by a reader that died (an operator pod replaced under another name) move
+            # to this reader, then come back below with the pending ones.
+            self._next_reclaim[keys.EVENTS_STREAM] = now + self.visibility_ms / 4000
+            self.r.xautoclaim(keys.EVENTS_STREAM, group, consumer, self.visibility_ms, "0-0", count=count, justid=True)
         out: list[tuple[str, JobEvent]] = []
-        for start, block in (("0", None), (">", block_ms)):
+        for start, block in (("0", None), (">", block_ms if block_ms > 0 else None)):  # BLOCK 0 = forever
             reply = self.r.xreadgroup(group, consumer, {keys.EVENTS_STREAM: start}, count=count, block=block)
             items = reply.items() if isinstance(reply, dict) else (reply or [])
             for _stream, entries in items:

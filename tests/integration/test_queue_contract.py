@@ -220,3 +220,15 @@ def test_sigkilled_worker_job_is_redelivered_and_succeeds_once(
     assert len(list(images.rglob("*.png"))) == 1
     assert q.dead_letters() == []
     assert q.stats(Q).in_flight == 0
+
+
+def test_events_left_by_a_dead_reader_are_read_by_the_next(queue: JobQueue) -> None:
+    ev = JobEvent(type="succeeded", uid="u", namespace="ns", name="fox")
+    queue.publish(ev)
+    [(entry_id, got)] = queue.read_events("operator-pod-a", block_ms=0)
+    assert got.uid == "u"  # pod a dies before acking
+    assert queue.read_events("operator-pod-b", block_ms=0) == []  # not yet: a may only be slow
+    again = wait_for(lambda: queue.read_events("operator-pod-b", block_ms=0), what="reclaimed events")
+    assert [(i, e.uid) for i, e in again] == [(entry_id, "u")]
+    queue.ack_events([entry_id])
+    assert queue.read_events("operator-pod-b", block_ms=0) == []
