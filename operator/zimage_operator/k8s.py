@@ -28,27 +28,20 @@ class Kube:
         self.core = client.CoreV1Api(api_client)
         self.host = socket.gethostname()
 
-    def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+    def _get(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
         try:
-            obj: dict[str, Any] = self.custom.get_namespaced_custom_object(
-                GROUP, VERSION, namespace, IMAGEJOB_PLURAL, name
-            )
+            obj: dict[str, Any] = self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, plural, name)
             return obj
         except ApiException as e:
             if e.status == 404:
                 return None
             raise
 
+    def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self._get(IMAGEJOB_PLURAL, namespace, name)
+
     def get_model(self, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            obj: dict[str, Any] = self.custom.get_namespaced_custom_object(
-                GROUP, VERSION, namespace, MODELDEPLOYMENT_PLURAL, name
-            )
-            return obj
-        except ApiException as e:
-            if e.status == 404:
-                return None
-            raise
+        return self._get(MODELDEPLOYMENT_PLURAL, namespace, name)
 
     def patch_job_status(self, namespace: str, name: str, status: dict[str, Any]) -> bool:
         """Merge-patch the status subresource; False when the job is gone."""

@@ -64,37 +64,21 @@ def admit(
         return Admission("skip")
     try:
         parsed = ImageJobSpec.model_validate(spec)
+        errors = parsed.cross_field_errors()
     except ValidationError as e:
-        msg = _validation_message(e)
-        return Admission(
-            "fail",
-            _status_patch(
-                status,
-                now,
-                gen,
-                "Failed",
-                [(Cond.FAILED, True, Reason.INVALID_SPEC, msg)],
-                message=msg,
-                finishedAt=iso(now),
-            ),
-            event=("Warning", Reason.INVALID_SPEC, msg),
-        )
-    errors = parsed.cross_field_errors()
+        errors = [_validation_message(e)]
     if errors:
         msg = "; ".join(errors)
-        return Admission(
-            "fail",
-            _status_patch(
-                status,
-                now,
-                gen,
-                "Failed",
-                [(Cond.FAILED, True, Reason.INVALID_SPEC, msg)],
-                message=msg,
-                finishedAt=iso(now),
-            ),
-            event=("Warning", Reason.INVALID_SPEC, msg),
+        patch = _status_patch(
+            status,
+            now,
+            gen,
+            "Failed",
+            [(Cond.FAILED, True, Reason.INVALID_SPEC, msg)],
+            message=msg,
+            finishedAt=iso(now),
         )
+        return Admission("fail", patch, event=("Warning", Reason.INVALID_SPEC, msg))
     if model is None:
         msg = f"ModelDeployment {parsed.model!r} not found in namespace {meta.get('namespace')}; waiting for it"
         patch = _status_patch(
