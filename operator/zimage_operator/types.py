@@ -12,6 +12,7 @@ from pydantic import Field
 
 from zimage_queue.message import (
     DEFAULT_MAX_RETRIES,
+    URI_PATTERN,
     VARIANT_DEFAULTS,
     CamelModel,
     GenerationParams,
@@ -108,6 +109,15 @@ class ImageJobStatus(CamelModel):
     message: str | None = Field(None, max_length=32768)
 
 
+# A DNS-1123 name, as Kubernetes requires for object references (PVCs, ServiceAccounts, PriorityClasses).
+_DNS_NAME = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+GPU_RESOURCE = "nvidia.com/gpu"
+DEFAULT_WORKER_IMAGE = "ghcr.io/zimage-dev/zimage-worker:0.1.0"
+MAX_SCALING_HISTORY = 10
+# The worker's settings the operator owns: a user's env may not override where it reads jobs from or who it is.
+RESERVED_ENV = frozenset({"ZIMAGE_REDIS_URL", "ZIMAGE_QUEUE", "ZIMAGE_WORKER_NAME", "MODELS_DIR", "ZIMAGE_HTTP_PORT"})
+
+
 class ModelSource(CamelModel):
     variant: Variant = Field("turbo", description="Model variant; sets the generation defaults.")
     source: str = Field(
@@ -116,47 +126,159 @@ class ModelSource(CamelModel):
         max_length=1024,
         description="Hub id, a path under MODELS_DIR, or tiny-random.",
     )
-    revision: str | None = Field(None, max_length=256)
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    revision: str | None = Field(None, max_length=256, description="Hub revision (branch, tag or commit).")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="Weights dtype.")
 
 
 class Scaling(CamelModel):
-    mode: Literal["builtin", "external"] = "builtin"
-    min_replicas: int = Field(0, ge=0)
-    max_replicas: int = Field(4, ge=1)
-    target_queue_per_replica: int = Field(4, ge=1)
-    activation_queue_length: int = Field(1, ge=1)
-    scale_up_stabilization_seconds: int = Field(0, ge=0)
-    scale_down_delay_seconds: int = Field(300, ge=0)
-    poll_interval_seconds: int = Field(1, ge=1)
+    mode: Literal["builtin", "external"] = Field(
+        "builtin",
+        description="builtin: the operator scales on queue length. external: spec.replicas is set by an HPA or KEDA "
+        "through the scale subresource.",
+    )
+    min_replicas: int = Field(0, ge=0, le=1000, description="0 lets an idle pool scale to zero.")
+    max_replicas: int = Field(4, ge=1, le=1000)
+    target_queue_per_replica: int = Field(
+        4, ge=1, le=10000, description="Queued plus in-flight jobs one replica is expected to absorb."
+    )
+    activation_queue_length: int = Field(
+        1, ge=1, le=10000, description="Queued jobs needed to wake a pool that is at zero replicas."
+    )
+    scale_up_stabilization_seconds: int = Field(
+        0, ge=0, le=3600, description="Higher demand must last this long before scaling up (0: at once)."
+    )
+    scale_down_delay_seconds: int = Field(
+        60, ge=0, le=86400, description="Lower demand must last this long before scaling down."
+    )
+    poll_interval_seconds: int = Field(1, ge=1, le=300, description="How often the queue is looked at.")
+
+    def cross_field_errors(self) -> list[str]:
+        if self.min_replicas > self.max_replicas:
+            return [f"spec.scaling: minReplicas ({self.min_replicas}) exceeds maxReplicas ({self.max_replicas})"]
+        return []
 
 
 class Batching(CamelModel):
-    max_batch_size: int = Field(1, ge=1, le=64)
-    max_wait_milliseconds: int = Field(0, ge=0, le=10000)
+    max_batch_size: int = Field(1, ge=1, le=64, description="Jobs with equal parameters a worker may run together.")
+    max_wait_milliseconds: int = Field(0, ge=0, le=10000, description="How long a worker waits to fill a batch.")
+
+
+class Cache(CamelModel):
+    """Where workers keep model weights. Neither claim nor size: an emptyDir, so each pod downloads its own copy."""
+
+    existing_claim: str | None = Field(
+        None, max_length=253, pattern=_DNS_NAME, description="A PersistentVolumeClaim to use as is (not managed)."
+    )
+    size: str | None = Field(
+        None,
+        max_length=64,
+        pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$",
+        description="Size of a PersistentVolumeClaim the operator creates (<name>-model-cache).",
+    )
+    storage_class_name: str | None = Field(None, max_length=253, description="Storage class of the created claim.")
+    access_modes: list[Literal["ReadWriteOnce", "ReadWriteMany", "ReadOnlyMany", "ReadWriteOncePod"]] = Field(
+        ["ReadWriteOnce"],
+        min_length=1,
+        max_length=4,
+        description="Of the created claim. Workers on several nodes sharing one cache need ReadWriteMany.",
+    )
+    preload: bool = Field(
+        False, description="Download the model into the cache with a Job; workers then mount it read-only."
+    )
+    mount_path: str = Field("/models", max_length=1024, pattern=r"^/[^:]+$", description="MODELS_DIR in the worker.")
+
+    def cross_field_errors(self) -> list[str]:
+        errors = []
+        if self.existing_claim and self.size:
+            errors.append("spec.cache: set existingClaim or size, not both")
+        if self.storage_class_name and not self.size:
+            errors.append("spec.cache.storageClassName: only used with size")
+        if self.preload and not (self.existing_claim or self.size):
+            errors.append("spec.cache.preload: needs a persistent cache (existingClaim or size)")
+        if self.mount_path.rstrip("/") in ("", "/tmp"):
+            errors.append(f"spec.cache.mountPath: {self.mount_path} is taken")
+        return errors
+
+
+class Fallback(CamelModel):
+    model: str = Field(
+        min_length=1,
+        max_length=253,
+        pattern=_DNS_NAME,
+        description="ModelDeployment in the same namespace that takes jobs this pool has not started in time.",
+    )
+    after_seconds: int = Field(300, ge=1, le=86400, description="How long a job may wait here before it moves.")
+
+
+class Storage(CamelModel):
+    url: str = Field(
+        max_length=2048, pattern=URI_PATTERN, description="Where workers store images (ZIMAGE_STORAGE_URL)."
+    )
+
+
+class EnvVar(CamelModel):
+    name: str = Field(min_length=1, max_length=256, pattern=r"^[^=]+$")
+    value: str | None = None
+    value_from: dict[str, Any] | None = Field(None, description="A Kubernetes EnvVarSource.")
 
 
 class ModelDeploymentSpec(CamelModel):
     model: ModelSource = Field(default_factory=ModelSource)
-    image: str = Field("ghcr.io/zimage-dev/zimage-worker:0.1.0", min_length=1)
+    image: str = Field(DEFAULT_WORKER_IMAGE, min_length=1, max_length=1024, description="Worker image.")
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
-    replicas: int | None = Field(None, ge=0, description="Used in external scaling mode (HPA/KEDA).")
+    replicas: int | None = Field(None, ge=0, le=1000, description="Used in external scaling mode (HPA/KEDA).")
     resources: dict[str, Any] | None = Field(None, description="Container resources; GPU as nvidia.com/gpu.")
     node_selector: dict[str, str] | None = None
     tolerations: list[dict[str, Any]] | None = None
-    batching: Batching | None = None
-    scaling: Scaling | None = None
+    affinity: dict[str, Any] | None = None
+    priority_class_name: str | None = Field(None, max_length=253, pattern=_DNS_NAME)
+    service_account_name: str | None = Field(None, max_length=253, pattern=_DNS_NAME)
+    env: list[EnvVar] | None = Field(None, max_length=256, description="Extra worker environment.")
+    cache: Cache = Field(default_factory=Cache)
+    batching: Batching = Field(default_factory=Batching)
+    scaling: Scaling = Field(default_factory=Scaling)
+    fallback: Fallback | None = None
+    storage: Storage | None = None
+
+    def cross_field_errors(self) -> list[str]:
+        """Rules a structural schema cannot express; the operator reports them as a condition."""
+        errors = [*self.scaling.cross_field_errors(), *self.cache.cross_field_errors()]
+        names = [e.name for e in self.env or []]
+        if reserved := sorted(RESERVED_ENV.intersection(names)):
+            errors.append(f"spec.env: {', '.join(reserved)} set by the operator")
+        if dupes := sorted({n for n in names if names.count(n) > 1}):
+            errors.append(f"spec.env: duplicate {', '.join(dupes)}")
+        for e in self.env or []:
+            if e.value is not None and e.value_from is not None:
+                errors.append(f"spec.env[{e.name}]: set value or valueFrom, not both")
+        res = self.resources or {}
+        gpu_req, gpu_lim = (res.get("requests") or {}).get(GPU_RESOURCE), (res.get("limits") or {}).get(GPU_RESOURCE)
+        # Extended resources cannot be overcommitted: Kubernetes rejects requests that differ from limits.
+        if gpu_req is not None and gpu_lim is not None and str(gpu_req) != str(gpu_lim):
+            errors.append(f"spec.resources: {GPU_RESOURCE} requests ({gpu_req}) and limits ({gpu_lim}) differ")
+        return errors
+
+
+class ScalingDecision(CamelModel):
+    time: str
+    from_: int = Field(alias="from", ge=0)
+    to: int = Field(ge=0)
+    reason: str = Field(max_length=128)
 
 
 class ModelDeploymentStatus(CamelModel):
     replicas: int | None = None
     ready_replicas: int | None = None
     desired_replicas: int | None = None
-    selector: str | None = None
-    queue_length: int | None = None
-    in_flight: int | None = None
+    selector: str | None = Field(None, description="Label selector of the worker pods (scale subresource).")
+    queue_length: int | None = Field(None, description="Jobs queued and not yet delivered to a worker.")
+    in_flight: int | None = Field(None, description="Jobs delivered to a worker and not yet finished.")
     conditions: list[Condition] = Field(default_factory=list)
     observed_generation: int | None = None
+    last_scale_time: str | None = None
+    scaling_history: list[ScalingDecision] = Field(
+        default_factory=list, max_length=MAX_SCALING_HISTORY, description="The latest replica changes, oldest first."
+    )
 
 
 def variant_defaults(variant: str | None) -> VariantDefaults:

@@ -41,3 +41,8 @@ def streams(queue: str) -> list[str]:
 
 def job(uid: str) -> str:
     return f"{PREFIX}:job:{uid}"
+
+
+def workers(queue: str) -> str:
+    """Hash of the queue's workers: name -> "busy|idle <unix time>" (their heartbeats, for the scaler)."""
+    return f"{PREFIX}:workers:{queue}"

@@ -368,6 +368,27 @@ class JobQueue:
                 in_flight += int(g.get("pending", g.get(b"pending", 0)))
         return QueueStats(queued=queued, in_flight=in_flight)
 
+    def worker_heartbeat(self, queue: str, worker: str, busy: bool) -> None:
+        self.r.hset(keys.workers(queue), worker, f"{'busy' if busy else 'idle'} {time.time():.3f}")
+
+    def worker_gone(self, queue: str, worker: str) -> None:
+        self.r.hdel(keys.workers(queue), worker)
+
+    def workers(self, queue: str, max_age: float = 15.0) -> dict[str, bool]:
+        """Live workers of a queue (heartbeat within max_age seconds) and whether each is busy."""
+        now = time.time()
+        live: dict[str, bool] = {}
+        stale = []
+        for name, value in self.r.hgetall(keys.workers(queue)).items():
+            state, _, ts = _s(value).partition(" ")
+            if now - float(ts or 0) <= max_age:
+                live[_s(name)] = state == "busy"
+            else:
+                stale.append(name)
+        if stale:  # a worker killed without a goodbye
+            self.r.hdel(keys.workers(queue), *stale)
+        return live
+
     def dead_letters(self, count: int = 100) -> list[tuple[JobMessage, str]]:
         out = []
         for _id, fields in self.r.xrange(keys.DEAD_LETTER_STREAM, count=count):

@@ -232,3 +232,21 @@ def test_events_left_by_a_dead_reader_are_read_by_the_next(queue: JobQueue) -> N
     assert [(i, e.uid) for i, e in again] == [(entry_id, "u")]
     queue.ack_events([entry_id])
     assert queue.read_events("operator-pod-b", block_ms=0) == []
+
+
+def test_workers_report_busy_and_idle(queue: JobQueue, tmp_path: Path) -> None:
+    seen: list[dict[str, bool]] = []
+
+    class Spy(NoopEngine):
+        def generate(self, params: GenerationParams, **kw: Any) -> Any:
+            seen.append(queue.workers(Q))
+            return super().generate(params, **kw)
+
+    queue.enqueue(message())
+    w = make_worker(queue, tmp_path, Spy(), name="w-busy")
+    w.run(max_jobs=1, block_ms=0)
+    assert seen == [{"w-busy": True}]
+    assert queue.workers(Q) == {}  # said goodbye on exit
+    queue.worker_heartbeat(Q, "idle-one", busy=False)
+    queue.r.hset(keys.workers(Q), "dead-one", "busy 1.0")
+    assert queue.workers(Q) == {"idle-one": False}

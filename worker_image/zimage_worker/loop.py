@@ -84,10 +84,12 @@ class Worker:
         self.queue.ensure_queue(self.queue_name)
         beat = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True)
         beat.start()
+        self.queue.worker_heartbeat(self.queue_name, self.name, busy=False)
         try:
             self._loop(max_jobs, block_ms)
         finally:
             self._finished.set()
+            self.queue.worker_gone(self.queue_name, self.name)
 
     def _loop(self, max_jobs: int | None, block_ms: int) -> None:
         log.info("worker %s serving queue %s with engine %s", self.name, self.queue_name, self.engine.name)
@@ -97,16 +99,24 @@ class Worker:
             deliveries = self.queue.take(self.queue_name, self.name, count=1, block_ms=block_ms)
             with self._lock:
                 self.held = list(deliveries)
+            if deliveries:  # tell the scaler at once, not at the next beat, that this worker must not go
+                self.queue.worker_heartbeat(self.queue_name, self.name, busy=True)
             for d in deliveries:
                 self.process(d)
                 with self._lock:
                     self.held.remove(d)
+            if deliveries:
+                self.queue.worker_heartbeat(self.queue_name, self.name, busy=False)
         log.info("worker %s stopped after %d job(s)", self.name, self.processed)
 
     def _heartbeat(self) -> None:
         while not self._finished.wait(self.heartbeat_seconds):
             with self._lock:
                 held = list(self.held)
+            try:
+                self.queue.worker_heartbeat(self.queue_name, self.name, busy=bool(held))
+            except Exception as e:
+                log.warning("worker heartbeat failed: %s", e)
             for d in held:
                 try:
                     self.queue.heartbeat(d, self.name)
