@@ -10,8 +10,8 @@ from typing import Any
 import kopf
 import prometheus_client
 
-from zimage_operator import events
-from zimage_operator.handlers import imagejob
+from zimage_operator import events, pools
+from zimage_operator.handlers import imagejob, modeldeployment  # noqa: F401  (registers handlers)
 from zimage_operator.k8s import Kube
 from zimage_operator.runtime import Runtime
 from zimage_operator.settings import OperatorSettings
@@ -35,6 +35,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     memo.runtime = rt
     rt.tasks.append(asyncio.create_task(events.consume(rt), name="worker-events"))
     rt.tasks.append(asyncio.create_task(imagejob.housekeeping(rt), name="housekeeping"))
+    rt.tasks.append(asyncio.create_task(pools.run(rt), name="model-pools"))
 
 
 @kopf.on.cleanup()

@@ -9,10 +9,14 @@ from typing import Any
 
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
+from kubernetes.dynamic import DynamicClient
+from kubernetes.dynamic.exceptions import ResourceNotFoundError
 
 from zimage_operator.types import GROUP, IMAGEJOB_PLURAL, MODELDEPLOYMENT_PLURAL, VERSION
 
 log = logging.getLogger(__name__)
+# policy/v1 PodDisruptionBudget is GA since Kubernetes 1.21; v1beta1 serves the fields we set before that.
+_OLDER_VERSIONS = {("policy/v1", "PodDisruptionBudget"): "policy/v1beta1"}
 COMPONENT = "zimage-operator"
 
 
@@ -24,9 +28,12 @@ class Kube:
             except config.ConfigException:
                 config.load_kube_config()
             api_client = client.ApiClient()
+        self.api_client = api_client
         self.custom = client.CustomObjectsApi(api_client)
         self.core = client.CoreV1Api(api_client)
         self.host = socket.gethostname()
+        self._dynamic: DynamicClient | None = None
+        self._resources: dict[tuple[str, str], Any] = {}
 
     def _get(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
         try:
@@ -42,6 +49,71 @@ class Kube:
 
     def get_model(self, namespace: str, name: str) -> dict[str, Any] | None:
         return self._get(MODELDEPLOYMENT_PLURAL, namespace, name)
+
+    def patch_model_status(self, namespace: str, name: str, status: dict[str, Any]) -> bool:
+        try:
+            self.custom.patch_namespaced_custom_object_status(
+                GROUP, VERSION, namespace, MODELDEPLOYMENT_PLURAL, name, {"status": status}
+            )
+            return True
+        except ApiException as e:
+            if e.status == 404:
+                return False
+            raise
+
+    # -- owned children (any kind, through the dynamic client) ---------------------------------------------
+    def _resource(self, api_version: str, kind: str) -> Any:
+        key = (api_version, kind)
+        if key not in self._resources:
+            if self._dynamic is None:
+                self._dynamic = DynamicClient(self.api_client)
+            try:
+                self._resources[key] = self._dynamic.resources.get(api_version=api_version, kind=kind)
+            except ResourceNotFoundError:
+                older = _OLDER_VERSIONS.get(key)
+                if older is None:
+                    raise
+                # Same fields under the older group version on clusters before it went GA.
+                self._resources[key] = self._dynamic.resources.get(api_version=older, kind=kind)
+        return self._resources[key]
+
+    def get_object(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            obj: dict[str, Any] = self._resource(api_version, kind).get(name=name, namespace=namespace).to_dict()
+            return obj
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+
+    def create_object(self, obj: dict[str, Any]) -> None:
+        res = self._resource(obj["apiVersion"], obj["kind"])
+        try:
+            res.create(body={**obj, "apiVersion": res.group_version}, namespace=obj["metadata"]["namespace"])
+        except ApiException as e:
+            if e.status != 409:  # created meanwhile: the next pass compares it
+                raise
+
+    def patch_object(self, obj: dict[str, Any]) -> None:
+        """Merge-patch the fields we own back onto the object (reverting a drift, or a replicas change)."""
+        res = self._resource(obj["apiVersion"], obj["kind"])
+        res.patch(
+            body={**obj, "apiVersion": res.group_version},
+            name=obj["metadata"]["name"],
+            namespace=obj["metadata"]["namespace"],
+            content_type="application/merge-patch+json",
+        )
+
+    def list_pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
+        pods = self.core.list_namespaced_pod(namespace, label_selector=selector)
+        return [self.api_client.sanitize_for_serialization(p) for p in pods.items]
+
+    def annotate_pod(self, namespace: str, name: str, annotations: dict[str, str]) -> None:
+        try:
+            self.core.patch_namespaced_pod(name, namespace, {"metadata": {"annotations": annotations}})
+        except ApiException as e:
+            if e.status != 404:
+                raise
 
     def patch_job_status(self, namespace: str, name: str, status: dict[str, Any]) -> bool:
         """Merge-patch the status subresource; False when the job is gone."""

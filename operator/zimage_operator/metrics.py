@@ -1,9 +1,15 @@
 """Prometheus metrics of the operator."""
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 JOBS_ENQUEUED = Counter("zimage_operator_jobs_enqueued_total", "ImageJobs put on a model queue", ["model"])
 JOBS_FINISHED = Counter(
     "zimage_operator_jobs_finished_total", "ImageJobs that reached a terminal phase", ["phase", "reason"]
 )
 STATUS_PATCHES = Counter("zimage_operator_status_patches_total", "ImageJob status patches from worker events", ["kind"])
+
+QUEUE_LENGTH = Gauge("zimage_queue_length", "Jobs waiting in a model's queue", ["model"])
+INFLIGHT = Gauge("zimage_inflight_jobs", "Jobs taken by a worker and not yet acknowledged", ["model"])
+DESIRED_REPLICAS = Gauge("zimage_desired_replicas", "Worker replicas the scaler asks for", ["model"])
+READY_REPLICAS = Gauge("zimage_ready_replicas", "Worker replicas ready", ["model"])
+SCALE_DECISIONS = Counter("zimage_scale_decisions_total", "Replica changes by reason", ["model", "reason"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from dataclasses import dataclass, field
+from typing import Any
 
 from zimage_operator.housekeeping import Deadlines
 from zimage_operator.k8s import Kube
@@ -20,3 +21,4 @@ class Runtime:
     consumer: str = field(default_factory=socket.gethostname)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     deadlines: Deadlines = field(default_factory=Deadlines)
+    pools: dict[str, Any] = field(default_factory=dict)  # ModelDeployment uid -> pools.Pool

@@ -56,8 +56,8 @@ def recommend(spec: Scaling, queued: int, in_flight: int, current: int, busy: in
     if current == 0 and queued < spec.activation_queue_length and in_flight == 0 and busy == 0:
         # A sleeping pool wakes only for enough waiting work, so a trickle below the threshold waits for company.
         return lo
-    # Including in-flight jobs in the demand is what keeps ceil(in_flight / per) workers; busy covers the case
-    # where the queue's count lags the workers' own (a job acked late, a worker between jobs' bookkeeping).
+    # In-flight jobs in the demand keep ceil(in_flight / per) workers, but jobs spread one per worker can occupy
+    # more than that (4 jobs on 4 workers at 4 per replica asks for 1): busy is the floor that spares them.
     want = max(math.ceil((queued + in_flight) / per), busy)
     return min(max(want, lo), hi)
 
@@ -102,7 +102,7 @@ def decide_replicas(
         return (
             current,
             replace(state, desired=current, high_since=since, high_floor=floor, low_since=None),
-            (ScaleReason.SCALE_UP_STABILIZING),
+            ScaleReason.SCALE_UP_STABILIZING,
         )
 
     if want < current:
@@ -113,7 +113,7 @@ def decide_replicas(
         return (
             current,
             replace(state, desired=current, low_since=since, low_peak=peak, high_since=None),
-            (ScaleReason.SCALE_DOWN_DELAYED),
+            ScaleReason.SCALE_DOWN_DELAYED,
         )
 
     # Demand matches the pool: any pending window is broken, since neither direction was continuous.

@@ -15,3 +15,8 @@ class OperatorSettings(BaseSettings):
     progress_min_interval_seconds: float = 1.0
     events_block_ms: int = 1000
     consumer_name: str = ""  # defaults to the host name
+    # What worker pods get: in a cluster the operator and the workers may reach Redis by different names.
+    worker_redis_url: str = ""  # defaults to redis_url
+    worker_storage_url: str = ""  # ZIMAGE_STORAGE_URL for pools whose spec has no storage
+    pool_tick_seconds: float = 0.5
+    drift_check_seconds: float = 5.0

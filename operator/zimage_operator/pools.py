@@ -1,0 +1,147 @@
+"""The ModelDeployment control loop: children, replicas that follow the queue, deletion costs, status.
+
+One loop per operator over every known ModelDeployment (kept current by a watch handler), rather than a kopf
+daemon per object: daemons put a finalizer on each object, and the queue must be polled every second anyway.
+Each pass is a thin shell around pure functions: ``scaling.decide_replicas`` and ``workload.desired_objects``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from zimage_operator import scaling, workload
+from zimage_operator.conditions import iso, set_condition
+from zimage_operator.metrics import DESIRED_REPLICAS, INFLIGHT, QUEUE_LENGTH, READY_REPLICAS, SCALE_DECISIONS
+from zimage_operator.runtime import Runtime
+from zimage_operator.types import ModelDeploymentSpec, Scaling
+from zimage_queue import keys
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Pool:
+    body: dict[str, Any]
+    state: scaling.ScalerState = field(default_factory=scaling.ScalerState)
+    next_drift_check: float = 0.0
+    last_status: dict[str, Any] = field(default_factory=dict)
+    costs: dict[str, int] = field(default_factory=dict)
+
+
+def _ns_name(body: dict[str, Any]) -> tuple[str, str]:
+    return body["metadata"]["namespace"], body["metadata"]["name"]
+
+
+def sync(rt: Runtime, pool: Pool, now: datetime) -> None:
+    """One pass for one ModelDeployment (blocking I/O: run it in a thread)."""
+    md = pool.body
+    ns, name = _ns_name(md)
+    spec = ModelDeploymentSpec.model_validate(md.get("spec") or {})
+    policy = spec.scaling or Scaling()
+    queue = keys.queue_name(ns, name)
+    stats = rt.queue.stats(queue)
+    workers = rt.queue.workers(queue)
+    busy = sum(workers.values())
+
+    redis_url = rt.settings.worker_redis_url or rt.settings.redis_url
+    actual = rt.kube.get_object("apps/v1", "Deployment", ns, workload.worker_name(name))
+    current = int(((actual or {}).get("spec") or {}).get("replicas") or 0) if actual else policy.min_replicas
+
+    if policy.mode == "external":
+        desired, reason = (spec.replicas if spec.replicas is not None else current), "External"
+    else:
+        desired, pool.state, reason = scaling.decide_replicas(
+            policy, stats.queued, stats.in_flight, current, pool.state, now, busy=busy
+        )
+    objects = workload.desired_objects(
+        md, redis_url=redis_url, replicas=desired, storage_url=rt.settings.worker_storage_url or None
+    )
+
+    drift_check = time.monotonic() >= pool.next_drift_check
+    for key, obj in objects.items():
+        if key == "deployment":
+            live = actual
+        elif drift_check:
+            live = rt.kube.get_object(obj["apiVersion"], obj["kind"], ns, obj["metadata"]["name"])
+        else:
+            continue
+        if live is None:
+            log.info("creating %s %s/%s", obj["kind"], ns, obj["metadata"]["name"])
+            rt.kube.create_object(obj)
+        elif workload.drifted(obj, live):
+            log.info("reverting drift of %s %s/%s", obj["kind"], ns, obj["metadata"]["name"])
+            rt.kube.patch_object(obj)
+    if drift_check:
+        pool.next_drift_check = time.monotonic() + rt.settings.drift_check_seconds
+
+    status: dict[str, Any] = dict(pool.last_status) or dict(md.get("status") or {})
+    status.pop("kopf", None)
+    if desired != current and actual is not None:
+        SCALE_DECISIONS.labels(model=queue, reason=reason).inc()
+        rt.kube.post_event(
+            md,
+            "Normal",
+            reason,
+            f"replicas {current} -> {desired} (queued {stats.queued}, "
+            f"in flight {stats.in_flight}, busy workers {busy})",
+        )
+        status["scalingHistory"] = scaling.record_scaling(status.get("scalingHistory"), current, desired, reason, now)
+        status["lastScaleTime"] = iso(now)
+
+    dep_status = (actual or {}).get("status") or {}
+    ready = int(dep_status.get("readyReplicas") or 0)
+    selector = workload.selector_string(name)
+    conditions, _ = set_condition(
+        status.get("conditions"),
+        "Available",
+        ready > 0 or desired == 0,
+        "WorkersReady" if ready > 0 else ("ScaledToZero" if desired == 0 else "NoReadyWorkers"),
+        f"{ready}/{desired} workers ready",
+        now,
+        md["metadata"].get("generation"),
+    )
+    status.update(
+        replicas=int(dep_status.get("replicas") or 0),
+        readyReplicas=ready,
+        desiredReplicas=desired,
+        selector=selector,
+        queueLength=stats.queued,
+        inFlight=stats.in_flight,
+        conditions=conditions,
+        observedGeneration=md["metadata"].get("generation"),
+    )
+    if status != pool.last_status:
+        rt.kube.patch_model_status(ns, name, status)
+        pool.last_status = status
+    QUEUE_LENGTH.labels(model=queue).set(stats.queued)
+    INFLIGHT.labels(model=queue).set(stats.in_flight)
+    DESIRED_REPLICAS.labels(model=queue).set(desired)
+    READY_REPLICAS.labels(model=queue).set(ready)
+
+    # Busy workers get the highest pod-deletion-cost so a scale-down takes idle pods first.
+    if actual is not None and (workers or pool.costs):
+        pods = rt.kube.list_pods(ns, selector)
+        costs = scaling.deletion_costs(
+            [(p["metadata"]["name"], workers.get(p["metadata"]["name"], False)) for p in pods]
+        )
+        for pod, cost in costs.items():
+            if pool.costs.get(pod) != cost:
+                rt.kube.annotate_pod(ns, pod, {scaling.DELETION_COST_ANNOTATION: str(cost)})
+        pool.costs = costs
+
+
+async def run(rt: Runtime) -> None:
+    while True:
+        for uid, pool in list(rt.pools.items()):
+            try:
+                await asyncio.to_thread(sync, rt, pool, datetime.now(UTC))
+            except Exception:
+                log.exception("sync of ModelDeployment %s/%s failed; retrying", *_ns_name(pool.body))
+            if uid not in rt.pools:
+                continue
+        await asyncio.sleep(rt.settings.pool_tick_seconds)

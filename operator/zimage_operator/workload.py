@@ -1,0 +1,457 @@
+"""Pure rendering of a ModelDeployment's children: (ModelDeployment body, operator settings) -> manifests.
+
+Everything is a plain dict, ready for kopf.adopt and the API server; nothing here talks to a cluster.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from kubernetes.utils.quantity import parse_quantity
+
+from zimage_operator.types import API_VERSION, GPU_RESOURCE, ModelDeploymentSpec
+from zimage_queue.keys import queue_name
+
+WORKER_CONTAINER = "zimage-worker"
+MANAGED_BY = "zimage-operator"
+METRICS_PORT = 8080  # the worker's ZIMAGE_HTTP_PORT default; set explicitly so the probes and the worker agree
+SPEC_HASH_ANNOTATION = "zimage.dev/spec-hash"
+MODEL_LABEL = "zimage.dev/model"
+CACHE_VOLUME = "model-cache"
+TMP_VOLUME = "tmp"
+# A queue worker has no Service traffic to lose, but the metrics endpoints should drop the pod before it drains.
+PRE_STOP_SECONDS = 5
+# A worker finishes the job in hand on SIGTERM; a diffusion job at high resolution can take minutes.
+MIN_GRACE_SECONDS = 600
+# Loading a multi-GB model (download, then to GPU) takes minutes: allow 30 before the kubelet gives up.
+STARTUP_PERIOD_SECONDS = 10
+STARTUP_FAILURES = 180
+RUN_AS = 1000
+
+
+def worker_name(md_name: str) -> str:
+    return _fit(md_name, "-worker", 253)
+
+
+def metrics_service_name(md_name: str) -> str:
+    # Service names are DNS-1035 labels: no dots, at most 63 characters, starting with a letter.
+    base = md_name.replace(".", "-")
+    return _fit(base if base[:1].isalpha() else f"md-{base}", "-worker-metrics", 63)
+
+
+def cache_claim_name(md_name: str) -> str:
+    return _fit(md_name, "-model-cache", 253)
+
+
+def preload_job_name(md_name: str) -> str:
+    # A Job's name becomes its pods' job-name label value, so it has a label's 63 characters.
+    return _fit(md_name, "-preload", 63)
+
+
+def labels(md_name: str, component: str) -> dict[str, str]:
+    instance = _fit(md_name, "", 63)
+    return {
+        "app.kubernetes.io/name": "zimage-worker",
+        "app.kubernetes.io/instance": instance,
+        "app.kubernetes.io/component": component,
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        MODEL_LABEL: instance,
+    }
+
+
+def selector(md_name: str) -> dict[str, str]:
+    """The worker pods' matchLabels: also the Service's and the PodDisruptionBudget's."""
+    full = labels(md_name, "worker")
+    return {k: full[k] for k in ("app.kubernetes.io/instance", "app.kubernetes.io/component")}
+
+
+def selector_string(md_name: str) -> str:
+    """status.selector, which the scale subresource hands to an HPA."""
+    return ",".join(f"{k}={v}" for k, v in selector(md_name).items())
+
+
+@dataclass(frozen=True)
+class _Parent:
+    name: str
+    namespace: str
+    uid: str
+
+    def metadata(self, obj_name: str, component: str, annotations: dict[str, str] | None = None) -> dict[str, Any]:
+        owner = {
+            "apiVersion": API_VERSION,
+            "kind": "ModelDeployment",
+            "name": self.name,
+            "uid": self.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+        m: dict[str, Any] = {
+            "name": obj_name,
+            "namespace": self.namespace,
+            "labels": labels(self.name, component),
+            "ownerReferences": [owner],
+        }
+        if annotations:
+            m["annotations"] = annotations
+        return m
+
+
+def desired_objects(
+    md: dict[str, Any],
+    *,
+    redis_url: str,
+    replicas: int,
+    longest_timeout_seconds: int = 0,
+    operator_namespace: str | None = None,
+    storage_url: str | None = None,
+) -> dict[str, dict[str, Any]]:
+    """The children a ModelDeployment should have, keyed by lower-case kind (``deployment``, ``service``,
+    ``poddisruptionbudget``, and ``persistentvolumeclaim`` and ``job`` when the cache asks for them).
+
+    ``replicas`` is the scaler's decision (or spec.replicas in external mode); ``longest_timeout_seconds`` the
+    longest ImageJob timeout the pool may run, so a draining worker is not killed mid-job; ``operator_namespace``
+    qualifies a bare Redis host name, which would not resolve from the ModelDeployment's namespace;
+    ``storage_url`` is the operator's default for workers whose spec has no ``storage``.
+    Raises pydantic's ValidationError or ValueError for a spec the operator must reject.
+    """
+    meta = md["metadata"]
+    name, namespace = meta["name"], meta["namespace"]
+    spec = ModelDeploymentSpec.model_validate(md.get("spec") or {})
+    if errors := spec.cross_field_errors():
+        raise ValueError("; ".join(errors))
+    parent = _Parent(name, namespace, meta["uid"])
+    cache = spec.cache
+    claim = cache.existing_claim or (cache_claim_name(name) if cache.size else None)
+    # With a preload Job as the only writer, workers cannot corrupt the cache; without one they must download.
+    read_only_cache = cache.preload
+    env = _worker_env(
+        spec,
+        name,
+        namespace,
+        _worker_redis_url(redis_url, namespace, operator_namespace),
+        spec.storage.url if spec.storage else storage_url,
+    )
+    cache_volume: dict[str, Any] = (
+        {"name": CACHE_VOLUME, "persistentVolumeClaim": {"claimName": claim}}
+        if claim
+        else {"name": CACHE_VOLUME, "emptyDir": {}}
+    )
+    volumes = [cache_volume, {"name": TMP_VOLUME, "emptyDir": {}}]
+    worker = _without_none(
+        {
+            "name": WORKER_CONTAINER,
+            "image": spec.image,
+            "imagePullPolicy": spec.image_pull_policy,
+            "env": env,
+            "ports": [{"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
+            "resources": _resources(spec.resources),
+            "volumeMounts": _mounts(cache.mount_path, read_only=read_only_cache),
+            "securityContext": _container_security(),
+            "startupProbe": _probe("/readyz", STARTUP_PERIOD_SECONDS, STARTUP_FAILURES),
+            "readinessProbe": _probe("/readyz", 5, 3),
+            # Liveness only sees the HTTP thread; a long generation holds the GPU, not that thread.
+            "livenessProbe": _probe("/healthz", 20, 3),
+            "lifecycle": {
+                # exec python, not sleep: the worker image has Python, and preStop.sleep needs Kubernetes 1.30+.
+                "preStop": {"exec": {"command": ["python", "-c", f"import time; time.sleep({PRE_STOP_SECONDS})"]}}
+            },
+        }
+    )
+    pod_spec = _without_none(
+        {
+            "containers": [worker],
+            "volumes": volumes,
+            "securityContext": _pod_security(),
+            # The worker needs no API access; a mounted token would only be something to steal.
+            "automountServiceAccountToken": False,
+            # Service links inject <SERVICE>_* variables, and a Service named zimage-* would land in ZIMAGE_*.
+            "enableServiceLinks": False,
+            # The grace period includes preStop; the rest is the drain of the job in hand.
+            "terminationGracePeriodSeconds": max(MIN_GRACE_SECONDS, longest_timeout_seconds) + PRE_STOP_SECONDS,
+            **_placement(spec),
+        }
+    )
+    template: dict[str, Any] = {"metadata": {"labels": labels(name, "worker")}, "spec": pod_spec}
+    # Only what reaches the pods is hashed, so a scaling edit does not restart workers that took minutes to load.
+    template["metadata"]["annotations"] = {SPEC_HASH_ANNOTATION: _hash(template)}
+    objects: dict[str, dict[str, Any]] = {
+        "deployment": {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": parent.metadata(worker_name(name), "worker"),
+            "spec": {
+                "replicas": max(0, replicas),
+                "selector": {"matchLabels": selector(name)},
+                # One surge pod loads while one old pod drains: rollouts progress even with no spare GPU.
+                "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 1}},
+                "revisionHistoryLimit": 3,
+                "progressDeadlineSeconds": 2 * STARTUP_PERIOD_SECONDS * STARTUP_FAILURES,
+                "template": template,
+            },
+        },
+        "service": {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": parent.metadata(metrics_service_name(name), "worker"),
+            "spec": {
+                "type": "ClusterIP",
+                "selector": selector(name),
+                "ports": [{"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics", "protocol": "TCP"}],
+            },
+        },
+        "poddisruptionbudget": {
+            "apiVersion": "policy/v1",
+            "kind": "PodDisruptionBudget",
+            "metadata": parent.metadata(worker_name(name), "worker"),
+            "spec": {
+                "maxUnavailable": 1,
+                "selector": {"matchLabels": selector(name)},
+                # A worker that never became ready holds no job: let node drains evict it.
+                "unhealthyPodEvictionPolicy": "AlwaysAllow",
+            },
+        },
+    }
+    if cache.size and not cache.existing_claim:
+        objects["persistentvolumeclaim"] = {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": parent.metadata(cache_claim_name(name), "model-cache"),
+            "spec": _without_none(
+                {
+                    "accessModes": list(cache.access_modes),
+                    "resources": {"requests": {"storage": cache.size}},
+                    "storageClassName": cache.storage_class_name,
+                }
+            ),
+        }
+    if cache.preload:
+        objects["job"] = _preload_job(spec, parent, volumes)
+    return objects
+
+
+def _preload_job(spec: ModelDeploymentSpec, parent: _Parent, volumes: list[dict[str, Any]]) -> dict[str, Any]:
+    container = {
+        "name": "preload",
+        "image": spec.image,
+        "imagePullPolicy": spec.image_pull_policy,
+        "command": ["python", "-m", "zimage_worker.preload"],
+        # Not the worker's queue settings: the Redis URL may carry a password this pod has no use for.
+        "env": _with_user_env(_model_env(spec), spec),
+        "volumeMounts": _mounts(spec.cache.mount_path, read_only=False),
+        "securityContext": _container_security(),
+    }
+    pod_spec = _without_none(
+        {
+            "restartPolicy": "OnFailure",
+            "containers": [container],
+            "volumes": copy.deepcopy(volumes),
+            "securityContext": _pod_security(),
+            "automountServiceAccountToken": False,
+            "enableServiceLinks": False,
+            # The workers' placement, so a zonal volume is first bound where the workers can attach it.
+            **_placement(spec),
+        }
+    )
+    template = {"metadata": {"labels": labels(parent.name, "preload")}, "spec": pod_spec}
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        # A Job's template is immutable: the hash tells the caller when to replace it rather than patch it.
+        "metadata": parent.metadata(preload_job_name(parent.name), "preload", {SPEC_HASH_ANNOTATION: _hash(template)}),
+        "spec": {"backoffLimit": 4, "template": template},
+    }
+
+
+def _model_env(spec: ModelDeploymentSpec) -> list[dict[str, Any]]:
+    """What both the workers and the preload Job need to find (or fetch) the same weights."""
+    mount = spec.cache.mount_path
+    env: list[dict[str, Any]] = [
+        {"name": "ZIMAGE_MODEL_SOURCE", "value": spec.model.source},
+        {"name": "ZIMAGE_VARIANT", "value": spec.model.variant},
+        {"name": "ZIMAGE_DTYPE", "value": spec.model.dtype},
+        {"name": "MODELS_DIR", "value": mount},
+        # Hub downloads land on the cache volume too; hidden so it never shadows a model directory name.
+        {"name": "HF_HOME", "value": f"{mount.rstrip('/')}/.huggingface"},
+        # The root filesystem is read-only: libraries that write under ~ (torch, triton caches) get /tmp.
+        {"name": "HOME", "value": "/tmp"},
+    ]
+    if spec.model.revision:
+        env.append({"name": "ZIMAGE_REVISION", "value": spec.model.revision})
+    return env
+
+
+def _worker_env(
+    spec: ModelDeploymentSpec, name: str, namespace: str, redis_url: str, storage_url: str | None
+) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [
+        {"name": "ZIMAGE_REDIS_URL", "value": redis_url},
+        {"name": "ZIMAGE_QUEUE", "value": queue_name(namespace, name)},
+        {"name": "ZIMAGE_WORKER_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "ZIMAGE_HTTP_PORT", "value": str(METRICS_PORT)},
+        *_model_env(spec),
+        {"name": "ZIMAGE_MAX_BATCH_SIZE", "value": str(spec.batching.max_batch_size)},
+        {"name": "ZIMAGE_MAX_WAIT_MILLISECONDS", "value": str(spec.batching.max_wait_milliseconds)},
+    ]
+    if storage_url:
+        env.append({"name": "ZIMAGE_STORAGE_URL", "value": storage_url})
+    if spec.cache.preload:
+        # The cache is read-only: a worker must use what the preload Job put there, not start a download.
+        env.append({"name": "HF_HUB_OFFLINE", "value": "1"})
+    return _with_user_env(env, spec)
+
+
+def _with_user_env(ours: list[dict[str, Any]], spec: ModelDeploymentSpec) -> list[dict[str, Any]]:
+    user = [e.model_dump(by_alias=True, exclude_none=True) for e in spec.env or []]
+    overridden = {e["name"] for e in user}
+    # Ours first: $(VAR) references in the user's values resolve only against earlier entries.
+    return [e for e in ours if e["name"] not in overridden] + user
+
+
+def _worker_redis_url(redis_url: str, namespace: str, operator_namespace: str | None) -> str:
+    """A bare Service name (redis://zimage-redis:6379) resolves only in its own namespace: qualify it."""
+    if not operator_namespace or operator_namespace == namespace:
+        return redis_url
+    parts = urlsplit(redis_url)
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    host, colon, port = hostport.partition(":")
+    if not host or "." in host or host.startswith("[") or host.lower() == "localhost":
+        return redis_url
+    netloc = f"{userinfo}{at}{host}.{operator_namespace}.svc{colon}{port}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _resources(resources: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not resources:
+        return None
+    out = copy.deepcopy(resources)
+    for section in ("requests", "limits"):
+        if isinstance(out.get(section), dict):
+            # Quantities as strings, as the API serves them: YAML's bare 1 for a GPU is the same quantity.
+            out[section] = {k: str(v) for k, v in out[section].items()}
+    requests, limits = out.get("requests") or {}, out.get("limits") or {}
+    # Kubernetes accepts an extended resource in limits alone (requests follow), never in requests alone.
+    if GPU_RESOURCE in requests and GPU_RESOURCE not in limits:
+        out["limits"] = {**limits, GPU_RESOURCE: requests[GPU_RESOURCE]}
+    return out
+
+
+def _mounts(mount_path: str, *, read_only: bool) -> list[dict[str, Any]]:
+    cache: dict[str, Any] = {"name": CACHE_VOLUME, "mountPath": mount_path}
+    if read_only:
+        cache["readOnly"] = True
+    return [cache, {"name": TMP_VOLUME, "mountPath": "/tmp"}]
+
+
+def _probe(path: str, period: int, failures: int) -> dict[str, Any]:
+    return {
+        "httpGet": {"path": path, "port": "metrics"},
+        "periodSeconds": period,
+        "failureThreshold": failures,
+        "timeoutSeconds": 5,
+    }
+
+
+def _pod_security() -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": RUN_AS,
+        "runAsGroup": RUN_AS,
+        "fsGroup": RUN_AS,
+        # A model cache holds tens of GB: a recursive chown on every mount would delay each pod start.
+        "fsGroupChangePolicy": "OnRootMismatch",
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _container_security() -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _placement(spec: ModelDeploymentSpec) -> dict[str, Any]:
+    return {
+        "nodeSelector": dict(spec.node_selector) if spec.node_selector else None,
+        "tolerations": copy.deepcopy(spec.tolerations) if spec.tolerations else None,
+        "affinity": copy.deepcopy(spec.affinity) if spec.affinity else None,
+        "priorityClassName": spec.priority_class_name,
+        "serviceAccountName": spec.service_account_name,
+    }
+
+
+def _without_none(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if v is not None}
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+def _fit(base: str, suffix: str, limit: int) -> str:
+    """base + suffix, or a truncated base with a digest of the whole, so long names stay valid and distinct."""
+    if len(base) + len(suffix) <= limit:
+        return base + suffix
+    digest = hashlib.sha256(base.encode()).hexdigest()[:8]
+    keep = limit - len(suffix) - len(digest) - 1
+    return f"{base[:keep].rstrip('-.')}-{digest}{suffix}"
+
+
+def drifted(desired: dict[str, Any], actual: dict[str, Any]) -> bool:
+    """Whether ``actual`` differs from ``desired`` in a field we set.
+
+    Only our labels, annotations and spec fields count: server defaults, fields other controllers add (a
+    restartedAt annotation, a PVC's volumeName) and Go's omitted zero values are not drift.
+    """
+    dm, am = desired.get("metadata") or {}, actual.get("metadata") or {}
+    return not (
+        _covers(am.get("labels"), dm.get("labels"))
+        and _covers(am.get("annotations"), dm.get("annotations"))
+        and _covers(actual.get("spec"), desired.get("spec"))
+    )
+
+
+def _covers(actual: Any, desired: Any, quantity: bool = False) -> bool:
+    if desired is None:
+        return True  # not ours to set
+    if desired in _EMPTY and actual in _EMPTY:
+        # The API server omits empty strings, lists and maps. Not False or 0: those fields are pointers whose
+        # absence means a default, and a changed template shows in the spec-hash annotation anyway.
+        return True
+    if isinstance(desired, dict):
+        return isinstance(actual, dict) and all(
+            _covers(actual.get(k), v, quantity or k in ("limits", "requests")) for k, v in desired.items()
+        )
+    if isinstance(desired, list):
+        return (
+            isinstance(actual, list)
+            and len(actual) == len(desired)
+            and all(_covers(a, d, quantity) for a, d in zip(actual, desired, strict=True))
+        )
+    if actual == desired and type(actual) is type(desired):
+        return True
+    if not quantity:
+        return False
+    # Quantities come back canonical: 1000m reads as 1, 1 (int) as "1".
+    want = _quantity(desired)
+    return want is not None and _quantity(actual) == want
+
+
+_EMPTY: tuple[Any, ...] = (None, "", [], {})
+
+
+def _quantity(value: Any) -> Decimal | None:
+    try:
+        q: Decimal = parse_quantity(value)
+    except (ValueError, TypeError):
+        return None
+    return q

@@ -1,0 +1,193 @@
+"""ModelDeployment on a real API server: owned children, queue-driven replicas, deletion costs, drift, /scale."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import yaml
+
+from conftest import Kube, Processes, start_operator, wait_for
+from zimage_queue import GenerationParams, JobEvent, JobMessage, JobQueue, keys
+from zimage_queue.server import RedisServer
+
+pytestmark = pytest.mark.kube
+NS = f"zimage-md-{os.getpid()}"
+
+
+@pytest.fixture(scope="module")
+def env(crds: Kube, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    tmp = tmp_path_factory.mktemp("md")
+    crds.kubectl("create", "namespace", NS)
+    ps = Processes(tmp)
+    with RedisServer() as srv:
+        start_operator(ps, crds, srv.url, NS, ZIMAGE_DRIFT_CHECK_SECONDS="1")
+        try:
+            yield {"kube": crds, "redis": srv.url, "ps": ps}
+        finally:
+            ps.stop_all()
+            crds.kubectl("delete", "namespace", NS, "--wait=false", check=False)
+
+
+def md(name: str, **scaling: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "zimage.dev/v1alpha1",
+        "kind": "ModelDeployment",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"variant": "turbo", "source": "tiny-random"},
+            "image": "example.org/zimage-worker:test",
+            "resources": {"limits": {"nvidia.com/gpu": 1, "memory": "32Gi"}, "requests": {"cpu": "2"}},
+            "scaling": {
+                "minReplicas": 0,
+                "maxReplicas": 5,
+                "targetQueuePerReplica": 4,
+                "scaleDownDelaySeconds": 2,
+                **scaling,
+            },
+        },
+    }
+
+
+def get(kube: Kube, kind: str, name: str) -> dict[str, Any] | None:
+    proc = kube.kubectl("get", kind, name, "-n", NS, "-o", "json", check=False)
+    return json.loads(proc.stdout) if proc.returncode == 0 else None
+
+
+def replicas(kube: Kube, name: str) -> int | None:
+    dep = get(kube, "deployment", f"{name}-worker")
+    return None if dep is None else dep["spec"].get("replicas")
+
+
+def message(queue: str) -> JobMessage:
+    uid = str(uuid.uuid4())
+    params = GenerationParams(prompt="a red fox", width=64, height=64, steps=1, seed=1)
+    return JobMessage(uid=uid, namespace=NS, name=f"j-{uid[:6]}", queue=queue, params=params)
+
+
+def test_pool_children_scaling_costs_and_drift(env: dict[str, Any]) -> None:
+    kube: Kube = env["kube"]
+    kube.kubectl("apply", "-n", NS, "-f", "-", input=yaml.safe_dump(md("turbo")))
+    dep = wait_for(lambda: get(kube, "deployment", "turbo-worker"), what="worker Deployment")
+    assert wait_for(lambda: get(kube, "service", "turbo-worker-metrics"), what="metrics Service")
+    assert wait_for(lambda: get(kube, "pdb", "turbo-worker"), what="PodDisruptionBudget")
+
+    owner = dep["metadata"]["ownerReferences"][0]
+    assert (owner["kind"], owner["name"], owner["controller"]) == ("ModelDeployment", "turbo", True)
+    assert dep["spec"]["replicas"] == 0
+    pod = dep["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    [c] = pod["containers"]
+    assert c["image"] == "example.org/zimage-worker:test"
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] in (1, "1")
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    env_vars = {e["name"]: e.get("value") for e in c["env"]}
+    assert env_vars["ZIMAGE_QUEUE"] == f"{NS}/turbo" and env_vars["ZIMAGE_REDIS_URL"] == env["redis"]
+
+    # 20 queued jobs: ceil(20 / 4) = 5 replicas, within 2 seconds.
+    q = JobQueue.from_url(env["redis"])
+    queue = keys.queue_name(NS, "turbo")
+    t0 = time.monotonic()
+    for _ in range(20):
+        q.enqueue(message(queue))
+    wait_for(lambda: replicas(kube, "turbo") == 5, timeout=2.0, what="scale-up to 5 within 2 s")
+    scale_up_seconds = time.monotonic() - t0
+    status = wait_for(
+        lambda: (
+            (get(kube, "md", "turbo") or {}).get("status", {}).get("desiredReplicas") == 5
+            and get(kube, "md", "turbo")["status"]
+        ),
+        what="md status",
+    )  # type: ignore[index]
+    assert status["queueLength"] == 20 and status["selector"]
+    assert status["scalingHistory"][-1]["to"] == 5 and status["scalingHistory"][-1]["reason"] == "WakeFromZero"
+    print(f"scale-up reaction: {scale_up_seconds:.2f}s")
+
+    # A busy worker (its pod's name is its worker name) gets the highest pod-deletion-cost.
+    pods = wait_for(
+        lambda: (
+            (
+                p := json.loads(kube.kubectl("get", "pods", "-n", NS, "-l", status["selector"], "-o", "json").stdout)[
+                    "items"
+                ]
+            )
+            and len(p) == 5
+            and p
+        ),
+        what="5 pods",
+    )
+    busy_pod = pods[0]["metadata"]["name"]
+    d = q.take(queue, busy_pod, block_ms=0)[0]
+    q.begin(d, busy_pod)
+    q.worker_heartbeat(queue, busy_pod, busy=True)
+    for p in pods[1:]:
+        q.worker_heartbeat(queue, p["metadata"]["name"], busy=False)
+
+    def costs() -> dict[str, str]:
+        items = json.loads(kube.kubectl("get", "pods", "-n", NS, "-l", status["selector"], "-o", "json").stdout)
+        return {
+            p["metadata"]["name"]: (p["metadata"].get("annotations") or {}).get(
+                "controller.kubernetes.io/pod-deletion-cost"
+            )
+            for p in items["items"]
+        }
+
+    c = wait_for(lambda: (c := costs()) and None not in c.values() and c, what="deletion costs")
+    assert int(c[busy_pod]) > max(int(v) for k, v in c.items() if k != busy_pod)
+
+    # Editing the owned Deployment's image is reverted.
+    kube.kubectl(
+        "patch",
+        "deployment",
+        "turbo-worker",
+        "-n",
+        NS,
+        "--type=json",
+        "-p",
+        '[{"op":"replace","path":"/spec/template/spec/containers/0/image","value":"evil:latest"}]',
+    )
+    wait_for(
+        lambda: (
+            get(kube, "deployment", "turbo-worker")["spec"]["template"]["spec"]["containers"][0]["image"]  # type: ignore[index]
+            == "example.org/zimage-worker:test"
+        ),
+        timeout=10,
+        what="drift reverted",
+    )
+
+    # Drained (the held job done, the queue emptied): back to minReplicas 0 after scaleDownDelaySeconds.
+    q.complete(d, [], JobEvent(type="succeeded", uid=d.message.uid, namespace=NS, name="x"))
+    while got := q.take(queue, "drainer", count=50, block_ms=0):
+        for item in got:
+            q.ack(item)
+    q.worker_gone(queue, busy_pod)
+    t_drained = time.monotonic()
+    wait_for(lambda: replicas(kube, "turbo") == 0, timeout=15, what="scale to zero")
+    assert time.monotonic() - t_drained >= 2.0 - 0.5  # not before the delay (0.5 s: one poll of slack)
+
+
+def test_kubectl_scale_in_external_mode(env: dict[str, Any]) -> None:
+    kube: Kube = env["kube"]
+    kube.kubectl("apply", "-n", NS, "-f", "-", input=yaml.safe_dump(md("ext", mode="external")))
+    wait_for(lambda: get(kube, "deployment", "ext-worker"), what="Deployment")
+    kube.kubectl("scale", "md/ext", "-n", NS, "--replicas=3")
+    wait_for(lambda: replicas(kube, "ext") == 3, timeout=10, what="replicas 3 via /scale")
+    scale = json.loads(
+        kube.kubectl("get", "--raw", f"/apis/zimage.dev/v1alpha1/namespaces/{NS}/modeldeployments/ext/scale").stdout
+    )
+    assert scale["spec"]["replicas"] == 3
+    wait_for(
+        lambda: json.loads(
+            kube.kubectl("get", "--raw", f"/apis/zimage.dev/v1alpha1/namespaces/{NS}/modeldeployments/ext/scale").stdout
+        )["status"].get("selector"),
+        what="scale selector for HPA",
+    )
