@@ -30,7 +30,8 @@ def set_condition(
     """Return the new list and whether it changed. lastTransitionTime moves only when status flips."""
     current = [dict(c) for c in (conditions or [])]
     want = "True" if status else "False"
-    message = message[:MAX_MESSAGE]
+    # Never empty: some API servers (1.20 seen) read "" in a CR status as null and reject the patch.
+    message = (message or reason)[:MAX_MESSAGE]
     for c in current:
         if c.get("type") != type_:
             continue

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from pydantic import ValidationError
+
 from zimage_operator import scaling, workload
 from zimage_operator.conditions import iso, set_condition
 from zimage_operator.metrics import DESIRED_REPLICAS, INFLIGHT, QUEUE_LENGTH, READY_REPLICAS, SCALE_DECISIONS
@@ -41,14 +43,18 @@ def sync(rt: Runtime, pool: Pool, now: datetime) -> None:
     """One pass for one ModelDeployment (blocking I/O: run it in a thread)."""
     md = pool.body
     ns, name = _ns_name(md)
-    spec = ModelDeploymentSpec.model_validate(md.get("spec") or {})
+    redis_url = rt.settings.worker_redis_url or rt.settings.redis_url
+    try:
+        spec = ModelDeploymentSpec.model_validate(md.get("spec") or {})
+        workload.desired_objects(md, redis_url=redis_url, replicas=0)
+    except (ValidationError, ValueError) as e:
+        _invalid(rt, pool, now, str(e))
+        return
     policy = spec.scaling or Scaling()
     queue = keys.queue_name(ns, name)
     stats = rt.queue.stats(queue)
     workers = rt.queue.workers(queue)
     busy = sum(workers.values())
-
-    redis_url = rt.settings.worker_redis_url or rt.settings.redis_url
     actual = rt.kube.get_object("apps/v1", "Deployment", ns, workload.worker_name(name))
     current = int(((actual or {}).get("spec") or {}).get("replicas") or 0) if actual else policy.min_replicas
 
@@ -61,6 +67,17 @@ def sync(rt: Runtime, pool: Pool, now: datetime) -> None:
     objects = workload.desired_objects(
         md, redis_url=redis_url, replicas=desired, storage_url=rt.settings.worker_storage_url or None
     )
+    cached = True
+    if "job" in objects:
+        job = rt.kube.get_object("batch/v1", "Job", ns, objects["job"]["metadata"]["name"])
+        cached = bool(((job or {}).get("status") or {}).get("succeeded"))
+        if not cached and desired > 0:
+            # Workers mount the cache read-only and offline: starting them before the download is done would
+            # only crash-loop them.
+            desired, reason = 0, "WaitingForModelCache"
+            objects = workload.desired_objects(
+                md, redis_url=redis_url, replicas=0, storage_url=rt.settings.worker_storage_url or None
+            )
 
     drift_check = time.monotonic() >= pool.next_drift_check
     for key, obj in objects.items():
@@ -73,7 +90,7 @@ def sync(rt: Runtime, pool: Pool, now: datetime) -> None:
         if live is None:
             log.info("creating %s %s/%s", obj["kind"], ns, obj["metadata"]["name"])
             rt.kube.create_object(obj)
-        elif workload.drifted(obj, live):
+        elif key != "job" and workload.drifted(obj, live):  # a Job's template is immutable
             log.info("reverting drift of %s %s/%s", obj["kind"], ns, obj["metadata"]["name"])
             rt.kube.patch_object(obj)
     if drift_check:
@@ -105,6 +122,18 @@ def sync(rt: Runtime, pool: Pool, now: datetime) -> None:
         now,
         md["metadata"].get("generation"),
     )
+    gen = md["metadata"].get("generation")
+    if "job" in objects:
+        conditions, _ = set_condition(
+            conditions,
+            "ModelCached",
+            cached,
+            "Preloaded" if cached else "Downloading",
+            "model files are in the cache volume" if cached else "preload Job is downloading the model",
+            now,
+            gen,
+        )
+    conditions, _ = set_condition(conditions, "Degraded", False, "SpecValid", "", now, gen)
     status.update(
         replicas=int(dep_status.get("replicas") or 0),
         readyReplicas=ready,
@@ -133,6 +162,21 @@ def sync(rt: Runtime, pool: Pool, now: datetime) -> None:
             if pool.costs.get(pod) != cost:
                 rt.kube.annotate_pod(ns, pod, {scaling.DELETION_COST_ANNOTATION: str(cost)})
         pool.costs = costs
+
+
+def _invalid(rt: Runtime, pool: Pool, now: datetime, message: str) -> None:
+    """A spec the schema let through but the operator cannot build: say so once, touch no children."""
+    md = pool.body
+    ns, name = _ns_name(md)
+    status = dict(pool.last_status) or {k: v for k, v in (md.get("status") or {}).items() if k != "kopf"}
+    conditions, changed = set_condition(
+        status.get("conditions"), "Degraded", True, "InvalidSpec", message, now, md["metadata"].get("generation")
+    )
+    if changed:
+        status.update(conditions=conditions, observedGeneration=md["metadata"].get("generation"))
+        rt.kube.patch_model_status(ns, name, status)
+        rt.kube.post_event(md, "Warning", "InvalidSpec", message)
+        pool.last_status = status
 
 
 async def run(rt: Runtime) -> None:

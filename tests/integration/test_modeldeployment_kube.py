@@ -191,3 +191,57 @@ def test_kubectl_scale_in_external_mode(env: dict[str, Any]) -> None:
         )["status"].get("selector"),
         what="scale selector for HPA",
     )
+
+
+def test_invalid_pool_spec_is_reported_not_built(env: dict[str, Any]) -> None:
+    kube: Kube = env["kube"]
+    kube.kubectl("apply", "-n", NS, "-f", "-", input=yaml.safe_dump(md("bad", minReplicas=3, maxReplicas=1)))
+
+    def degraded() -> dict[str, Any] | None:
+        conds = ((get(kube, "md", "bad") or {}).get("status") or {}).get("conditions") or []
+        return next((c for c in conds if c["type"] == "Degraded" and c["status"] == "True"), None)
+
+    cond = wait_for(degraded, what="Degraded condition")
+    assert cond["reason"] == "InvalidSpec" and "minReplicas" in cond["message"]
+    assert get(kube, "deployment", "bad-worker") is None
+
+
+def test_preload_holds_workers_until_the_model_is_cached(env: dict[str, Any]) -> None:
+    kube: Kube = env["kube"]
+    body = md("cached")
+    body["spec"]["cache"] = {"size": "50Gi", "preload": True}
+    kube.kubectl("apply", "-n", NS, "-f", "-", input=yaml.safe_dump(body))
+    job = wait_for(lambda: get(kube, "job", "cached-preload"), what="preload Job")
+    assert job["spec"]["template"]["spec"]["containers"][0]["command"][-1] == "zimage_worker.preload"
+    assert wait_for(lambda: get(kube, "pvc", "cached-model-cache"), what="cache PVC")
+    q = JobQueue.from_url(env["redis"])
+    q.enqueue(message(keys.queue_name(NS, "cached")))
+
+    def condition(type_: str) -> dict[str, Any] | None:
+        conds = ((get(kube, "md", "cached") or {}).get("status") or {}).get("conditions") or []
+        return next((c for c in conds if c["type"] == type_), None)
+
+    assert wait_for(lambda: (c := condition("ModelCached")) and c["status"] == "False" and c)["reason"] == "Downloading"
+    assert replicas(kube, "cached") == 0  # a queued job does not start workers on an empty cache
+    # No kubelet here: play its part and report the download pod as done; the Job controller does the rest.
+    pod = wait_for(
+        lambda: (
+            kube.kubectl(
+                "get",
+                "pods",
+                "-n",
+                NS,
+                "-l",
+                "job-name=cached-preload",
+                "-o",
+                "jsonpath={.items[0].metadata.name}",
+                check=False,
+            ).stdout
+        ),
+        what="preload pod",
+    )
+    kube.kubectl(
+        "patch", "pod", pod, "-n", NS, "--subresource=status", "--type=merge", "-p", '{"status":{"phase":"Succeeded"}}'
+    )
+    wait_for(lambda: replicas(kube, "cached") == 1, timeout=10, what="workers after the preload")
+    assert condition("ModelCached")["status"] == "True"  # type: ignore[index]
