@@ -33,6 +33,7 @@ class Pool:
     next_drift_check: float = 0.0
     last_status: dict[str, Any] = field(default_factory=dict)
     costs: dict[str, int] = field(default_factory=dict)
+    no_capacity_since: datetime | None = None
 
 
 def _ns_name(body: dict[str, Any]) -> tuple[str, str]:
@@ -147,6 +148,14 @@ def sync(rt: Runtime, pool: Pool, now: datetime) -> None:
     if status != pool.last_status:
         rt.kube.patch_model_status(ns, name, status)
         pool.last_status = status
+    if spec.fallback:
+        due, pool.no_capacity_since = scaling.fallback_due(
+            spec.fallback.after_seconds, ready, stats.queued, pool.no_capacity_since, now
+        )
+        if due:
+            moved = rt.queue.reroute(queue, keys.queue_name(ns, spec.fallback.model), spec.fallback.model)
+            if moved:
+                log.info("moved %d job(s) from %s to fallback %s", moved, name, spec.fallback.model)
     QUEUE_LENGTH.labels(model=queue).set(stats.queued)
     INFLIGHT.labels(model=queue).set(stats.in_flight)
     DESIRED_REPLICAS.labels(model=queue).set(desired)

@@ -175,6 +175,19 @@ def event_patch(
             patch["queueSeconds"] = _seconds(status.get("queuedAt"), ev_time)
         return patch, ("Normal", Reason.STARTED, msg)
 
+    if event.type == "rerouted":
+        msg = f"moved to the fallback model {event.message}: its own model had no ready worker in time"
+        patch = _status_patch(
+            status,
+            ev_time,
+            generation,
+            "Queued",
+            [(Cond.QUEUED, True, Reason.FALLBACK, msg)],
+            routedTo=event.message,
+            message=msg,
+        )
+        return patch, ("Warning", Reason.FALLBACK, msg)
+
     if event.type == "retrying":
         msg = f"attempt {event.attempt} failed ({event.reason}: {event.message}); requeued"
         patch = _status_patch(

@@ -132,3 +132,16 @@ def record_scaling(
     """status.scalingHistory with one change appended, capped to the latest entries."""
     entry = {"time": iso(now), "from": from_, "to": to, "reason": reason}
     return [*(history or []), entry][-MAX_SCALING_HISTORY:]
+
+
+def fallback_due(
+    after_seconds: int, ready: int, queued: int, since: datetime | None, now: datetime
+) -> tuple[bool, datetime | None]:
+    """Whether waiting jobs should move to the fallback pool: no ready worker, work waiting, for after_seconds.
+
+    Returns (move now, the start of the current no-capacity stretch or None when there is capacity).
+    """
+    if ready > 0 or queued == 0:
+        return False, None
+    since = since or now
+    return (now - since).total_seconds() >= after_seconds, since

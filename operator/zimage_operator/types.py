@@ -55,6 +55,7 @@ class Reason:
     RETRYING = "Retrying"
     WORKER_ERROR = "WorkerError"
     DELETED = "Deleted"
+    FALLBACK = "FallbackModel"
     CANCELLED = "Cancelled"
 
 
@@ -106,6 +107,7 @@ class ImageJobStatus(CamelModel):
     run_seconds: float | None = None
     duration: str | None = Field(None, description="Run time of the finished job, for the Duration column.")
     results: list[ResultImage] | None = None
+    routed_to: str | None = Field(None, description="The fallback ModelDeployment the job was moved to, if any.")
     message: str | None = Field(None, max_length=32768)
 
 

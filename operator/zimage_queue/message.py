@@ -16,7 +16,7 @@ from pydantic.alias_generators import to_camel
 Task = Literal["text-to-image", "image-to-image", "inpaint"]
 Priority = Literal["high", "normal", "low"]
 OutputFormat = Literal["png", "jpeg", "webp"]
-EventType = Literal["started", "progress", "succeeded", "failed", "retrying", "cancelled"]
+EventType = Literal["started", "progress", "succeeded", "failed", "retrying", "cancelled", "rerouted"]
 
 DEFAULT_MAX_RETRIES = 3
 

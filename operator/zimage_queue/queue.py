@@ -92,6 +92,15 @@ end
 return out
 """
 
+# KEYS: job, source stream, target stream, events ; ARGV: group, entry id, payload, event json
+_MOVE = """
+redis.call('XADD', KEYS[3], '*', 'job', ARGV[3])
+redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[1], 'stream', KEYS[3], 'state', 'queued')
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', '100000', '*', 'event', ARGV[4])
+return 1
+"""
+
 # KEYS: job, stream ; ARGV: group, entry id, payload
 _RELEASE = """
 redis.call('XADD', KEYS[2], '*', 'job', ARGV[3])
@@ -146,6 +155,7 @@ class JobQueue:
         self._fail = client.register_script(_FAIL)
         self._release = client.register_script(_RELEASE)
         self._take = client.register_script(_TAKE)
+        self._move = client.register_script(_MOVE)
         self._groups_ready: set[tuple[str, str]] = set()
         self._next_reclaim: dict[str, float] = {}
 
@@ -177,6 +187,33 @@ class JobQueue:
             args=[keys.MESSAGE_FIELD, message.model_dump_json(by_alias=True), keys.F_ENQUEUED, keys.F_STREAM],
         )
         return EnqueueResult(entry_id=_s(entry_id), created=bool(int(created)))
+
+    def reroute(self, queue: str, target: str, target_model: str, count: int = 100) -> int:
+        """Move jobs no worker has taken yet from ``queue`` to ``target`` (a fallback pool), keeping priority."""
+        moved = 0
+        for d in self.take(queue, "fallback-router", count=count, block_ms=0):
+            priority = d.stream.rsplit(":", 1)[-1]
+            msg = d.message.model_copy(update={"queue": target})
+            event = JobEvent(
+                type="rerouted",
+                uid=msg.uid,
+                namespace=msg.namespace,
+                name=msg.name,
+                reason="FallbackModel",
+                message=target_model,
+            )
+            self.ensure_group(keys.stream(target, priority))  # type: ignore[arg-type]
+            self._move(
+                keys=[keys.job(msg.uid), d.stream, keys.stream(target, priority), keys.EVENTS_STREAM],  # type: ignore[arg-type]
+                args=[
+                    keys.WORKER_GROUP,
+                    d.entry_id,
+                    msg.model_dump_json(by_alias=True),
+                    event.model_dump_json(by_alias=True),
+                ],
+            )
+            moved += 1
+        return moved
 
     def cancel(self, uid: str) -> None:
         self.r.hset(keys.job(uid), keys.F_CANCEL, "1")

@@ -245,3 +245,25 @@ def test_preload_holds_workers_until_the_model_is_cached(env: dict[str, Any]) ->
     )
     wait_for(lambda: replicas(kube, "cached") == 1, timeout=10, what="workers after the preload")
     assert condition("ModelCached")["status"] == "True"  # type: ignore[index]
+
+
+def test_jobs_move_to_the_fallback_pool_without_capacity(env: dict[str, Any], tmp_path_factory: Any) -> None:
+    kube: Kube = env["kube"]
+    primary, backup = md("primary"), md("backup")
+    primary["spec"]["fallback"] = {"model": "backup", "afterSeconds": 1}
+    kube.kubectl("apply", "-n", NS, "-f", "-", input=yaml.safe_dump_all([primary, backup]))
+    job = {
+        "apiVersion": "zimage.dev/v1alpha1",
+        "kind": "ImageJob",
+        "metadata": {"name": "patient"},
+        "spec": {"model": "primary", "prompt": "a red fox", "width": 64, "height": 64},
+    }
+    kube.kubectl("apply", "-n", NS, "-f", "-", input=yaml.safe_dump(job))
+    # No kubelet: the primary pool's pods never get ready, so after 1 s the job moves to the backup's queue.
+    q = JobQueue.from_url(env["redis"])
+    wait_for(lambda: q.stats(keys.queue_name(NS, "backup")).queued == 1, timeout=15, what="job on the backup queue")
+    st = wait_for(
+        lambda: (s := (get(kube, "ij", "patient") or {}).get("status") or {}).get("routedTo") and s,
+        what="status.routedTo",
+    )
+    assert st["routedTo"] == "backup" and st["phase"] == "Queued"

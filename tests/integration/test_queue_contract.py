@@ -250,3 +250,19 @@ def test_workers_report_busy_and_idle(queue: JobQueue, tmp_path: Path) -> None:
     queue.worker_heartbeat(Q, "idle-one", busy=False)
     queue.r.hset(keys.workers(Q), "dead-one", "busy 1.0")
     assert queue.workers(Q) == {"idle-one": False}
+
+
+def test_reroute_moves_waiting_jobs_to_the_fallback_keeping_priority(queue: JobQueue, tmp_path: Path) -> None:
+    urgent, normal = message(), message()
+    queue.enqueue(urgent, "high")
+    queue.enqueue(normal)
+    assert queue.reroute(Q, "ns/backup", "backup") == 2
+    assert queue.stats(Q) == type(queue.stats(Q))(queued=0, in_flight=0)
+    assert queue.stats("ns/backup").queued == 2
+    got = queue.take("ns/backup", "w", block_ms=0)[0]
+    assert got.message.uid == urgent.uid and got.message.queue == "ns/backup" and got.stream.endswith(":high")
+    assert [e.type for e in all_events(queue.r, normal.uid)] == ["rerouted"]
+    # and it runs there like any job
+    w = Worker(queue, NoopEngine(), LocalStore(tmp_path), "ns/backup", "w2", heartbeat_seconds=0.1)
+    w.run(max_jobs=1, block_ms=0)
+    assert queue.result(normal.uid) is not None

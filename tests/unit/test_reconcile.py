@@ -185,3 +185,9 @@ def test_collapse_keeps_only_the_last_progress_before_a_transition() -> None:
     assert [(e.type, e.step) for e in collapse(batch)] == [("started", None), ("progress", 3)]
     batch.append(("5", ev("succeeded")))
     assert [e.type for e in collapse(batch)] == ["started", "succeeded"]
+
+
+def test_rerouted_job_records_its_fallback() -> None:
+    patch, event = event_patch({"phase": "Queued"}, ev("rerouted", reason="FallbackModel", message="backup"), NOW)
+    assert patch and patch["phase"] == "Queued" and patch["routedTo"] == "backup"
+    assert cond(patch, "Queued")["reason"] == "FallbackModel" and event and "backup" in event[2]

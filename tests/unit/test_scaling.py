@@ -215,3 +215,17 @@ def test_scaling_history_keeps_the_latest() -> None:
         "to": 13,
         "reason": "ScaleUp",
     }
+
+
+@pytest.mark.parametrize(
+    ("ready", "queued", "waited", "due"),
+    [(0, 3, 10, True), (0, 3, 9, False), (1, 3, 60, False), (0, 0, 60, False)],
+)
+def test_fallback_after_a_stretch_without_capacity(ready: int, queued: int, waited: int, due: bool) -> None:
+    from zimage_operator.scaling import fallback_due
+
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    first, since = fallback_due(10, ready, queued, None, t0)
+    assert not first
+    got, _ = fallback_due(10, ready, queued, since, t0 + timedelta(seconds=waited))
+    assert got is due
