@@ -66,7 +66,11 @@ def sync(rt: Runtime, pool: Pool, now: datetime) -> None:
             policy, stats.queued, stats.in_flight, current, pool.state, now, busy=busy
         )
     objects = workload.desired_objects(
-        md, redis_url=redis_url, replicas=desired, storage_url=rt.settings.worker_storage_url or None
+        md,
+        redis_url=redis_url,
+        replicas=desired,
+        storage_url=rt.settings.worker_storage_url or None,
+        longest_timeout_seconds=rt.settings.max_job_seconds,
     )
     cached = True
     if "job" in objects:
@@ -77,7 +81,11 @@ def sync(rt: Runtime, pool: Pool, now: datetime) -> None:
             # only crash-loop them.
             desired, reason = 0, "WaitingForModelCache"
             objects = workload.desired_objects(
-                md, redis_url=redis_url, replicas=0, storage_url=rt.settings.worker_storage_url or None
+                md,
+                redis_url=redis_url,
+                replicas=0,
+                storage_url=rt.settings.worker_storage_url or None,
+                longest_timeout_seconds=rt.settings.max_job_seconds,
             )
 
     drift_check = time.monotonic() >= pool.next_drift_check
@@ -134,7 +142,16 @@ def sync(rt: Runtime, pool: Pool, now: datetime) -> None:
             now,
             gen,
         )
-    conditions, _ = set_condition(conditions, "Degraded", False, "SpecValid", "", now, gen)
+    conditions, _ = set_condition(conditions, "Degraded", False, "SpecValid", "spec is valid", now, gen)
+    conditions, _ = set_condition(
+        conditions,
+        "Scaling",
+        ready != desired,
+        reason if ready != desired else "Settled",
+        f"{ready} ready of {desired} wanted (queued {stats.queued}, in flight {stats.in_flight})",
+        now,
+        gen,
+    )
     status.update(
         replicas=int(dep_status.get("replicas") or 0),
         readyReplicas=ready,

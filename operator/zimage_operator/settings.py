@@ -18,5 +18,7 @@ class OperatorSettings(BaseSettings):
     # What worker pods get: in a cluster the operator and the workers may reach Redis by different names.
     worker_redis_url: str = ""  # defaults to redis_url
     worker_storage_url: str = ""  # ZIMAGE_STORAGE_URL for pools whose spec has no storage
+    # Worker pods get at least this long to finish the job in hand when stopped (terminationGracePeriodSeconds).
+    max_job_seconds: int = 900
     pool_tick_seconds: float = 0.5
     drift_check_seconds: float = 5.0

@@ -82,6 +82,7 @@ def test_pool_children_scaling_costs_and_drift(env: dict[str, Any]) -> None:
     assert dep["spec"]["replicas"] == 0
     pod = dep["spec"]["template"]["spec"]
     assert pod["automountServiceAccountToken"] is False
+    assert pod["terminationGracePeriodSeconds"] >= 900  # the operator's max_job_seconds: a draining job finishes
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
     [c] = pod["containers"]
