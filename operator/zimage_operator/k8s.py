@@ -50,16 +50,23 @@ class Kube:
     def get_model(self, namespace: str, name: str) -> dict[str, Any] | None:
         return self._get(MODELDEPLOYMENT_PLURAL, namespace, name)
 
-    def patch_model_status(self, namespace: str, name: str, status: dict[str, Any]) -> bool:
+    def _patch_status(self, plural: str, namespace: str, name: str, status: dict[str, Any]) -> bool:
+        """Merge-patch the status subresource; False when the object is gone."""
         try:
             self.custom.patch_namespaced_custom_object_status(
-                GROUP, VERSION, namespace, MODELDEPLOYMENT_PLURAL, name, {"status": status}
+                GROUP, VERSION, namespace, plural, name, {"status": status}
             )
             return True
         except ApiException as e:
             if e.status == 404:
                 return False
             raise
+
+    def patch_model_status(self, namespace: str, name: str, status: dict[str, Any]) -> bool:
+        return self._patch_status(MODELDEPLOYMENT_PLURAL, namespace, name, status)
+
+    def patch_job_status(self, namespace: str, name: str, status: dict[str, Any]) -> bool:
+        return self._patch_status(IMAGEJOB_PLURAL, namespace, name, status)
 
     # -- owned children (any kind, through the dynamic client) ---------------------------------------------
     def _resource(self, api_version: str, kind: str) -> Any:
@@ -114,18 +121,6 @@ class Kube:
         except ApiException as e:
             if e.status != 404:
                 raise
-
-    def patch_job_status(self, namespace: str, name: str, status: dict[str, Any]) -> bool:
-        """Merge-patch the status subresource; False when the job is gone."""
-        try:
-            self.custom.patch_namespaced_custom_object_status(
-                GROUP, VERSION, namespace, IMAGEJOB_PLURAL, name, {"status": status}
-            )
-            return True
-        except ApiException as e:
-            if e.status == 404:
-                return False
-            raise
 
     def delete_job(self, namespace: str, name: str) -> None:
         try:
