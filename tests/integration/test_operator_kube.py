@@ -156,7 +156,9 @@ def test_deleting_a_queued_job_cancels_it(stack: dict[str, Any]) -> None:
     wait_for(lambda: status(kube, "doomed").get("phase") == "Queued", what="Queued")
     uid = get(kube, "ij", "doomed")["metadata"]["uid"]  # type: ignore[index]
     q = JobQueue.from_url(stack["redis"])
-    assert q.stats(keys.queue_name(NS, "idle-pool")).queued == 1
+    # Status says Queued just before the XADD (so a fast worker's Running is never overwritten): wait for it.
+    wait_for(lambda: q.stats(keys.queue_name(NS, "idle-pool")).queued == 1, what="the job on its queue")
     kube.kubectl("delete", "ij", "doomed", "-n", NS, "--timeout=30s")
-    assert q.is_cancelled(uid)
+    # No finalizer: the operator sees the deletion on its watch, a moment after kubectl returns.
+    wait_for(lambda: q.is_cancelled(uid), what="cancel flag")
     assert redis.Redis.from_url(stack["redis"]).hget(keys.job(uid), keys.F_CANCEL) == b"1"
