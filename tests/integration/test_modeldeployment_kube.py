@@ -194,6 +194,19 @@ def test_kubectl_scale_in_external_mode(env: dict[str, Any]) -> None:
     )
 
 
+def test_deleting_the_pool_garbage_collects_its_children(env: dict[str, Any]) -> None:
+    kube: Kube = env["kube"]
+    kube.kubectl("apply", "-n", NS, "-f", "-", input=yaml.safe_dump(md("short-lived")))
+    wait_for(lambda: get(kube, "pdb", "short-lived-worker"), what="children")
+    kube.kubectl("delete", "md", "short-lived", "-n", NS)
+    for kind, name in (
+        ("deployment", "short-lived-worker"),
+        ("service", "short-lived-worker-metrics"),
+        ("pdb", "short-lived-worker"),
+    ):
+        wait_for(lambda kind=kind, name=name: get(kube, kind, name) is None, what=f"{kind} collected")
+
+
 def test_invalid_pool_spec_is_reported_not_built(env: dict[str, Any]) -> None:
     kube: Kube = env["kube"]
     kube.kubectl("apply", "-n", NS, "-f", "-", input=yaml.safe_dump(md("bad", minReplicas=3, maxReplicas=1)))
