@@ -281,3 +281,12 @@ def test_jobs_move_to_the_fallback_pool_without_capacity(env: dict[str, Any], tm
         what="status.routedTo",
     )
     assert st["routedTo"] == "backup" and st["phase"] == "Queued"
+
+
+def test_printer_columns_resolve_in_a_real_status(env: dict[str, Any]) -> None:
+    kube: Kube = env["kube"]
+    kube.kubectl("apply", "-n", NS, "-f", "-", input=yaml.safe_dump(md("columns")))
+    wait_for(lambda: ((get(kube, "md", "columns") or {}).get("status") or {}).get("selector"), what="status")
+    table = kube.kubectl("get", "md", "columns", "-n", NS).stdout.splitlines()
+    assert table[0].split() == ["NAME", "VARIANT", "READY", "DESIRED", "QUEUE", "AGE"]
+    assert table[1].split()[:5] == ["columns", "turbo", "0", "0", "0"]
