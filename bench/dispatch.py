@@ -167,7 +167,26 @@ def _stop_process(proc: BaseProcess | None, send_stop: Callable[[], None], timeo
         proc.join()
 
 
-class RawSystem:
+class _ProcessConsumer:
+    """A consumer process stopped and flushed through control messages on its own queue."""
+
+    proc: BaseProcess | None = None
+
+    def _control(self, kind: str) -> None:
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        self._control(FLUSH)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.is_alive()
+
+    def stop(self) -> None:
+        _stop_process(self.proc, lambda: self._control(STOP))
+        self.proc = None
+
+
+class RawSystem(_ProcessConsumer):
     name = "raw redis-py"
 
     def __init__(self, url: str) -> None:
@@ -189,18 +208,8 @@ class RawSystem:
     def _control(self, kind: str) -> None:
         self.r.xadd(RAW_STREAM, {"k": kind, "i": -1})
 
-    def flush(self) -> None:
-        self._control(FLUSH)
 
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.is_alive()
-
-    def stop(self) -> None:
-        _stop_process(self.proc, lambda: self._control(STOP))
-        self.proc = None
-
-
-class ContractSystem:
+class ContractSystem(_ProcessConsumer):
     name = "zimage contract"
 
     def __init__(self, url: str) -> None:
@@ -228,16 +237,6 @@ class ContractSystem:
     def _control(self, kind: str) -> None:
         self._controls += 1
         self.q.enqueue(self._message(f"{kind}-{self._controls}", 0), "normal")
-
-    def flush(self) -> None:
-        self._control(FLUSH)
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.is_alive()
-
-    def stop(self) -> None:
-        _stop_process(self.proc, lambda: self._control(STOP))
-        self.proc = None
 
 
 class CelerySystem:
