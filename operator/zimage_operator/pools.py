@@ -207,6 +207,9 @@ def _invalid(rt: Runtime, pool: Pool, now: datetime, message: str) -> None:
 
 async def run(rt: Runtime) -> None:
     while True:
+        if not await asyncio.to_thread(rt.lease.held):
+            await asyncio.sleep(rt.settings.pool_tick_seconds)
+            continue
         for uid, pool in list(rt.pools.items()):
             try:
                 await asyncio.to_thread(sync, rt, pool, datetime.now(UTC))

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 from dataclasses import dataclass, field
 from typing import Any
 
 from zimage_operator.housekeeping import Deadlines
 from zimage_operator.k8s import Kube
+from zimage_operator.lease import Lease
 from zimage_operator.settings import OperatorSettings
 from zimage_queue import JobQueue
 
@@ -21,4 +23,9 @@ class Runtime:
     consumer: str = field(default_factory=socket.gethostname)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     deadlines: Deadlines = field(default_factory=Deadlines)
+    lease: Lease = field(init=False)
     pools: dict[str, Any] = field(default_factory=dict)  # ModelDeployment uid -> pools.Pool
+
+    def __post_init__(self) -> None:
+        # host and pid: unique per replica, and per process when tests run several on one machine
+        self.lease = Lease(self.queue.r, f"{self.consumer}-{os.getpid()}", ttl_seconds=self.settings.lease_seconds)

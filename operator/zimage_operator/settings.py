@@ -21,4 +21,5 @@ class OperatorSettings(BaseSettings):
     # Worker pods get at least this long to finish the job in hand when stopped (terminationGracePeriodSeconds).
     max_job_seconds: int = 900
     pool_tick_seconds: float = 0.5
+    lease_seconds: float = 5.0  # a standby replica takes over the loops this long after the leader stops
     drift_check_seconds: float = 5.0

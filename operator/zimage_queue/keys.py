@@ -46,3 +46,7 @@ def job(uid: str) -> str:
 def workers(queue: str) -> str:
     """Hash of the queue's workers: name -> "busy|idle <unix time>" (their heartbeats, for the scaler)."""
     return f"{PREFIX}:workers:{queue}"
+
+
+# Held by the one operator replica that runs the pool and deadline loops.
+OPERATOR_LEASE = f"{PREFIX}:operator-lease"

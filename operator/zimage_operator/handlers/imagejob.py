@@ -97,6 +97,9 @@ async def act_on(rt: Runtime, due: Due) -> None:
 
 async def housekeeping(rt: Runtime) -> None:
     while True:
+        if not await asyncio.to_thread(rt.lease.held):  # the standby replica keeps its book, acts on nothing
+            await asyncio.sleep(rt.settings.housekeeping_seconds)
+            continue
         for due in rt.deadlines.due(_now()):
             try:
                 await act_on(rt, due)
