@@ -11,9 +11,10 @@ import asyncio
 import logging
 from datetime import UTC, datetime
 
-from zimage_operator.metrics import STATUS_PATCHES
+from zimage_operator.metrics import JOBS_FINISHED, STATUS_PATCHES
 from zimage_operator.reconcile import event_patch
 from zimage_operator.runtime import Runtime
+from zimage_operator.types import TERMINAL_PHASES
 from zimage_queue import JobEvent
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,8 @@ class EventApplier:
         if patch:
             await asyncio.to_thread(self.rt.kube.patch_job_status, ev.namespace, ev.name, patch)
             STATUS_PATCHES.labels(kind=ev.type).inc()
+            if patch.get("phase") in TERMINAL_PHASES:
+                JOBS_FINISHED.labels(phase=patch["phase"], reason=k8s_event[1] if k8s_event else "").inc()
         if ev.type == "progress" and patch:
             self.last_progress[ev.uid] = ev.ts
         if ev.type in ("succeeded", "failed", "cancelled"):
@@ -78,6 +81,3 @@ async def consume(rt: Runtime) -> None:
             # Unacked events are read again on the next pass; back off so an outage is not a busy loop.
             log.exception("event loop error; retrying")
             await asyncio.sleep(1.0)
-        else:
-            if not batch:
-                await asyncio.sleep(0)

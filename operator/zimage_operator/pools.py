@@ -210,11 +210,9 @@ async def run(rt: Runtime) -> None:
         if not await asyncio.to_thread(rt.lease.held):
             await asyncio.sleep(rt.settings.pool_tick_seconds)
             continue
-        for uid, pool in list(rt.pools.items()):
+        for pool in list(rt.pools.values()):
             try:
                 await asyncio.to_thread(sync, rt, pool, datetime.now(UTC))
             except Exception:
                 log.exception("sync of ModelDeployment %s/%s failed; retrying", *_ns_name(pool.body))
-            if uid not in rt.pools:
-                continue
         await asyncio.sleep(rt.settings.pool_tick_seconds)
