@@ -12,7 +12,7 @@ import logging
 from datetime import UTC, datetime
 
 from zimage_operator.metrics import JOBS_FINISHED, STATUS_PATCHES
-from zimage_operator.reconcile import event_patch
+from zimage_operator.reconcile import event_patch, progress_throttled
 from zimage_operator.runtime import Runtime
 from zimage_operator.types import TERMINAL_PHASES
 from zimage_queue import JobEvent
@@ -28,8 +28,8 @@ class EventApplier:
     async def apply(self, ev: JobEvent) -> None:
         interval = self.rt.settings.progress_min_interval_seconds
         last = self.last_progress.get(ev.uid)
-        if ev.type == "progress" and last is not None and ev.ts - last < interval:
-            return  # throttled before any API call
+        if progress_throttled(ev, last, interval):
+            return  # before any API call
         obj = await asyncio.to_thread(self.rt.kube.get_job, ev.namespace, ev.name)
         if obj is None or obj["metadata"].get("uid") != ev.uid:
             self.last_progress.pop(ev.uid, None)
@@ -39,6 +39,7 @@ class EventApplier:
             ev,
             datetime.now(UTC),
             last_progress_at=last,
+            min_interval=interval,
             generation=obj["metadata"].get("generation"),
         )
         if patch:

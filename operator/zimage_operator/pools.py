@@ -20,7 +20,7 @@ from zimage_operator import scaling, workload
 from zimage_operator.conditions import iso, set_condition
 from zimage_operator.metrics import DESIRED_REPLICAS, INFLIGHT, QUEUE_LENGTH, READY_REPLICAS, SCALE_DECISIONS
 from zimage_operator.runtime import Runtime
-from zimage_operator.types import ModelDeploymentSpec, Scaling
+from zimage_operator.types import ModelDeploymentSpec
 from zimage_queue import keys
 
 log = logging.getLogger(__name__)
@@ -44,14 +44,15 @@ def sync(rt: Runtime, pool: Pool, now: datetime) -> None:
     """One pass for one ModelDeployment (blocking I/O: run it in a thread)."""
     md = pool.body
     ns, name = _ns_name(md)
-    redis_url = rt.settings.worker_redis_url or rt.settings.redis_url
     try:
         spec = ModelDeploymentSpec.model_validate(md.get("spec") or {})
-        workload.desired_objects(md, redis_url=redis_url, replicas=0)
-    except (ValidationError, ValueError) as e:
-        _invalid(rt, pool, now, str(e))
+        errors = spec.cross_field_errors()
+    except ValidationError as e:
+        errors = [str(e)]
+    if errors:
+        _invalid(rt, pool, now, "; ".join(errors))
         return
-    policy = spec.scaling or Scaling()
+    policy = spec.scaling
     queue = keys.queue_name(ns, name)
     stats = rt.queue.stats(queue)
     workers = rt.queue.workers(queue)
@@ -65,28 +66,21 @@ def sync(rt: Runtime, pool: Pool, now: datetime) -> None:
         desired, pool.state, reason = scaling.decide_replicas(
             policy, stats.queued, stats.in_flight, current, pool.state, now, busy=busy
         )
-    objects = workload.desired_objects(
-        md,
-        redis_url=redis_url,
-        replicas=desired,
-        storage_url=rt.settings.worker_storage_url or None,
-        longest_timeout_seconds=rt.settings.max_job_seconds,
-    )
     cached = True
-    if "job" in objects:
-        job = rt.kube.get_object("batch/v1", "Job", ns, objects["job"]["metadata"]["name"])
+    if spec.cache.preload:
+        job = rt.kube.get_object("batch/v1", "Job", ns, workload.preload_job_name(name))
         cached = bool(((job or {}).get("status") or {}).get("succeeded"))
         if not cached and desired > 0:
             # Workers mount the cache read-only and offline: starting them before the download is done would
             # only crash-loop them.
             desired, reason = 0, "WaitingForModelCache"
-            objects = workload.desired_objects(
-                md,
-                redis_url=redis_url,
-                replicas=0,
-                storage_url=rt.settings.worker_storage_url or None,
-                longest_timeout_seconds=rt.settings.max_job_seconds,
-            )
+    objects = workload.desired_objects(
+        md,
+        redis_url=rt.settings.worker_redis_url or rt.settings.redis_url,
+        replicas=desired,
+        storage_url=rt.settings.worker_storage_url or None,
+        longest_timeout_seconds=rt.settings.max_job_seconds,
+    )
 
     drift_check = time.monotonic() >= pool.next_drift_check
     for key, obj in objects.items():
@@ -119,6 +113,7 @@ def sync(rt: Runtime, pool: Pool, now: datetime) -> None:
         status["scalingHistory"] = scaling.record_scaling(status.get("scalingHistory"), current, desired, reason, now)
         status["lastScaleTime"] = iso(now)
 
+    gen = md["metadata"].get("generation")
     dep_status = (actual or {}).get("status") or {}
     ready = int(dep_status.get("readyReplicas") or 0)
     selector = workload.selector_string(name)
@@ -129,10 +124,9 @@ def sync(rt: Runtime, pool: Pool, now: datetime) -> None:
         "WorkersReady" if ready > 0 else ("ScaledToZero" if desired == 0 else "NoReadyWorkers"),
         f"{ready}/{desired} workers ready",
         now,
-        md["metadata"].get("generation"),
+        gen,
     )
-    gen = md["metadata"].get("generation")
-    if "job" in objects:
+    if spec.cache.preload:
         conditions, _ = set_condition(
             conditions,
             "ModelCached",
@@ -160,7 +154,7 @@ def sync(rt: Runtime, pool: Pool, now: datetime) -> None:
         queueLength=stats.queued,
         inFlight=stats.in_flight,
         conditions=conditions,
-        observedGeneration=md["metadata"].get("generation"),
+        observedGeneration=gen,
     )
     if status != pool.last_status:
         rt.kube.patch_model_status(ns, name, status)

@@ -91,10 +91,11 @@ def admit(
     seed = parsed.seed if parsed.seed is not None else status.get("seed")
     if seed is None:  # chosen once, recorded in status, so a retried handler enqueues the same job
         seed = (rng or random.SystemRandom()).randrange(2**32)
+    steps = parsed.steps or defaults.steps
     params = GenerationParams.model_validate(
         {
             **parsed.model_dump(include=set(GenerationParams.model_fields)),
-            "steps": parsed.steps or defaults.steps,
+            "steps": steps,
             "guidance_scale": defaults.guidance_scale if parsed.guidance_scale is None else parsed.guidance_scale,
             "seed": seed,
         }
@@ -118,11 +119,24 @@ def admit(
         [(Cond.QUEUED, True, Reason.ENQUEUED, msg)],
         queuedAt=iso(now),
         seed=seed,
-        steps=params.steps,
+        steps=steps,
         message=msg,
-        progress={"step": 0, "totalSteps": params.steps, "summary": f"0/{params.steps}"},
+        progress=_progress(0, steps),
     )
     return Admission("enqueue", patch, message, event=("Normal", Reason.ENQUEUED, msg))
+
+
+def progress_throttled(event: JobEvent, last_progress_at: float | None, min_interval: float) -> bool:
+    """At most one progress patch per job per min_interval, so thousands of jobs don't flood the API server."""
+    return event.type == "progress" and last_progress_at is not None and event.ts - last_progress_at < min_interval
+
+
+def _progress(step: int, total: int) -> dict[str, Any]:
+    return {"step": step, "totalSteps": total, "summary": f"{step}/{total}"}
+
+
+def _duration(run: float | None) -> str | None:
+    return None if run is None else f"{run:.1f}s"
 
 
 def _seconds(start: str | None, end: datetime) -> float | None:
@@ -136,6 +150,7 @@ def event_patch(
     now: datetime,
     *,
     last_progress_at: float | None = None,
+    min_interval: float = PROGRESS_MIN_INTERVAL,
     generation: int | None = None,
 ) -> tuple[dict[str, Any] | None, tuple[str, str, str] | None]:
     """The status patch (or None) and Kubernetes Event (or None) for one worker event.
@@ -149,10 +164,10 @@ def event_patch(
     total = event.total_steps or (status.get("progress") or {}).get("totalSteps") or 0
 
     if event.type == "progress":
-        if last_progress_at is not None and event.ts - last_progress_at < PROGRESS_MIN_INTERVAL:
+        if progress_throttled(event, last_progress_at, min_interval):
             return None, None
         step = event.step or 0
-        patch: dict[str, Any] = {"progress": {"step": step, "totalSteps": total, "summary": f"{step}/{total}"}}
+        patch: dict[str, Any] = {"progress": _progress(step, total)}
         if phase != "Running":
             patch["phase"] = "Running"
         return patch, None
@@ -169,7 +184,7 @@ def event_patch(
             attempts=event.attempt,
             startedAt=iso(ev_time),
             message=msg,
-            progress={"step": 0, "totalSteps": total, "summary": f"0/{total}"},
+            progress=_progress(0, total),
         )
         if not status.get("queueSeconds"):
             patch["queueSeconds"] = _seconds(status.get("queuedAt"), ev_time)
@@ -215,9 +230,9 @@ def event_patch(
             finishedAt=iso(ev_time),
             runSeconds=run,
             message=msg,
-            duration=f"{run:.1f}s" if run is not None else None,
+            duration=_duration(run),
             attempts=event.attempt or status.get("attempts"),
-            progress={"step": total, "totalSteps": total, "summary": f"{total}/{total}"},
+            progress=_progress(total, total),
         )
         if event.worker:
             patch["worker"] = event.worker
@@ -238,7 +253,7 @@ def event_patch(
             message=msg,
             attempts=event.attempt or status.get("attempts"),
             runSeconds=run,
-            duration=f"{run:.1f}s" if run is not None else None,
+            duration=_duration(run),
         )
         return patch, ("Warning" if failed else "Normal", reason, msg)
 

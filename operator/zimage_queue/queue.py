@@ -191,6 +191,7 @@ class JobQueue:
     def reroute(self, queue: str, target: str, target_model: str, count: int = 100) -> int:
         """Move jobs no worker has taken yet from ``queue`` to ``target`` (a fallback pool), keeping priority."""
         moved = 0
+        self.ensure_queue(target)
         for d in self.take(queue, "fallback-router", count=count, block_ms=0):
             priority = d.stream.rsplit(":", 1)[-1]
             msg = d.message.model_copy(update={"queue": target})
@@ -202,7 +203,6 @@ class JobQueue:
                 reason="FallbackModel",
                 message=target_model,
             )
-            self.ensure_group(keys.stream(target, priority))  # type: ignore[arg-type]
             self._move(
                 keys=[keys.job(msg.uid), d.stream, keys.stream(target, priority), keys.EVENTS_STREAM],  # type: ignore[arg-type]
                 args=[
@@ -261,20 +261,22 @@ class JobQueue:
                 break
         return out
 
+    def _reclaim_due(self, key: str) -> bool:
+        """At most every quarter visibility timeout: nothing becomes reclaimable faster than a whole one."""
+        now = time.monotonic()
+        if now < self._next_reclaim.get(key, 0.0):
+            return False
+        self._next_reclaim[key] = now + self.visibility_ms / 4000
+        return True
+
     def take(self, queue: str, consumer: str, count: int = 1, block_ms: int = 1000) -> list[Delivery]:
         """Next jobs for this worker: reclaimed ones first, then by priority, blocking up to block_ms.
 
-        Reclaiming is checked at most every quarter of the visibility timeout: an entry only becomes
-        reclaimable after a whole timeout, and skipping the scan keeps the hot path at one round trip.
+        Reclaiming is checked only now and then (``_reclaim_due``), which keeps the hot path at one round trip.
         """
-        now = time.monotonic()
-        if now >= self._next_reclaim.get(queue, 0.0):
-            self._next_reclaim[queue] = now + self.visibility_ms / 4000
-            got = self.reclaim(queue, consumer, count)
-            if got:
-                return got
-        else:
-            got = []
+        got = self.reclaim(queue, consumer, count) if self._reclaim_due(queue) else []
+        if got:
+            return got
         names = keys.streams(queue)
         self.ensure_queue(queue)
         for stream, entry_id, flat in self._take(keys=names, args=[keys.WORKER_GROUP, consumer, count]):
@@ -368,11 +370,9 @@ class JobQueue:
     ) -> list[tuple[str, JobEvent]]:
         """Events not yet handled by this group; pending ones (from a crashed reader) come first."""
         self.ensure_group(keys.EVENTS_STREAM, group)
-        now = time.monotonic()
-        if now >= self._next_reclaim.get(keys.EVENTS_STREAM, 0.0):
+        if self._reclaim_due(keys.EVENTS_STREAM):
             # Events left unacked by a reader that died (an operator pod replaced under another name) move
             # to this reader, then come back below with the pending ones.
-            self._next_reclaim[keys.EVENTS_STREAM] = now + self.visibility_ms / 4000
             self.r.xautoclaim(keys.EVENTS_STREAM, group, consumer, self.visibility_ms, "0-0", count=count, justid=True)
         out: list[tuple[str, JobEvent]] = []
         for start, block in (("0", None), (">", block_ms if block_ms > 0 else None)):  # BLOCK 0 = forever
