@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +155,20 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     rep = outcome.get_result()
     if rep.when == "call":
         item.rep_call = rep  # type: ignore[attr-defined]
+
+
+@contextmanager
+def operator_stack(kube: Kube, tmp: Path, namespace: str, **operator_env: str) -> Iterator[tuple[Processes, str]]:
+    """A namespace, a private Redis and the operator watching that namespace; all gone afterwards."""
+    kube.kubectl("create", "namespace", namespace)
+    ps = Processes(tmp)
+    with RedisServer() as srv:
+        start_operator(ps, kube, srv.url, namespace, **operator_env)
+        try:
+            yield ps, srv.url
+        finally:
+            ps.stop_all()
+            kube.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
 
 
 def worker_env(redis_url: str, queue_name: str, images: Path, **extra: str) -> dict[str, str]:

@@ -12,9 +12,8 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import Kube, Processes, start_operator, wait_for
+from conftest import Kube, operator_stack, wait_for
 from zimage_queue import GenerationParams, JobEvent, JobMessage, JobQueue, keys
-from zimage_queue.server import RedisServer
 
 pytestmark = pytest.mark.kube
 NS = f"zimage-md-{os.getpid()}"
@@ -22,16 +21,8 @@ NS = f"zimage-md-{os.getpid()}"
 
 @pytest.fixture(scope="module")
 def env(crds: Kube, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    tmp = tmp_path_factory.mktemp("md")
-    crds.kubectl("create", "namespace", NS)
-    ps = Processes(tmp)
-    with RedisServer() as srv:
-        start_operator(ps, crds, srv.url, NS, ZIMAGE_DRIFT_CHECK_SECONDS="1")
-        try:
-            yield {"kube": crds, "redis": srv.url, "ps": ps}
-        finally:
-            ps.stop_all()
-            crds.kubectl("delete", "namespace", NS, "--wait=false", check=False)
+    with operator_stack(crds, tmp_path_factory.mktemp("md"), NS, ZIMAGE_DRIFT_CHECK_SECONDS="1") as (ps, url):
+        yield {"kube": crds, "redis": url, "ps": ps}
 
 
 def md(name: str, **scaling: Any) -> dict[str, Any]:

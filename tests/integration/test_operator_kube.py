@@ -13,9 +13,8 @@ import redis
 import yaml
 from PIL import Image
 
-from conftest import REPO, Kube, Processes, start_operator, start_worker, wait_for
+from conftest import REPO, Kube, operator_stack, start_worker, wait_for
 from zimage_queue import JobQueue, keys
-from zimage_queue.server import RedisServer
 
 pytestmark = pytest.mark.kube
 EXAMPLES = REPO / "docs" / "examples"
@@ -25,19 +24,9 @@ NS = f"zimage-it-{os.getpid()}"
 @pytest.fixture(scope="module")
 def stack(crds: Kube, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     tmp = tmp_path_factory.mktemp("stack")
-    crds.kubectl("create", "namespace", NS)
-    ps = Processes(tmp)
-    with RedisServer() as srv:
-        start_operator(ps, crds, srv.url, NS)
-        start_worker(ps, srv.url, keys.queue_name(NS, "z-image-turbo"), tmp / "images")
-        try:
-            yield {"kube": crds, "redis": srv.url, "images": tmp / "images", "ps": ps}
-        except BaseException:
-            print(ps.logs())
-            raise
-        finally:
-            ps.stop_all()
-            crds.kubectl("delete", "namespace", NS, "--wait=false", check=False)
+    with operator_stack(crds, tmp, NS) as (ps, url):
+        start_worker(ps, url, keys.queue_name(NS, "z-image-turbo"), tmp / "images")
+        yield {"kube": crds, "redis": url, "images": tmp / "images", "ps": ps}
 
 
 def get(kube: Kube, kind: str, name: str) -> dict[str, Any] | None:
