@@ -20,6 +20,10 @@ _OLDER_VERSIONS = {("policy/v1", "PodDisruptionBudget"): "policy/v1beta1"}
 COMPONENT = "zimage-operator"
 
 
+class StatusConflict(Exception):
+    """The object changed between our read and our write."""
+
+
 class Kube:
     def __init__(self, api_client: client.ApiClient | None = None) -> None:
         if api_client is None:
@@ -50,23 +54,33 @@ class Kube:
     def get_model(self, namespace: str, name: str) -> dict[str, Any] | None:
         return self._get(MODELDEPLOYMENT_PLURAL, namespace, name)
 
-    def _patch_status(self, plural: str, namespace: str, name: str, status: dict[str, Any]) -> bool:
-        """Merge-patch the status subresource; False when the object is gone."""
+    def _patch_status(
+        self, plural: str, namespace: str, name: str, status: dict[str, Any], resource_version: str | None = None
+    ) -> bool:
+        """Merge-patch the status subresource; False when the object is gone.
+
+        With ``resource_version`` the patch applies only to that version of the object, else StatusConflict.
+        """
+        body: dict[str, Any] = {"status": status}
+        if resource_version:
+            body["metadata"] = {"resourceVersion": resource_version}
         try:
-            self.custom.patch_namespaced_custom_object_status(
-                GROUP, VERSION, namespace, plural, name, {"status": status}
-            )
+            self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, plural, name, body)
             return True
         except ApiException as e:
             if e.status == 404:
                 return False
+            if e.status == 409:
+                raise StatusConflict(f"{plural} {namespace}/{name} changed since version {resource_version}") from e
             raise
 
     def patch_model_status(self, namespace: str, name: str, status: dict[str, Any]) -> bool:
         return self._patch_status(MODELDEPLOYMENT_PLURAL, namespace, name, status)
 
-    def patch_job_status(self, namespace: str, name: str, status: dict[str, Any]) -> bool:
-        return self._patch_status(IMAGEJOB_PLURAL, namespace, name, status)
+    def patch_job_status(
+        self, namespace: str, name: str, status: dict[str, Any], resource_version: str | None = None
+    ) -> bool:
+        return self._patch_status(IMAGEJOB_PLURAL, namespace, name, status, resource_version)
 
     # -- owned children (any kind, through the dynamic client) ---------------------------------------------
     def _resource(self, api_version: str, kind: str) -> Any:

@@ -291,16 +291,21 @@ def seconds_until_expiry(spec: dict[str, Any], status: dict[str, Any], now: date
     return ttl - (now - finished).total_seconds()
 
 
-def cancel_patch(status: dict[str, Any], now: datetime, generation: int | None) -> dict[str, Any] | None:
+def cancel_patch(
+    status: dict[str, Any],
+    now: datetime,
+    generation: int | None,
+    reason: str = Reason.DELETED,
+    msg: str = "cancelled: the ImageJob was deleted",
+) -> dict[str, Any] | None:
     if status.get("phase") in TERMINAL_PHASES:
         return None
-    msg = "cancelled: the ImageJob was deleted"
     return _status_patch(
         status,
         now,
         generation,
         "Cancelled",
-        [(Cond.CANCELLED, True, Reason.DELETED, msg)],
+        [(Cond.CANCELLED, True, reason, msg)],
         finishedAt=iso(now),
         message=msg,
     )

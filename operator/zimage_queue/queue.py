@@ -227,6 +227,11 @@ class JobQueue:
             return None
         return [ResultImage.model_validate(x) for x in json.loads(_s(raw))]
 
+    def state(self, uid: str) -> str | None:
+        """queued, running, succeeded or failed; None for a job the queue does not know (or has forgotten)."""
+        raw = self.r.hget(keys.job(uid), keys.F_STATE)
+        return None if raw is None else _s(raw)
+
     def forget(self, uid: str) -> None:
         """Drop a finished job's bookkeeping (after its CR is gone)."""
         self.r.delete(keys.job(uid))

@@ -11,6 +11,7 @@ import kopf
 
 from zimage_operator import reconcile
 from zimage_operator.housekeeping import Due
+from zimage_operator.k8s import StatusConflict
 from zimage_operator.metrics import JOBS_ENQUEUED, JOBS_FINISHED
 from zimage_operator.runtime import Runtime
 from zimage_operator.types import GROUP, IMAGEJOB_PLURAL, TERMINAL_PHASES, VERSION
@@ -41,9 +42,15 @@ async def admit(
     changed_phase = decision.patch.get("phase") != st.get("phase")
     if decision.action == "enqueue":
         assert decision.message is not None
-        # Status first: a fast worker's "Running" must never be overwritten by a late "Queued".
+        # Status first: a fast worker's "Running" must never be overwritten by a late "Queued". Only onto the
+        # version we decided on: the API admits its jobs itself, and its worker may be reporting already.
         if changed_phase:
-            await asyncio.to_thread(rt.kube.patch_job_status, meta["namespace"], meta["name"], decision.patch)
+            try:
+                await asyncio.to_thread(
+                    rt.kube.patch_job_status, meta["namespace"], meta["name"], decision.patch, meta.get("resourceVersion")
+                )
+            except StatusConflict as e:
+                raise kopf.TemporaryError(f"{e}; deciding again", delay=0.2) from e
         result = await asyncio.to_thread(rt.queue.enqueue, decision.message, spec.get("priority", "normal"))
         if result.created:
             JOBS_ENQUEUED.labels(model=spec["model"]).inc()

@@ -1,0 +1,100 @@
+"""One tail of the workers' events stream per API process, fanned out to the requests waiting on a job.
+
+The operator reads the same stream through its consumer group; a plain XREAD here takes nothing from it.
+However many clients follow jobs, each API replica reads the stream once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import redis.asyncio as aioredis
+
+from zimage_queue import JobEvent, keys
+
+log = logging.getLogger(__name__)
+TERMINAL_EVENTS = frozenset({"succeeded", "failed", "cancelled"})
+
+
+class EventHub:
+    def __init__(self, r: aioredis.Redis, block_ms: int = 1000) -> None:
+        self.r = r
+        self.block_ms = block_ms
+        self._subs: dict[str, set[asyncio.Queue[JobEvent]]] = defaultdict(set)
+        self._listeners: list[Callable[[JobEvent], None]] = []
+        self._task: asyncio.Task[None] | None = None
+        self._started = asyncio.Event()
+
+    def add_listener(self, fn: Callable[[JobEvent], None]) -> None:
+        """Called for every event (local mode's stand-in for the operator)."""
+        self._listeners.append(fn)
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="event-hub")
+        await self._started.wait()
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    @asynccontextmanager
+    async def subscribe(self, uid: str) -> AsyncIterator[asyncio.Queue[JobEvent]]:
+        """Events for ``uid`` from now on, in stream order. Subscribe before reading a snapshot."""
+        q: asyncio.Queue[JobEvent] = asyncio.Queue()
+        self._subs[uid].add(q)
+        try:
+            yield q
+        finally:
+            self._subs[uid].discard(q)
+            if not self._subs[uid]:
+                del self._subs[uid]
+
+    async def _last_id(self) -> str:
+        info = await self.r.xinfo_stream(keys.EVENTS_STREAM) if await self.r.exists(keys.EVENTS_STREAM) else None
+        if not info:
+            return "0-0"
+        last = info.get("last-generated-id") or info.get(b"last-generated-id") or "0-0"
+        return last.decode() if isinstance(last, bytes) else str(last)
+
+    async def _run(self) -> None:
+        last = None
+        while True:
+            try:
+                if last is None:
+                    last = await self._last_id()
+                    self._started.set()
+                reply = await self.r.xread({keys.EVENTS_STREAM: last}, count=500, block=self.block_ms)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # Redis restarting: keep trying, subscribers just wait
+                log.warning("events stream unavailable: %s", e)
+                self._started.set()
+                await asyncio.sleep(1.0)
+                continue
+            for _stream, entries in reply or []:
+                for entry_id, fields in entries:
+                    last = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+                    raw = fields.get(keys.EVENT_FIELD.encode()) or fields.get(keys.EVENT_FIELD)
+                    try:
+                        ev = JobEvent.model_validate_json(raw)
+                    except ValueError:
+                        log.warning("skipping malformed event %s", last)
+                        continue
+                    self._dispatch(ev)
+
+    def _dispatch(self, ev: JobEvent) -> None:
+        for fn in self._listeners:
+            try:
+                fn(ev)
+            except Exception:
+                log.exception("event listener failed on %s %s", ev.type, ev.uid)
+        for q in self._subs.get(ev.uid, ()):
+            q.put_nowait(ev)

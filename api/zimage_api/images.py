@@ -1,0 +1,43 @@
+"""Reading stored images for clients: bytes, or a short-lived URL that bypasses the API."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from urllib.parse import urlparse
+
+from zimage_api.errors import ApiError
+from zimage_worker.storage import ImageStore, LocalStore, S3Store, open_store
+
+
+class ImageAccess:
+    def __init__(self, storage_url: str) -> None:
+        self.store: ImageStore | None = open_store(storage_url) if storage_url else None
+
+    def local_path(self, uri: str) -> Path | None:
+        """The file behind a file:// result, if it lies in the store this API serves."""
+        if urlparse(uri).scheme != "file" or not isinstance(self.store, LocalStore):
+            return None
+        path = Path(urlparse(uri).path).resolve()
+        return path if path.is_relative_to(self.store.root) and path.is_file() else None
+
+    def presigned(self, uri: str, expires: int) -> str | None:
+        if urlparse(uri).scheme == "s3" and isinstance(self.store, S3Store):
+            return self.store.presign(uri, expires)
+        return None
+
+    def read(self, uri: str) -> bytes:
+        path = self.local_path(uri)
+        if path is not None:
+            return path.read_bytes()
+        if urlparse(uri).scheme == "s3" and self.store is not None:
+            return self.store.get(uri)
+        raise ApiError(404, "the image is not reachable from this API (no matching ZIMAGE_API_STORAGE_URL)")
+
+    def b64(self, uri: str) -> str:
+        return base64.b64encode(self.read(uri)).decode()
+
+    def put_upload(self, key: str, data: bytes, content_type: str) -> str:
+        if self.store is None:
+            raise ApiError(400, "image: this API takes no uploads (it has no image storage configured)", param="image")
+        return self.store.put(key, data, content_type)

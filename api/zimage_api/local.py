@@ -1,0 +1,118 @@
+"""Local mode: the API with a private Redis, a worker thread and an in-memory job store; no cluster.
+
+``zimage serve`` runs it. What the operator does in a cluster (worker events -> job status) is done here by
+applying the operator's own ``event_patch`` to the in-memory jobs.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI
+
+from zimage_api.app import create_app
+from zimage_api.settings import ApiSettings
+from zimage_api.store import MemoryJobStore
+from zimage_operator import reconcile
+from zimage_queue import JobEvent, JobQueue
+from zimage_queue.keys import queue_name
+from zimage_queue.server import RedisServer
+
+log = logging.getLogger(__name__)
+LOCAL_NAMESPACE = "local"
+DEV_KEY = "zk_dev_local-development-key"  # local mode only: the server listens on loopback
+
+
+def local_model(name: str, variant: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "zimage.dev/v1alpha1",
+        "kind": "ModelDeployment",
+        "metadata": {"name": name, "namespace": LOCAL_NAMESPACE},
+        "spec": {"model": {"variant": variant}},
+        "status": {"replicas": 1, "readyReplicas": 1},
+    }
+
+
+class LocalOperator:
+    """Worker events -> in-memory job status, with the operator's pure decision."""
+
+    def __init__(self, store: MemoryJobStore) -> None:
+        self.store = store
+
+    def __call__(self, ev: JobEvent) -> None:
+        name = self.store.find_uid(ev.uid)
+        job = self.store.get_job(name) if name else None
+        if job is None:
+            return
+        patch, _ = reconcile.event_patch(job["status"], ev, datetime.now(UTC), min_interval=0)
+        if patch:
+            self.store.patch_job_status(job["metadata"]["name"], patch)
+
+
+@dataclass
+class LocalApi:
+    app: FastAPI
+    settings: ApiSettings
+    redis_url: str
+    images_dir: Path
+    queue: str
+
+
+@contextmanager
+def local_api(
+    model: str = "tiny-random",
+    *,
+    model_name: str = "z-image-turbo",
+    variant: str = "turbo",
+    images_dir: str | Path | None = None,
+    models_dir: str | None = None,
+    engine: Any = None,
+    workers: int = 1,
+    **overrides: Any,
+) -> Iterator[LocalApi]:
+    """Everything but the HTTP server; serve ``.app`` with uvicorn (``zimage serve``) or an ASGI test client."""
+    from zimage_worker.engine import load_engine
+    from zimage_worker.loop import Worker
+    from zimage_worker.storage import LocalStore
+
+    tmp = None
+    if images_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="zimage-serve-")
+        images_dir = tmp.name
+    images = Path(images_dir).resolve()
+    with RedisServer() as srv:
+        settings = ApiSettings(
+            redis_url=srv.url,
+            namespace=LOCAL_NAMESPACE,
+            dev_key=overrides.pop("dev_key", DEV_KEY),
+            storage_url=f"file://{images}",
+            default_model=model_name,
+            **overrides,
+        )
+        store = MemoryJobStore(LOCAL_NAMESPACE, [local_model(model_name, variant)])
+        app = create_app(settings, store, on_event=LocalOperator(store))
+        q = queue_name(LOCAL_NAMESPACE, model_name)
+        engine = engine or load_engine(model, variant=variant, models_dir=models_dir)
+        running = []
+        for i in range(workers):
+            w = Worker(JobQueue.from_url(srv.url, visibility_ms=60_000), engine, LocalStore(images), q, f"local-worker-{i}")
+            t = threading.Thread(target=w.run, kwargs={"block_ms": 200}, name=f"worker-{i}", daemon=True)
+            t.start()
+            running.append((w, t))
+        try:
+            yield LocalApi(app, settings, srv.url, images, q)
+        finally:
+            for w, _ in running:
+                w.request_stop()
+            for _, t in running:
+                t.join(timeout=30)
+            if tmp:
+                tmp.cleanup()

@@ -1,0 +1,285 @@
+"""What the endpoints do, written once for the native and the OpenAI-compatible routes.
+
+A job is admitted exactly as the operator admits an ImageJob (``zimage_operator.reconcile.admit``): the API
+creates the CR, writes the same Queued status the operator would, and enqueues the same message at once to
+save the operator's round trip. The queue drops the operator's own enqueue of that uid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from zimage_api.apikeys import Principal
+from zimage_api.errors import ApiError, validation_message
+from zimage_api.events import TERMINAL_EVENTS, EventHub
+from zimage_api.limits import ConcurrencyQuota, RateLimiter
+from zimage_api.metrics import JOBS_SUBMITTED, REJECTED
+from zimage_api.settings import ApiSettings
+from zimage_api.store import MODEL_LABEL, REQUEST_HASH_ANNOTATION, TENANT_LABEL, JobExists, JobStore, merge_patch
+from zimage_operator import reconcile
+from zimage_operator.types import TERMINAL_PHASES, ImageJobSpec, Reason
+from zimage_queue import JobEvent, JobQueue
+
+log = logging.getLogger(__name__)
+_PHASE_EVENT = {"Succeeded": "succeeded", "Failed": "failed", "Cancelled": "cancelled"}
+
+
+@dataclass
+class Tracked:
+    """One step of a job as a client sees it: the event type and the job's status after it."""
+
+    type: str
+    status: dict[str, Any]
+    event: JobEvent | None = None
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class JobService:
+    def __init__(
+        self,
+        settings: ApiSettings,
+        store: JobStore,
+        queue: JobQueue,
+        hub: EventHub,
+        limiter: RateLimiter,
+        quota: ConcurrencyQuota,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.queue = queue
+        self.hub = hub
+        self.limiter = limiter
+        self.quota = quota
+
+    # -- limits ---------------------------------------------------------------------------------------
+    async def check_rate(self, p: Principal) -> None:
+        rate = p.rate_per_second or self.settings.rate_per_second
+        burst = p.burst or self.settings.rate_burst
+        verdict = await asyncio.to_thread(self.limiter.hit, p.key_id, rate, burst)
+        if not verdict.allowed:
+            REJECTED.labels(reason="rate").inc()
+            wait = max(1, round(verdict.retry_after + 0.5))
+            raise ApiError(
+                429,
+                f"rate limit of {rate:g} requests/s (burst {burst}) for this key exceeded; retry in {wait}s",
+                code="rate_limit_exceeded",
+                headers={"Retry-After": str(wait)},
+            )
+
+    # -- jobs -----------------------------------------------------------------------------------------
+    def default_model(self) -> str:
+        if self.settings.default_model:
+            return self.settings.default_model
+        models = self.store.list_models()
+        if len(models) == 1:
+            return str(models[0]["metadata"]["name"])
+        raise ApiError(400, "model: required (GET /v1/models lists them)", param="model", code="missing_model")
+
+    async def submit(
+        self, p: Principal, fields: dict[str, Any], idempotency_key: str | None = None
+    ) -> tuple[dict[str, Any], bool]:
+        """Create (or, for a repeated Idempotency-Key, find) the job. Returns (job, created)."""
+        fields = {k: v for k, v in fields.items() if v is not None}
+        if not fields.get("model"):
+            fields["model"] = await asyncio.to_thread(self.default_model)
+        fields.setdefault("ttlSecondsAfterFinished", self.settings.job_ttl_seconds)
+        try:
+            spec = ImageJobSpec.model_validate(fields)
+        except ValidationError as e:
+            message, param = validation_message(list(e.errors()))
+            raise ApiError(400, message, param=param, code="invalid_value") from e
+        errors = spec.cross_field_errors()
+        if errors:
+            param = errors[0].split(":", 1)[0].removeprefix("spec.").split("/")[0]
+            raise ApiError(400, "; ".join(e.removeprefix("spec.") for e in errors), param=param, code="invalid_value")
+        request_hash = hashlib.sha256(json.dumps(spec.wire(), sort_keys=True).encode()).hexdigest()
+
+        if idempotency_key is not None:
+            digest = hashlib.sha256(f"{p.tenant}:{idempotency_key}".encode()).hexdigest()
+            name = f"{p.tenant}-{digest[:16]}"
+            existing = await asyncio.to_thread(self.store.get_job, name)
+            if existing is not None:
+                return self._same_request(existing, request_hash), False
+        else:
+            name = f"{p.tenant}-{uuid.uuid4().hex[:16]}"
+
+        model = await asyncio.to_thread(self.store.get_model, spec.model)
+        if model is None:
+            raise ApiError(404, f"model: no model named {spec.model!r} (GET /v1/models)", param="model", code="model_not_found")
+        if spec.seed is None:  # resolved into the spec, so the operator's admission builds the very same message
+            spec.seed = random.SystemRandom().randrange(2**32)
+
+        limit = p.max_concurrent_jobs or self.settings.max_concurrent_jobs
+        slot = await asyncio.to_thread(self.quota.reserve, p.tenant, limit)
+        if slot is None:
+            REJECTED.labels(reason="concurrency").inc()
+            raise ApiError(
+                429,
+                f"tenant {p.tenant!r} has {limit} jobs queued or running, its limit; retry when one finishes",
+                code="concurrency_limit_exceeded",
+                headers={"Retry-After": "1"},
+            )
+        try:
+            labels = {TENANT_LABEL: p.tenant, MODEL_LABEL: spec.model}
+            try:
+                job = await asyncio.to_thread(
+                    self.store.create_job, name, spec.wire(), labels, {REQUEST_HASH_ANNOTATION: request_hash}
+                )
+            except JobExists:  # a concurrent retry with the same Idempotency-Key won
+                await asyncio.to_thread(self.quota.release, slot)
+                existing = await asyncio.to_thread(self.store.get_job, name)
+                if existing is None:
+                    raise ApiError(409, "a job with this Idempotency-Key was just deleted; retry", code="conflict") from None
+                return self._same_request(existing, request_hash), False
+            meta = job["metadata"]
+            decision = reconcile.admit(spec=job["spec"], status={}, meta=meta, model=model, now=_now())
+            if decision.action != "enqueue" or decision.message is None:  # the models above let nothing else through
+                raise RuntimeError(f"admission of {name} said {decision.action}: {decision.patch.get('message')}")
+            await asyncio.to_thread(self.store.patch_job_status, name, decision.patch)
+            await asyncio.to_thread(self.queue.enqueue, decision.message, spec.priority)
+            await asyncio.to_thread(self.quota.commit, slot, meta["uid"])
+        except BaseException:
+            await asyncio.to_thread(self.quota.release, slot)
+            raise
+        JOBS_SUBMITTED.labels(model=spec.model).inc()
+        merge_patch(job.setdefault("status", {}), decision.patch)
+        log.info("job %s admitted for tenant %s on %s", name, p.tenant, spec.model)
+        return job, True
+
+    @staticmethod
+    def _same_request(job: dict[str, Any], request_hash: str) -> dict[str, Any]:
+        stored = (job["metadata"].get("annotations") or {}).get(REQUEST_HASH_ANNOTATION)
+        if stored and stored != request_hash:
+            raise ApiError(
+                422,
+                "Idempotency-Key was used before with a different request",
+                param="Idempotency-Key",
+                code="idempotency_key_reused",
+            )
+        return job
+
+    async def get(self, p: Principal, name: str) -> dict[str, Any]:
+        job = await asyncio.to_thread(self.store.get_job, name)
+        # Another tenant's job is indistinguishable from a missing one.
+        if job is None or (job["metadata"].get("labels") or {}).get(TENANT_LABEL) != p.tenant:
+            raise ApiError(404, f"no job {name!r}", param="id", code="job_not_found")
+        return job
+
+    async def list(
+        self, p: Principal, phase: str | None, model: str | None, limit: int, token: str | None
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        labels = {TENANT_LABEL: p.tenant}
+        if model:
+            labels[MODEL_LABEL] = model
+        out: list[dict[str, Any]] = []
+        # Phase is status, not a label: filter here, reading pages until this one is full or the list ends.
+        while True:
+            try:
+                items, token = await asyncio.to_thread(self.store.list_jobs, labels, limit, token)
+            except ValueError as e:
+                raise ApiError(400, f"page_token: {e}", param="page_token", code="invalid_page_token") from e
+            out.extend(j for j in items if not phase or (j.get("status") or {}).get("phase", "Pending") == phase)
+            if len(out) >= limit or not token:
+                return out[:limit], token
+
+    async def cancel(self, p: Principal, name: str) -> dict[str, Any]:
+        job = await self.get(p, name)
+        status = job.get("status") or {}
+        if status.get("phase") in TERMINAL_PHASES:
+            return job
+        await asyncio.to_thread(self.queue.cancel, job["metadata"]["uid"])
+        patch = reconcile.cancel_patch(
+            status, _now(), job["metadata"].get("generation"), Reason.CANCELLED, "cancelled through the API"
+        )
+        if patch:
+            await asyncio.to_thread(self.store.patch_job_status, name, patch)
+            merge_patch(status, patch)
+            job["status"] = status
+        return job
+
+    # -- following a job --------------------------------------------------------------------------------
+    async def track(self, job: dict[str, Any], keepalive: float | None = None) -> AsyncIterator[Tracked]:
+        """queued, then what happened so far, then live events until the job ends.
+
+        The status is advanced with the operator's own ``event_patch``, so what a client sees here is what the
+        ImageJob's status becomes a moment later.
+        """
+        meta = job["metadata"]
+        uid = meta["uid"]
+        async with self.hub.subscribe(uid) as events:
+            fresh = await asyncio.to_thread(self.store.get_job, meta["name"])
+            status: dict[str, Any] = dict((fresh or job).get("status") or {})
+            yield Tracked("queued", status)
+            phase = status.get("phase")
+            if phase in TERMINAL_PHASES:
+                yield Tracked(_PHASE_EVENT[phase], status)
+                return
+            if phase == "Running":
+                yield Tracked("started", status)
+            late = await asyncio.to_thread(self._finished_in_queue, job, status)
+            if late is not None:  # finished before we subscribed; its status is not written yet
+                merge_patch(status, late)
+                yield Tracked(_PHASE_EVENT[status["phase"]], status)
+                return
+            while True:
+                try:
+                    ev = await asyncio.wait_for(events.get(), keepalive) if keepalive else await events.get()
+                except TimeoutError:
+                    yield Tracked("keepalive", status)
+                    continue
+                patch, _ = reconcile.event_patch(status, ev, _now(), min_interval=0)
+                if patch is None:
+                    continue
+                merge_patch(status, patch)
+                yield Tracked(ev.type, status, ev)
+                if ev.type in TERMINAL_EVENTS:
+                    return
+
+    def _finished_in_queue(self, job: dict[str, Any], status: dict[str, Any]) -> dict[str, Any] | None:
+        meta = job["metadata"]
+        uid = meta["uid"]
+        results = self.queue.result(uid)
+        if results is not None:
+            ev = JobEvent(type="succeeded", uid=uid, namespace=meta["namespace"], name=meta["name"], results=results)
+            return reconcile.event_patch(status, ev, _now())[0]
+        if self.queue.state(uid) == "failed":
+            # The reason is in the failure event the operator is writing into the status now: read it back.
+            for _ in range(50):
+                fresh = self.store.get_job(meta["name"])
+                fresh_status = (fresh or {}).get("status") or {}
+                if fresh_status.get("phase") in TERMINAL_PHASES:
+                    return fresh_status
+                time.sleep(0.1)
+            ev = JobEvent(type="failed", uid=uid, namespace=meta["namespace"], name=meta["name"], reason=Reason.WORKER_ERROR)
+            return reconcile.event_patch(status, ev, _now())[0]
+        return None
+
+    async def wait(self, job: dict[str, Any], timeout: float) -> dict[str, Any]:
+        """The job's final status, or ApiError 504 after ``timeout`` seconds (the job keeps running)."""
+        try:
+            async with asyncio.timeout(timeout):
+                async for step in self.track(job):
+                    if step.type in TERMINAL_EVENTS:
+                        return step.status
+        except TimeoutError:
+            pass
+        raise ApiError(
+            504,
+            f"job {job['metadata']['name']} not finished within {timeout:g}s; it keeps running: GET /v1/jobs/{job['metadata']['name']}",
+            code="timeout",
+        )

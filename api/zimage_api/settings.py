@@ -1,0 +1,38 @@
+"""API configuration, from ZIMAGE_API_* environment variables (ZIMAGE_REDIS_URL is shared with the operator)."""
+
+from __future__ import annotations
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ApiSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ZIMAGE_API_", populate_by_name=True)
+
+    redis_url: str = Field(
+        "redis://localhost:6379/0", validation_alias=AliasChoices("ZIMAGE_API_REDIS_URL", "ZIMAGE_REDIS_URL")
+    )
+    # The namespace whose ImageJobs and ModelDeployments the API serves; tenants are labels inside it.
+    namespace: str = "default"
+    # A directory with one file per key id (a Secret mounted as a volume; see zimage_api.apikeys).
+    keys_dir: str = ""
+    # Accepted in addition to keys_dir; `zimage serve` sets it so local mode works without a Secret.
+    dev_key: str = ""
+    dev_tenant: str = "dev"
+    storage_url: str = Field(
+        "", validation_alias=AliasChoices("ZIMAGE_API_STORAGE_URL", "ZIMAGE_STORAGE_URL")
+    )  # uploads go here; workers read them back
+    default_model: str = ""  # for OpenAI requests without `model` (else: the only ModelDeployment there is)
+    sync_timeout_seconds: float = 300.0  # how long /v1/images/* wait for the images
+    max_upload_bytes: int = 20 * 1024 * 1024
+    max_upload_pixels: int = 4096 * 4096  # decompression-bomb guard, checked before any pixel is decoded
+    rate_per_second: float = 10.0  # per API key, token bucket in Redis
+    rate_burst: int = 20
+    max_concurrent_jobs: int = 32  # per tenant: queued + running
+    job_ttl_seconds: int = 86400  # ttlSecondsAfterFinished of the ImageJobs the API creates
+    url_signing_key: str = ""  # HMAC key of image URLs handed out (random per process when empty)
+    url_ttl_seconds: int = 900
+    public_url: str = ""  # base of absolute URLs in responses (default: the request's)
+    page_size: int = 50
+    host: str = "0.0.0.0"
+    port: int = 8080

@@ -1,0 +1,78 @@
+"""Kubernetes-shaped jobs and models -> what clients get back."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from zimage_api.schemas import ImageLink, JobView, Links, ModelView, Progress
+from zimage_api.signing import UrlSigner
+from zimage_operator.types import TERMINAL_PHASES
+from zimage_queue import QueueStats
+
+
+def job_path(name: str) -> str:
+    return f"/v1/jobs/{name}"
+
+
+def image_path(name: str, index: int) -> str:
+    return f"{job_path(name)}/images/{index}"
+
+
+def _reason(status: dict[str, Any]) -> str | None:
+    phase = status.get("phase")
+    for c in status.get("conditions") or []:
+        if c.get("type") == phase and c.get("status") == "True":
+            return str(c.get("reason"))
+    return None
+
+
+def job_view(job: dict[str, Any], signer: UrlSigner, base_url: str = "", status: dict[str, Any] | None = None) -> JobView:
+    meta, spec = job["metadata"], job.get("spec") or {}
+    status = (job.get("status") or {}) if status is None else status
+    name = meta["name"]
+    progress = status.get("progress") or {}
+    phase = status.get("phase") or "Pending"
+    images = [
+        ImageLink(
+            index=i,
+            url=base_url + signer.sign(image_path(name, i)),
+            width=r["width"],
+            height=r["height"],
+            seed=r["seed"],
+            sha256=r["sha256"],
+            bytes=r["bytes"],
+        )
+        for i, r in enumerate(status.get("results") or [])
+    ]
+    return JobView(
+        id=name,
+        model=spec.get("model", ""),
+        phase=phase,
+        reason=_reason(status) if phase in TERMINAL_PHASES else None,
+        message=status.get("message"),
+        progress=Progress(step=progress.get("step", 0), total_steps=progress.get("totalSteps", 0)),
+        attempts=status.get("attempts"),
+        seed=status.get("seed", spec.get("seed")),
+        created_at=meta.get("creationTimestamp"),
+        queued_at=status.get("queuedAt"),
+        started_at=status.get("startedAt"),
+        finished_at=status.get("finishedAt"),
+        run_seconds=status.get("runSeconds"),
+        images=images,
+        request=spec,
+        links=Links(self_=job_path(name), events=f"{job_path(name)}/events"),
+    )
+
+
+def model_view(md: dict[str, Any], stats: QueueStats) -> ModelView:
+    status = md.get("status") or {}
+    ready = int(status.get("readyReplicas") or 0)
+    return ModelView(
+        id=md["metadata"]["name"],
+        variant=((md.get("spec") or {}).get("model") or {}).get("variant", "turbo"),
+        ready=ready > 0,
+        ready_replicas=ready,
+        replicas=int(status.get("replicas") or 0),
+        queue_length=stats.queued,
+        in_flight=stats.in_flight,
+    )
