@@ -116,3 +116,25 @@ def local_api(
                 t.join(timeout=30)
             if tmp:
                 tmp.cleanup()
+
+
+@contextmanager
+def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int | None = None) -> Iterator[str]:
+    """Serve ``app`` with uvicorn from a thread; yields the base URL once it accepts connections."""
+    import uvicorn
+
+    from zimage_queue.server import free_port
+
+    port = port or free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, name="api-server", daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError(f"the API server did not start on {host}:{port}")
+        thread.join(0.02)
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

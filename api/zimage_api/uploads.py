@@ -47,10 +47,12 @@ def check_image(data: bytes, field: str, *, max_bytes: int, max_pixels: int) -> 
             img.verify()  # structure and checksums, without keeping the decoded pixels
     except ApiError:
         raise
+    except Image.DecompressionBombError as e:  # PIL's own guard, for headers far beyond ours
+        raise ApiError(413, f"{field}: too many pixels ({e})", param=field, code="too_many_pixels") from e
     except UnidentifiedImageError as e:
         allowed = ", ".join(f.lower() for f in ALLOWED_FORMATS)
         raise ApiError(415, f"{field}: not an image of an allowed type ({allowed})", param=field, code="invalid_image_format") from e
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    except (OSError, ValueError, SyntaxError) as e:
         raise ApiError(400, f"{field}: unreadable image ({e.__class__.__name__})", param=field, code="invalid_image") from e
     return CheckedImage(data, fmt, w, h)
 
