@@ -105,7 +105,7 @@ class KeyRing:
         except OSError as e:
             log.warning("cannot read API keys from %s: %s", self._dir, e)
             return
-        stamp = tuple(p.stat().st_mtime for p in files) + (len(files),)
+        stamp = (*(p.stat().st_mtime for p in files), len(files))
         if stamp == self._stamp:
             return
         loaded = {}

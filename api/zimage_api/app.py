@@ -50,7 +50,13 @@ def create_app(
     if on_event:
         hub.add_listener(on_event)
     service = JobService(settings, store, queue, hub, RateLimiter(sync_redis), ConcurrencyQuota(sync_redis))
-    parts = Parts(settings, service, key_ring(settings), UrlSigner(settings.url_signing_key, settings.url_ttl_seconds), ImageAccess(settings.storage_url))
+    parts = Parts(
+        settings,
+        service,
+        key_ring(settings),
+        UrlSigner(settings.url_signing_key, settings.url_ttl_seconds),
+        ImageAccess(settings.storage_url),
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -80,7 +86,8 @@ def create_app(
         if length and length.isdigit() and int(length) > 3 * settings.max_upload_bytes:
             # Refuse before reading: an edit carries at most an image and a mask.
             response: Response = JSONResponse(
-                errors.error_body(413, f"request body over {3 * settings.max_upload_bytes} bytes", code="too_large"), 413
+                errors.error_body(413, f"request body over {3 * settings.max_upload_bytes} bytes", code="too_large"),
+                413,
             )
         else:
             response = await call_next(request)

@@ -7,10 +7,12 @@ However many clients follow jobs, each API replica reads the stream once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -40,10 +42,8 @@ class EventHub:
     async def stop(self) -> None:
         if self._task:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
 
     @asynccontextmanager
     async def subscribe(self, uid: str) -> AsyncIterator[asyncio.Queue[JobEvent]]:
@@ -58,11 +58,12 @@ class EventHub:
                 del self._subs[uid]
 
     async def _last_id(self) -> str:
-        info = await self.r.xinfo_stream(keys.EVENTS_STREAM) if await self.r.exists(keys.EVENTS_STREAM) else None
-        if not info:
+        """Where "from now on" starts: the newest entry's id (XREAD with "$" would drop events between reads)."""
+        newest = await self.r.xrevrange(keys.EVENTS_STREAM, count=1)
+        if not newest:
             return "0-0"
-        last = info.get("last-generated-id") or info.get(b"last-generated-id") or "0-0"
-        return last.decode() if isinstance(last, bytes) else str(last)
+        entry_id = newest[0][0]
+        return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
 
     async def _run(self) -> None:
         last = None
@@ -71,7 +72,7 @@ class EventHub:
                 if last is None:
                     last = await self._last_id()
                     self._started.set()
-                reply = await self.r.xread({keys.EVENTS_STREAM: last}, count=500, block=self.block_ms)
+                reply: Any = await self.r.xread({keys.EVENTS_STREAM: last}, count=500, block=self.block_ms)
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # Redis restarting: keep trying, subscribers just wait
@@ -79,16 +80,16 @@ class EventHub:
                 self._started.set()
                 await asyncio.sleep(1.0)
                 continue
-            for _stream, entries in reply or []:
-                for entry_id, fields in entries:
-                    last = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-                    raw = fields.get(keys.EVENT_FIELD.encode()) or fields.get(keys.EVENT_FIELD)
-                    try:
-                        ev = JobEvent.model_validate_json(raw)
-                    except ValueError:
-                        log.warning("skipping malformed event %s", last)
-                        continue
-                    self._dispatch(ev)
+            entries: list[tuple[Any, dict[Any, Any]]] = [e for _stream, batch in reply or [] for e in batch]
+            for entry_id, fields in entries:
+                last = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+                raw = fields.get(keys.EVENT_FIELD.encode()) or fields.get(keys.EVENT_FIELD)
+                try:
+                    ev = JobEvent.model_validate_json(raw or b"")
+                except ValueError:
+                    log.warning("skipping malformed event %s", last)
+                    continue
+                self._dispatch(ev)
 
     def _dispatch(self, ev: JobEvent) -> None:
         for fn in self._listeners:

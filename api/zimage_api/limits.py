@@ -111,7 +111,8 @@ class ConcurrencyQuota:
         """A slot for one more job, or None when the tenant has ``limit`` jobs queued or running."""
         token = uuid.uuid4().hex
         ok, active = self._reserve(
-            keys=[self._key(tenant)], args=[limit, token, time.time(), self.RESERVATION_TTL, self.MISSING_GRACE, keys.job("")],
+            keys=[self._key(tenant)],
+            args=[limit, token, time.time(), self.RESERVATION_TTL, self.MISSING_GRACE, keys.job("")],
         )
         return Slot(tenant, token, int(active)) if int(ok) else None
 

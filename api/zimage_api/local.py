@@ -103,7 +103,9 @@ def local_api(
         engine = engine or load_engine(model, variant=variant, models_dir=models_dir)
         running = []
         for i in range(workers):
-            w = Worker(JobQueue.from_url(srv.url, visibility_ms=60_000), engine, LocalStore(images), q, f"local-worker-{i}")
+            w = Worker(
+                JobQueue.from_url(srv.url, visibility_ms=60_000), engine, LocalStore(images), q, f"local-worker-{i}"
+            )
             t = threading.Thread(target=w.run, kwargs={"block_ms": 200}, name=f"worker-{i}", daemon=True)
             t.start()
             running.append((w, t))

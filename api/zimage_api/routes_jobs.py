@@ -87,7 +87,9 @@ async def job_events(id: JobId, caller: Caller, app: App, base: BaseUrl) -> Stre
                 p = step.status.get("progress") or {}
                 yield _sse("progress", {"id": id, "step": p.get("step", 0), "totalSteps": p.get("totalSteps", 0)})
             else:
-                yield _sse(step.type, job_view(job, app.signer, base, step.status).model_dump(by_alias=True, mode="json"))
+                yield _sse(
+                    step.type, job_view(job, app.signer, base, step.status).model_dump(by_alias=True, mode="json")
+                )
 
     return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
@@ -95,7 +97,10 @@ async def job_events(id: JobId, caller: Caller, app: App, base: BaseUrl) -> Stre
 @router.get(
     "/jobs/{id}/images/{index}",
     response_class=Response,
-    responses={200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}}, 307: {"description": "to a presigned URL"}},
+    responses={
+        200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}},
+        307: {"description": "to a presigned URL"},
+    },
 )
 async def get_image(
     id: JobId,
@@ -131,7 +136,8 @@ async def list_models(caller: Caller, app: App) -> ModelList:
     models = await asyncio.to_thread(app.service.store.list_models)
     out = []
     for md in models:
-        stats = await asyncio.to_thread(app.service.queue.stats, keys.queue_name(app.service.store.namespace, md["metadata"]["name"]))
+        stats = await asyncio.to_thread(
+            app.service.queue.stats, keys.queue_name(app.service.store.namespace, md["metadata"]["name"])
+        )
         out.append(model_view(md, stats))
     return ModelList(data=out)
-

@@ -36,7 +36,9 @@ def fit(width: int, height: int) -> tuple[int, int]:
     return (max(64, int(width * scale) // 16 * 16), max(64, int(height * scale) // 16 * 16))
 
 
-async def _run(app: App, caller: Principal, fields: dict[str, Any], response_format: str, base: str) -> OpenAIImagesResponse:
+async def _run(
+    app: App, caller: Principal, fields: dict[str, Any], response_format: str, base: str
+) -> OpenAIImagesResponse:
     job, _ = await app.service.submit(caller, fields)
     status = await app.service.wait(job, app.settings.sync_timeout_seconds)
     if status.get("phase") != "Succeeded":
@@ -45,7 +47,11 @@ async def _run(app: App, caller: Principal, fields: dict[str, Any], response_for
         )
         code = "job_cancelled" if status.get("phase") == "Cancelled" else "job_failed"
         status_code = 400 if reason in ("InvalidInput", "InvalidSpec") else 500
-        raise ApiError(status_code, f"job {job['metadata']['name']} {str(status.get('phase')).lower()}: {status.get('message')}", code=code)
+        raise ApiError(
+            status_code,
+            f"job {job['metadata']['name']} {str(status.get('phase')).lower()}: {status.get('message')}",
+            code=code,
+        )
     assert status.get("phase") in TERMINAL_PHASES
     name = job["metadata"]["name"]
     data = []

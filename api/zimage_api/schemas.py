@@ -13,7 +13,7 @@ from zimage_queue.message import CamelModel, OutputFormat
 class JobRequest(ImageJobSpec):
     """``POST /v1/jobs``: an ImageJob spec. ``model`` may be left out when the API has a default."""
 
-    model: str = Field("", max_length=253, description="A ModelDeployment name (GET /v1/models).")  # type: ignore[assignment]
+    model: str = Field("", max_length=253, description="A ModelDeployment name (GET /v1/models).")
     ttl_seconds_after_finished: int | None = Field(None, ge=0, le=30 * 86400)
 
 

@@ -120,7 +120,9 @@ class JobService:
 
         model = await asyncio.to_thread(self.store.get_model, spec.model)
         if model is None:
-            raise ApiError(404, f"model: no model named {spec.model!r} (GET /v1/models)", param="model", code="model_not_found")
+            raise ApiError(
+                404, f"model: no model named {spec.model!r} (GET /v1/models)", param="model", code="model_not_found"
+            )
         if spec.seed is None:  # resolved into the spec, so the operator's admission builds the very same message
             spec.seed = random.SystemRandom().randrange(2**32)
 
@@ -144,7 +146,9 @@ class JobService:
                 await asyncio.to_thread(self.quota.release, slot)
                 existing = await asyncio.to_thread(self.store.get_job, name)
                 if existing is None:
-                    raise ApiError(409, "a job with this Idempotency-Key was just deleted; retry", code="conflict") from None
+                    raise ApiError(
+                        409, "a job with this Idempotency-Key was just deleted; retry", code="conflict"
+                    ) from None
                 return self._same_request(existing, request_hash), False
             meta = job["metadata"]
             decision = reconcile.admit(spec=job["spec"], status={}, meta=meta, model=model, now=_now())
@@ -265,7 +269,9 @@ class JobService:
                 if fresh_status.get("phase") in TERMINAL_PHASES:
                     return fresh_status
                 time.sleep(0.1)
-            ev = JobEvent(type="failed", uid=uid, namespace=meta["namespace"], name=meta["name"], reason=Reason.WORKER_ERROR)
+            ev = JobEvent(
+                type="failed", uid=uid, namespace=meta["namespace"], name=meta["name"], reason=Reason.WORKER_ERROR
+            )
             return reconcile.event_patch(status, ev, _now())[0]
         return None
 
@@ -278,8 +284,7 @@ class JobService:
                         return step.status
         except TimeoutError:
             pass
+        name = job["metadata"]["name"]
         raise ApiError(
-            504,
-            f"job {job['metadata']['name']} not finished within {timeout:g}s; it keeps running: GET /v1/jobs/{job['metadata']['name']}",
-            code="timeout",
+            504, f"job {name} not finished within {timeout:g}s; it keeps running: GET /v1/jobs/{name}", code="timeout"
         )

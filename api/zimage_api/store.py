@@ -25,7 +25,9 @@ class JobExists(Exception):
 class JobStore(Protocol):
     namespace: str
 
-    def create_job(self, name: str, spec: dict[str, Any], labels: dict[str, str], annotations: dict[str, str]) -> dict[str, Any]:
+    def create_job(
+        self, name: str, spec: dict[str, Any], labels: dict[str, str], annotations: dict[str, str]
+    ) -> dict[str, Any]:
         """Create and return the job; raise JobExists when the name is taken."""
         ...
 

@@ -42,7 +42,10 @@ def check_image(data: bytes, field: str, *, max_bytes: int, max_pixels: int) -> 
             fmt, (w, h) = str(img.format), img.size
             if w * h > max_pixels:
                 raise ApiError(
-                    413, f"{field}: {w}x{h} pixels is over the limit of {max_pixels}", param=field, code="too_many_pixels"
+                    413,
+                    f"{field}: {w}x{h} pixels is over the limit of {max_pixels}",
+                    param=field,
+                    code="too_many_pixels",
                 )
             img.verify()  # structure and checksums, without keeping the decoded pixels
     except ApiError:
@@ -51,9 +54,13 @@ def check_image(data: bytes, field: str, *, max_bytes: int, max_pixels: int) -> 
         raise ApiError(413, f"{field}: too many pixels ({e})", param=field, code="too_many_pixels") from e
     except UnidentifiedImageError as e:
         allowed = ", ".join(f.lower() for f in ALLOWED_FORMATS)
-        raise ApiError(415, f"{field}: not an image of an allowed type ({allowed})", param=field, code="invalid_image_format") from e
+        raise ApiError(
+            415, f"{field}: not an image of an allowed type ({allowed})", param=field, code="invalid_image_format"
+        ) from e
     except (OSError, ValueError, SyntaxError) as e:
-        raise ApiError(400, f"{field}: unreadable image ({e.__class__.__name__})", param=field, code="invalid_image") from e
+        raise ApiError(
+            400, f"{field}: unreadable image ({e.__class__.__name__})", param=field, code="invalid_image"
+        ) from e
     return CheckedImage(data, fmt, w, h)
 
 

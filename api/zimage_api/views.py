@@ -26,7 +26,9 @@ def _reason(status: dict[str, Any]) -> str | None:
     return None
 
 
-def job_view(job: dict[str, Any], signer: UrlSigner, base_url: str = "", status: dict[str, Any] | None = None) -> JobView:
+def job_view(
+    job: dict[str, Any], signer: UrlSigner, base_url: str = "", status: dict[str, Any] | None = None
+) -> JobView:
     meta, spec = job["metadata"], job.get("spec") or {}
     status = (job.get("status") or {}) if status is None else status
     name = meta["name"]

@@ -24,7 +24,10 @@ def openai_client(api: Api, key: str = "dev") -> openai.OpenAI:
 @pytest.mark.parametrize("response_format", ["url", "b64_json"])
 def test_openai_sdk_generate(api: Api, response_format: str) -> None:
     res = openai_client(api).images.generate(
-        prompt="a red fox", size="128x96", n=2, response_format=response_format  # type: ignore[arg-type]
+        prompt="a red fox",
+        size="128x96",
+        n=2,
+        response_format=response_format,  # type: ignore[arg-type]
     )
     assert len(res.data) == 2
     for item in res.data:
