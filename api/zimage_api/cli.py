@@ -13,17 +13,79 @@ from pydantic import ValidationError
 from zimage_queue import GenerationParams, JobEvent
 
 
-def _progress(ev: JobEvent) -> None:
-    if ev.type == "progress" and ev.total_steps:
+def _bar(step: int, total: int) -> None:
+    if total:
         width = 30
-        done = int(width * (ev.step or 0) / ev.total_steps)
-        sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {ev.step}/{ev.total_steps}")
+        done = int(width * step / total)
+        sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {step}/{total}")
         sys.stderr.flush()
+
+
+def _progress(ev: JobEvent) -> None:
+    if ev.type == "progress":
+        _bar(ev.step or 0, ev.total_steps or 0)
     elif ev.type == "started":
         sys.stderr.write(f"running on {ev.worker}\n")
 
 
+def generate_remote(args: argparse.Namespace) -> int:
+    """Submit to a running API, follow its event stream, save the images."""
+    import json
+
+    import httpx
+
+    key = args.api_key or os.environ.get("ZIMAGE_API_KEY", "")
+    body = {
+        "prompt": args.prompt,
+        "negativePrompt": args.negative_prompt,
+        "width": args.width,
+        "height": args.height,
+        "steps": args.steps,
+        "guidanceScale": args.guidance,
+        "seed": args.seed,
+        "numImages": args.n,
+        "outputFormat": args.format,
+        "model": args.remote_model,
+    }
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    with httpx.Client(base_url=args.api, headers=headers, timeout=60) as client:
+        r = client.post("/v1/jobs", json={k: v for k, v in body.items() if v is not None})
+        if r.status_code >= 400:
+            print(f"error: {r.status_code}: {r.json().get('error', {}).get('message', r.text)}", file=sys.stderr)
+            return 2 if r.status_code < 500 else 1
+        job = r.json()
+        print(f"job {job['id']} on {job['model']}", file=sys.stderr)
+        final: dict[str, object] = job
+        kind = ""
+        with client.stream("GET", f"/v1/jobs/{job['id']}/events", timeout=None) as events:
+            for line in events.iter_lines():
+                if line.startswith("event: "):
+                    kind = line.removeprefix("event: ")
+                elif line.startswith("data: "):
+                    data = json.loads(line.removeprefix("data: "))
+                    if kind == "progress":
+                        _bar(data["step"], data["totalSteps"])
+                    elif kind in ("succeeded", "failed", "cancelled"):
+                        final = data
+        sys.stderr.write("\n")
+        if final.get("phase") != "Succeeded":
+            print(f"error: job {final.get('phase')}: {final.get('message')}", file=sys.stderr)
+            return 1
+        images = final["images"]
+        assert isinstance(images, list)
+        from zimage_worker.local import output_paths
+
+        for target, image in zip(output_paths(Path(args.output), len(images)), images, strict=True):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(client.get(image["url"]).raise_for_status().content)
+            print(target)
+    print(f"seed {final.get('seed')}, {final.get('runSeconds')}s", file=sys.stderr)
+    return 0
+
+
 def generate(args: argparse.Namespace) -> int:
+    if args.api:
+        return generate_remote(args)
     from zimage_worker.local import copy_results, local_stack
 
     try:
@@ -59,6 +121,55 @@ def generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def serve(args: argparse.Namespace) -> int:
+    import logging
+
+    import uvicorn
+
+    from zimage_api.local import DEV_KEY, local_api
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    with local_api(args.model, variant=args.variant, images_dir=args.images_dir, models_dir=args.models_dir) as la:
+        url = f"http://{args.host}:{args.port}"
+        print(
+            f"zimage API on {url} (docs: {url}/docs), model {args.model} as z-image-turbo\n"
+            f"API key: {DEV_KEY}\n"
+            f"  curl -H 'Authorization: Bearer {DEV_KEY}' -H 'Content-Type: application/json' \\\n"
+            f"       {url}/v1/jobs -d '{{\"prompt\": \"a red fox\"}}'\n"
+            f"  OpenAI(base_url='{url}/v1', api_key='{DEV_KEY}').images.generate(prompt='a red fox')",
+            file=sys.stderr,
+        )
+        uvicorn.run(la.app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def create_key(args: argparse.Namespace) -> int:
+    from zimage_api.apikeys import entry_json, key_id, new_key
+
+    try:
+        key = new_key(args.id)
+        kid = key_id(key)
+        if kid is None:
+            raise ValueError("--id: 1-32 characters a-z, 0-9")
+        entry = entry_json(
+            key,
+            args.tenant,
+            ratePerSecond=args.rate_per_second,
+            burst=args.burst,
+            maxConcurrentJobs=args.max_concurrent_jobs,
+        )
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(key)
+    print(
+        f"# give the key to tenant {args.tenant}; the Secret keeps only its hash (add to it if it exists):\n"
+        f"kubectl create secret generic {args.secret} --from-literal={kid}='{entry}'",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="zimage", description="Z-Image jobs from the command line.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -81,7 +192,31 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--models-dir", default=os.environ.get("MODELS_DIR"))
     g.add_argument("--variant", default="turbo", choices=["turbo", "base", "edit"])
     g.add_argument("--images-dir", default=None, help="where the worker stores images (default: a temp dir)")
+    g.add_argument(
+        "--api", default=os.environ.get("ZIMAGE_API_URL"), help="submit to this API (e.g. http://localhost:8080)"
+    )
+    g.add_argument("--api-key", default=None, help="default: $ZIMAGE_API_KEY")
+    g.add_argument("--remote-model", default=None, help="with --api: a ModelDeployment name (default: the API's)")
     g.set_defaults(func=generate)
+
+    s = sub.add_parser("serve", help="run the REST API locally: private Redis, a worker, an in-memory job store")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8080)
+    s.add_argument("--model", default=os.environ.get("ZIMAGE_MODEL_SOURCE", "tiny-random"))
+    s.add_argument("--models-dir", default=os.environ.get("MODELS_DIR"))
+    s.add_argument("--variant", default="turbo", choices=["turbo", "base", "edit"])
+    s.add_argument("--images-dir", default=None, help="where images are kept (default: a temp dir)")
+    s.set_defaults(func=serve)
+
+    k = sub.add_parser("keys", help="API keys").add_subparsers(dest="keys_command", required=True)
+    kc = k.add_parser("create", help="make a key; prints it once, and the hashed entry for the keys Secret")
+    kc.add_argument("--tenant", required=True)
+    kc.add_argument("--id", default=None, help="key id (a-z0-9; default random)")
+    kc.add_argument("--rate-per-second", type=float, default=None)
+    kc.add_argument("--burst", type=int, default=None)
+    kc.add_argument("--max-concurrent-jobs", type=int, default=None)
+    kc.add_argument("--secret", default="zimage-api-keys", help="Secret name in the printed kubectl command")
+    kc.set_defaults(func=create_key)
     args = p.parse_args(argv)
     code: int = args.func(args)
     return code

@@ -80,12 +80,17 @@ def local_stack(
             thread.join(timeout=30)
 
 
+def output_paths(output: Path, count: int) -> list[Path]:
+    """``fox.png``; ``fox-0.png``, ``fox-1.png``... when there are several."""
+    if count == 1:
+        return [output]
+    return [output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(count)]
+
+
 def copy_results(results: list[ResultImage], output: Path) -> list[Path]:
-    """Copy stored images to ``output`` (``fox.png``; ``fox-1.png``... when there are several)."""
-    out = []
-    for i, r in enumerate(results):
-        target = output if len(results) == 1 else output.with_name(f"{output.stem}-{i}{output.suffix}")
+    """Copy stored images to ``output`` (see ``output_paths``)."""
+    out = output_paths(output, len(results))
+    for r, target in zip(results, out, strict=True):
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(Path(r.uri.removeprefix("file://")), target)
-        out.append(target)
     return out
