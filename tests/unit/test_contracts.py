@@ -47,9 +47,38 @@ def test_operator_and_api_import_without_torch() -> None:
         "            raise ImportError('blocked: ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
         "import zimage_operator.handlers.imagejob, zimage_operator.__main__, zimage_queue, zimage_api.cli\n"
+        "import zimage_api.__main__, zimage_api.app, zimage_api.local\n"
         "import zimage_worker.engine, zimage_worker.loop, zimage_worker.local\n"
         "assert not any(m.split('.')[0] in ('torch', 'diffusers') for m in sys.modules)\n"
         "print('ok')\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_api_request_bounds_are_the_crd_bounds() -> None:
+    """The API's OpenAPI schema for POST /v1/jobs states the same limits as the ImageJob CRD, field by field."""
+    from zimage_api.app import create_app
+    from zimage_api.settings import ApiSettings
+    from zimage_api.store import MemoryJobStore
+
+    crd = yaml.safe_load((REPO / "crds" / "imagejob.yaml").read_text())
+    crd_props = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+    openapi = create_app(ApiSettings(), MemoryJobStore("x", [])).openapi()
+    api_props = openapi["components"]["schemas"]["JobRequest"]["properties"]
+    assert set(api_props) == set(crd_props)
+    bounds = ("minimum", "maximum", "multipleOf", "minLength", "maxLength", "pattern", "enum")
+
+    def limits(prop: dict[str, object]) -> dict[str, object]:
+        # pydantic writes an optional field as anyOf [{...}, {"type": "null"}]; the CRD as nullable
+        options = prop.get("anyOf") or [prop]
+        out: dict[str, object] = {}
+        for option in options:  # type: ignore[attr-defined]
+            out.update({k: v for k, v in option.items() if k in bounds})
+        return out
+
+    # The API's own additions: model may be left to the API's default; its TTL has an upper bound.
+    relaxed = {"model", "ttlSecondsAfterFinished"}
+    for name in set(crd_props) - relaxed:
+        assert limits(api_props[name]) == limits(crd_props[name]), name
+    assert limits(crd_props["width"]) == {"minimum": 64, "maximum": 2048, "multipleOf": 16}
