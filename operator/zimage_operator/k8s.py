@@ -17,6 +17,8 @@ from zimage_operator.types import GROUP, IMAGEJOB_PLURAL, MODELDEPLOYMENT_PLURAL
 log = logging.getLogger(__name__)
 # policy/v1 PodDisruptionBudget is GA since Kubernetes 1.21; v1beta1 serves the fields we set before that.
 _OLDER_VERSIONS = {("policy/v1", "PodDisruptionBudget"): "policy/v1beta1"}
+# Spec fields the older version does not have: the server drops them, so they are neither sent nor compared.
+_NEWER_SPEC_FIELDS = {("policy/v1", "PodDisruptionBudget"): ("unhealthyPodEvictionPolicy",)}
 COMPONENT = "zimage-operator"
 
 
@@ -97,6 +99,14 @@ class Kube:
                 # Same fields under the older group version on clusters before it went GA.
                 self._resources[key] = self._dynamic.resources.get(api_version=older, kind=kind)
         return self._resources[key]
+
+    def as_served(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """``obj`` as this cluster stores it: without the fields its (older) served version does not know."""
+        key = (obj["apiVersion"], obj["kind"])
+        dropped = _NEWER_SPEC_FIELDS.get(key, ())
+        if not dropped or self._resource(*key).group_version == obj["apiVersion"]:
+            return obj
+        return {**obj, "spec": {k: v for k, v in (obj.get("spec") or {}).items() if k not in dropped}}
 
     def get_object(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         try:

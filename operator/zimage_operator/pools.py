@@ -83,7 +83,8 @@ def sync(rt: Runtime, pool: Pool, now: datetime) -> None:
     )
 
     drift_check = time.monotonic() >= pool.next_drift_check
-    for key, obj in objects.items():
+    for key, desired_obj in objects.items():
+        obj = rt.kube.as_served(desired_obj)
         if key == "deployment":
             live = actual
         elif drift_check:

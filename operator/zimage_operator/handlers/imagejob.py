@@ -47,7 +47,11 @@ async def admit(
         if changed_phase:
             try:
                 await asyncio.to_thread(
-                    rt.kube.patch_job_status, meta["namespace"], meta["name"], decision.patch, meta.get("resourceVersion")
+                    rt.kube.patch_job_status,
+                    meta["namespace"],
+                    meta["name"],
+                    decision.patch,
+                    meta.get("resourceVersion"),
                 )
             except StatusConflict as e:
                 raise kopf.TemporaryError(f"{e}; deciding again", delay=0.2) from e
