@@ -135,7 +135,7 @@ def serve(args: argparse.Namespace) -> int:
             f"zimage API on {url} (docs: {url}/docs), model {args.model} as z-image-turbo\n"
             f"API key: {DEV_KEY}\n"
             f"  curl -H 'Authorization: Bearer {DEV_KEY}' -H 'Content-Type: application/json' \\\n"
-            f"       {url}/v1/jobs -d '{{\"prompt\": \"a red fox\"}}'\n"
+            f'       {url}/v1/jobs -d \'{{"prompt": "a red fox"}}\'\n'
             f"  OpenAI(base_url='{url}/v1', api_key='{DEV_KEY}').images.generate(prompt='a red fox')",
             file=sys.stderr,
         )

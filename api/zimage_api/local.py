@@ -48,13 +48,8 @@ class LocalOperator:
         self.store = store
 
     def __call__(self, ev: JobEvent) -> None:
-        name = self.store.find_uid(ev.uid)
-        job = self.store.get_job(name) if name else None
-        if job is None:
-            return
-        patch, _ = reconcile.event_patch(job["status"], ev, datetime.now(UTC), min_interval=0)
-        if patch:
-            self.store.patch_job_status(job["metadata"]["name"], patch)
+        now = datetime.now(UTC)
+        self.store.update_status(ev.uid, lambda status: reconcile.event_patch(status, ev, now, min_interval=0)[0])
 
 
 @dataclass

@@ -6,8 +6,10 @@ written once. The API labels what it creates with its tenant and model; ``kubect
 
 from __future__ import annotations
 
+import copy
 import threading
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -68,6 +70,7 @@ class MemoryJobStore:
         self.namespace = namespace
         self._models = {m["metadata"]["name"]: m for m in models}
         self._jobs: dict[str, dict[str, Any]] = {}
+        self._names: dict[str, str] = {}  # uid -> name: worker events carry the uid
         self._lock = threading.Lock()
 
     def create_job(
@@ -76,7 +79,7 @@ class MemoryJobStore:
         with self._lock:
             if name in self._jobs:
                 raise JobExists(name)
-            obj = {
+            obj: dict[str, Any] = {
                 "apiVersion": "zimage.dev/v1alpha1",
                 "kind": "ImageJob",
                 "metadata": {
@@ -92,6 +95,7 @@ class MemoryJobStore:
                 "status": {},
             }
             self._jobs[name] = obj
+            self._names[obj["metadata"]["uid"]] = name
             return _copy(obj)
 
     def get_job(self, name: str) -> dict[str, Any] | None:
@@ -99,9 +103,15 @@ class MemoryJobStore:
             obj = self._jobs.get(name)
             return _copy(obj) if obj else None
 
-    def find_uid(self, uid: str) -> str | None:
+    def update_status(self, uid: str, decide: Callable[[dict[str, Any]], dict[str, Any] | None]) -> None:
+        """Apply ``decide(status) -> patch`` to the job with ``uid``, under the lock (no copies: hot path)."""
         with self._lock:
-            return next((n for n, o in self._jobs.items() if o["metadata"]["uid"] == uid), None)
+            obj = self._jobs.get(self._names.get(uid, ""))
+            if obj is None:
+                return
+            patch = decide(obj["status"])
+            if patch:
+                merge_patch(obj["status"], patch)
 
     def list_jobs(
         self, labels: dict[str, str], limit: int, continue_token: str | None
@@ -124,10 +134,6 @@ class MemoryJobStore:
             merge_patch(obj["status"], status)
             return True
 
-    def delete_job(self, name: str) -> None:
-        with self._lock:
-            self._jobs.pop(name, None)
-
     def get_model(self, name: str) -> dict[str, Any] | None:
         return self._models.get(name)
 
@@ -139,6 +145,4 @@ class MemoryJobStore:
 
 
 def _copy(obj: dict[str, Any]) -> dict[str, Any]:
-    import copy
-
     return copy.deepcopy(obj)
