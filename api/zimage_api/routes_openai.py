@@ -16,7 +16,6 @@ from zimage_api.errors import ApiError
 from zimage_api.schemas import SIZE_PATTERN, OpenAIGenerationRequest, OpenAIImage, OpenAIImagesResponse
 from zimage_api.uploads import CheckedImage, check_image, openai_mask_to_white
 from zimage_api.views import image_path
-from zimage_operator.types import TERMINAL_PHASES
 
 router = APIRouter(prefix="/v1/images", tags=["openai"])
 DEFAULT_SIZE = (1024, 1024)
@@ -52,7 +51,6 @@ async def _run(
             f"job {job['metadata']['name']} {str(status.get('phase')).lower()}: {status.get('message')}",
             code=code,
         )
-    assert status.get("phase") in TERMINAL_PHASES
     name = job["metadata"]["name"]
     data = []
     for i, r in enumerate(status.get("results") or []):
