@@ -32,7 +32,7 @@ MIN_GRACE_SECONDS = 600
 # Loading a multi-GB model (download, then to GPU) takes minutes: allow 30 before the kubelet gives up.
 STARTUP_PERIOD_SECONDS = 10
 STARTUP_FAILURES = 180
-RUN_AS = 1000
+RUN_AS = 10001  # the user of the worker image (worker_image/Dockerfile)
 
 
 def worker_name(md_name: str) -> str:

@@ -122,9 +122,9 @@ def test_locked_down_pods(kind: str) -> None:
     spec = pod(render(FULL), kind)
     assert spec["securityContext"] == {
         "runAsNonRoot": True,
-        "runAsUser": 1000,
-        "runAsGroup": 1000,
-        "fsGroup": 1000,
+        "runAsUser": 10001,  # the worker image's user
+        "runAsGroup": 10001,
+        "fsGroup": 10001,
         "fsGroupChangePolicy": "OnRootMismatch",
         "seccompProfile": {"type": "RuntimeDefault"},
     }
