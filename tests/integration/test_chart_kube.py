@@ -153,6 +153,9 @@ def test_helm_install_and_run_with_the_charts_permissions(crds: Kube, tmp_path: 
             )
             md = json.loads(kube.kubectl("get", "md", "z-image-turbo", "-n", NS, "-o", "json").stdout)
             assert md["status"]["conditions"]
+            # GitOps: nothing but status was written on the user's object (no drift for Argo CD or Flux to see).
+            assert md["metadata"]["generation"] == 1 and not md["metadata"].get("finalizers")
+            assert not [a for a in md["metadata"].get("annotations") or {} if "kopf" in a or "zimage" in a]
 
             # The API's store calls as the API's ServiceAccount.
             api_client = config.new_client_from_config(str(sa_kubeconfig(kube, API_SA, tmp_path / "api.kubeconfig")))
