@@ -30,8 +30,6 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.watching.server_timeout = 60
     cfg = OperatorSettings()
     rt = Runtime(settings=cfg, kube=Kube(), queue=JobQueue.from_url(cfg.redis_url))
-    if cfg.consumer_name:
-        rt.consumer = cfg.consumer_name
     memo.runtime = rt
     rt.tasks.append(asyncio.create_task(events.consume(rt), name="worker-events"))
     rt.tasks.append(asyncio.create_task(imagejob.housekeeping(rt), name="housekeeping"))

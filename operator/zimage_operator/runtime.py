@@ -27,5 +27,6 @@ class Runtime:
     pools: dict[str, Any] = field(default_factory=dict)  # ModelDeployment uid -> pools.Pool
 
     def __post_init__(self) -> None:
+        self.consumer = self.settings.consumer_name or self.consumer
         # host and pid: unique per replica, and per process when tests run several on one machine
         self.lease = Lease(self.queue.r, f"{self.consumer}-{os.getpid()}", ttl_seconds=self.settings.lease_seconds)
