@@ -42,7 +42,8 @@ def _code(value: str) -> str:
     """A code span in a table cell (GitHub needs the pipe escaped even there)."""
     fence = "``" if "`" in value else "`"
     pad = " " if fence == "``" else ""
-    return f"{fence}{pad}{value.replace('|', chr(92) + '|')}{pad}{fence}"
+    escaped = value.replace("|", "\\|")
+    return f"{fence}{pad}{escaped}{pad}{fence}"
 
 
 def _literal(value: Any) -> str:
