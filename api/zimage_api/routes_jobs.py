@@ -31,7 +31,16 @@ async def create_job(
     response: Response,
     idempotency_key: Annotated[str | None, Header(min_length=1, max_length=255)] = None,
 ) -> JobView:
-    """Submit a job (202). Repeating a request with the same Idempotency-Key returns the same job (200)."""
+    """Submit a job (202). Repeating a request with the same Idempotency-Key returns the same job (200).
+
+    ``inputImage``/``maskImage`` must lie in this API's storage (upload through /v1/images/edits, or put them
+    in its bucket): workers fetch what they are given, and an HTTP client must not point them anywhere else.
+    """
+    for field, uri in (("inputImage", body.input_image), ("maskImage", body.mask_image)):
+        if uri and not app.images.owns(uri):
+            raise ApiError(
+                400, f"{field}: must be an object in this API's image storage", param=field, code="invalid_value"
+            )
     job, created = await app.service.submit(caller, body.model_dump(by_alias=True), idempotency_key)
     if not created:
         response.status_code = 200

@@ -234,7 +234,14 @@ def bomb_png(width: int, height: int) -> bytes:
         ({"prompt": "x", "steps": 101}, "steps"),
         ({"prompt": "x", "numImages": 9}, "numImages"),
         ({"prompt": "x", "model": "no-such-model"}, "model"),
-        ({"prompt": "x", "task": "inpaint", "inputImage": "s3://b/k"}, "maskImage"),
+        ({"prompt": "x", "task": "inpaint"}, "inputImage"),
+        # Workers fetch what they are given: only objects in the API's own storage are accepted.
+        (
+            {"prompt": "x", "task": "image-to-image", "inputImage": "http://169.254.169.254/latest/meta-data"},
+            "inputImage",
+        ),
+        ({"prompt": "x", "task": "image-to-image", "inputImage": "file:///etc/passwd"}, "inputImage"),
+        ({"prompt": "x", "task": "inpaint", "inputImage": "s3://b/k", "maskImage": "s3://b/m"}, "inputImage"),
         ({"prompt": "x", "colour": "red"}, "colour"),
         ({"prompt": "x", "priority": "urgent"}, "priority"),
         ({}, "prompt"),
