@@ -71,20 +71,20 @@ class Kube:
         return proc
 
 
-@pytest.fixture(scope="session")
-def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
+@contextmanager
+def kube_cluster(state: Path) -> Iterator[Kube]:
+    """KUBECONFIG's cluster, else a fresh test bed in ``state`` (stopped afterwards). Also for e2e.report."""
     env = dict(os.environ)
     if env.get("KUBECONFIG"):
         yield Kube(env)
         return
     if not TESTBED.exists():
-        pytest.skip(f"no Kubernetes: set KUBECONFIG or provide {TESTBED} (see shared/TESTBED.md)")
+        raise FileNotFoundError(f"no Kubernetes: set KUBECONFIG or provide {TESTBED} (see shared/TESTBED.md)")
     subprocess.run([str(TESTBED), "install"], check=True, capture_output=True)
     for line in subprocess.run([str(TESTBED), "env"], check=True, capture_output=True, text=True).stdout.splitlines():
         m = re.match(r'export (\w+)="?(.*?)"?$', line)
         if m:
             env[m[1]] = m[2].replace("$PATH", env.get("PATH", ""))
-    state = tmp_path_factory.mktemp("kube")
     out = subprocess.run([str(TESTBED), "up", str(state)], check=True, capture_output=True, text=True, env=env)
     m = re.search(r"export KUBECONFIG=(\S+)", out.stdout)
     assert m, out.stdout + out.stderr
@@ -95,12 +95,24 @@ def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
         subprocess.run([str(TESTBED), "down", str(state)], capture_output=True, env=env)
 
 
-@pytest.fixture(scope="session")
-def crds(kube: Kube) -> Kube:
+def install_crds(kube: Kube) -> Kube:
     kube.kubectl("apply", "-f", str(REPO / "crds"))
     for name in ("imagejobs.zimage.dev", "modeldeployments.zimage.dev"):
         kube.kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s")
     return kube
+
+
+@pytest.fixture(scope="session")
+def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
+    if not os.environ.get("KUBECONFIG") and not TESTBED.exists():
+        pytest.skip(f"no Kubernetes: set KUBECONFIG or provide {TESTBED} (see shared/TESTBED.md)")
+    with kube_cluster(tmp_path_factory.mktemp("kube")) as k:
+        yield k
+
+
+@pytest.fixture(scope="session")
+def crds(kube: Kube) -> Kube:
+    return install_crds(kube)
 
 
 @pytest.fixture
