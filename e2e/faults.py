@@ -69,8 +69,8 @@ class Stack:
     def images(self) -> Path:
         return self.tmp / "images"
 
-    def start_operator(self) -> None:
-        self.operator = start_operator(self.ps, self.kube, self.url, self.ns)
+    def start_operator(self, **env: str) -> None:
+        self.operator = start_operator(self.ps, self.kube, self.url, self.ns, **env)
 
     def worker_process(self) -> subprocess.Popen[bytes]:
         return start_worker(self.ps, self.url, self.queue, self.images, ZIMAGE_VISIBILITY_MS="3000")
@@ -229,6 +229,38 @@ def redis_restart(kube: Kube, tmp: Path, jobs: int) -> Row:
         return st.count("Redis restart (AOF)", names, t0)
 
 
+def kube_api_outage(kube: Kube, tmp: Path, jobs: int, seconds: float = 10.0) -> Row:
+    """The Kubernetes API unreachable from the operator for ``seconds`` while jobs run and more arrive."""
+    from urllib.parse import urlparse
+
+    import yaml
+
+    from e2e.proxy import CuttableProxy
+
+    with stack(kube, tmp, "kube-outage") as st:
+        config = yaml.safe_load(Path(kube.env["KUBECONFIG"]).read_text())
+        server = urlparse(config["clusters"][0]["cluster"]["server"])
+        proxy = CuttableProxy(server.hostname or "127.0.0.1", server.port or 443)
+        config["clusters"][0]["cluster"]["server"] = f"https://127.0.0.1:{proxy.port}"
+        (tmp / "via-proxy.kubeconfig").write_text(yaml.safe_dump(config))
+        assert st.operator is not None
+        st.operator.send_signal(signal.SIGTERM)  # the stack's operator talks to the API directly: replace it
+        st.operator.wait(30)
+        st.start_operator(KUBECONFIG=str(tmp / "via-proxy.kubeconfig"))
+        st.worker_process()
+        names = [f"ko-{i}" for i in range(jobs)]
+        t0 = time.monotonic()
+        st.submit(names[: jobs // 2])
+        wait_for(lambda: sum((j.get("status") or {}).get("phase") in TERMINAL for j in st.jobs().values()) >= 2, 120)
+        proxy.cut()
+        st.submit(names[jobs // 2 :])  # kubectl goes straight to the API server: only the operator is cut off
+        time.sleep(seconds)  # the outage itself: there is no event to wait for
+        proxy.restore()
+        row = st.count(f"Kubernetes API unreachable {seconds:g}s", names, t0)
+        proxy.close()
+        return row
+
+
 class FlakyEngine:
     """The first attempt of jobs whose prompt starts with ``oom`` dies of an out-of-memory error;
     jobs whose prompt starts with ``poison`` crash every time."""
@@ -281,6 +313,7 @@ SCENARIOS: dict[str, Callable[..., Row]] = {
     "worker-sigkill": worker_sigkill,
     "operator-sigkill": operator_sigkill,
     "redis-restart": redis_restart,
+    "kube-api-outage": kube_api_outage,
     "oom": worker_oom,
     "poison": poison_job,
 }

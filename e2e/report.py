@@ -13,8 +13,22 @@ from pathlib import Path
 from conftest import install_crds, kube_cluster
 from e2e.faults import SCENARIOS, Row
 
-QUICK = {"worker-sigkill": 30, "operator-sigkill": 20, "redis-restart": 20, "oom": 6, "poison": 6}
-FULL = {"worker-sigkill": 200, "operator-sigkill": 100, "redis-restart": 100, "oom": 20, "poison": 20}
+QUICK = {
+    "worker-sigkill": 30,
+    "operator-sigkill": 20,
+    "redis-restart": 20,
+    "kube-api-outage": 20,
+    "oom": 6,
+    "poison": 6,
+}
+FULL = {
+    "worker-sigkill": 200,
+    "operator-sigkill": 100,
+    "redis-restart": 100,
+    "kube-api-outage": 100,
+    "oom": 20,
+    "poison": 20,
+}
 
 
 def table(rows: list[Row]) -> str:
