@@ -8,6 +8,7 @@ from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
 from zimage_api.store import JobExists
+from zimage_operator.k8s import with_timeouts
 from zimage_operator.types import API_VERSION, GROUP, IMAGEJOB_PLURAL, MODELDEPLOYMENT_PLURAL, VERSION
 
 
@@ -22,7 +23,7 @@ def load_client() -> client.ApiClient:
 class KubeJobStore:
     def __init__(self, namespace: str, api_client: client.ApiClient | None = None) -> None:
         self.namespace = namespace
-        self.custom = client.CustomObjectsApi(api_client or load_client())
+        self.custom = client.CustomObjectsApi(with_timeouts(api_client or load_client()))
 
     def create_job(
         self, name: str, spec: dict[str, Any], labels: dict[str, str], annotations: dict[str, str]

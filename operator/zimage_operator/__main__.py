@@ -28,6 +28,11 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.persistence.finalizer = "zimage.dev/operator"  # only used if a handler ever needs one
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 60
+    # A half-open connection (a network partition, a dead load balancer) must fail, not hang a watch forever.
+    settings.watching.client_timeout = 90
+    settings.watching.connect_timeout = 10
+    settings.networking.connect_timeout = 10
+    settings.networking.request_timeout = 60
     cfg = OperatorSettings()
     rt = Runtime(settings=cfg, kube=Kube(), queue=JobQueue.from_url(cfg.redis_url))
     memo.runtime = rt

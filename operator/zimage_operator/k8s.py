@@ -22,6 +22,21 @@ _NEWER_SPEC_FIELDS = {("policy/v1", "PodDisruptionBudget"): ("unhealthyPodEvicti
 COMPONENT = "zimage-operator"
 
 
+# Every call the official client makes: a dead connection fails within these instead of hanging a loop.
+CONNECT_TIMEOUT_SECONDS = 5.0
+READ_TIMEOUT_SECONDS = 30.0
+
+
+def with_timeouts(api_client: client.ApiClient) -> client.ApiClient:
+    """Default connect/read timeouts for all requests of ``api_client`` (the client itself sets none)."""
+    import urllib3
+
+    pool = api_client.rest_client.pool_manager
+    pool.connection_pool_kw["timeout"] = urllib3.Timeout(connect=CONNECT_TIMEOUT_SECONDS, read=READ_TIMEOUT_SECONDS)
+    pool.clear()  # pools made before this keep their settings
+    return api_client
+
+
 class StatusConflict(Exception):
     """The object changed between our read and our write."""
 
@@ -34,7 +49,7 @@ class Kube:
             except config.ConfigException:
                 config.load_kube_config()
             api_client = client.ApiClient()
-        self.api_client = api_client
+        self.api_client = with_timeouts(api_client)
         self.custom = client.CustomObjectsApi(api_client)
         self.core = client.CoreV1Api(api_client)
         self.host = socket.gethostname()

@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import redis
+
 from zimage_queue import Delivery, JobEvent, JobQueue, ResultImage
 from zimage_worker import metrics
 from zimage_worker.engine import Cancelled, Engine
@@ -33,6 +35,9 @@ class InputError(Exception):
 
 class HandedBack(Exception):
     """Raised between steps when the worker must give the job back (second SIGTERM)."""
+
+
+REDIS_RETRY_SECONDS = 1.0
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -96,18 +101,29 @@ class Worker:
         while not self.stopping.is_set():
             if max_jobs is not None and self.processed >= max_jobs:
                 break
-            deliveries = self.queue.take(self.queue_name, self.name, count=1, block_ms=block_ms)
-            with self._lock:
-                self.held = list(deliveries)
-            if deliveries:  # tell the scaler at once, not at the next beat, that this worker must not go
-                self.queue.worker_heartbeat(self.queue_name, self.name, busy=True)
-            for d in deliveries:
-                self.process(d)
+            try:
+                self._once(block_ms)
+            except (redis.ConnectionError, redis.TimeoutError) as e:
+                # Redis restarting or unreachable: keep the process (and its loaded model); a job whose result
+                # could not be recorded is still pending and comes back after the visibility timeout.
+                log.warning("Redis unavailable (%s); retrying in %.0fs", e, REDIS_RETRY_SECONDS)
                 with self._lock:
-                    self.held.remove(d)
-            if deliveries:
-                self.queue.worker_heartbeat(self.queue_name, self.name, busy=False)
+                    self.held = []
+                self.stopping.wait(REDIS_RETRY_SECONDS)
         log.info("worker %s stopped after %d job(s)", self.name, self.processed)
+
+    def _once(self, block_ms: int) -> None:
+        deliveries = self.queue.take(self.queue_name, self.name, count=1, block_ms=block_ms)
+        with self._lock:
+            self.held = list(deliveries)
+        if deliveries:  # tell the scaler at once, not at the next beat, that this worker must not go
+            self.queue.worker_heartbeat(self.queue_name, self.name, busy=True)
+        for d in deliveries:
+            self.process(d)
+            with self._lock:
+                self.held.remove(d)
+        if deliveries:
+            self.queue.worker_heartbeat(self.queue_name, self.name, busy=False)
 
     def _heartbeat(self) -> None:
         while not self._finished.wait(self.heartbeat_seconds):
@@ -222,7 +238,10 @@ class Worker:
 
     def _progress(self, d: Delivery) -> Callable[[int, int], None]:
         def on_step(step: int, total: int) -> None:
-            self.queue.publish(self._event(d, "progress", step=step, total_steps=total))
+            try:
+                self.queue.publish(self._event(d, "progress", step=step, total_steps=total))
+            except redis.RedisError as e:  # progress is advisory: never fail an image for it
+                log.warning("progress of %s not published: %s", d.message.uid, e)
 
         return on_step
 
