@@ -256,7 +256,12 @@ def kube_api_outage(kube: Kube, tmp: Path, jobs: int, seconds: float = 10.0) -> 
         st.submit(names[jobs // 2 :])  # kubectl goes straight to the API server: only the operator is cut off
         time.sleep(seconds)  # the outage itself: there is no event to wait for
         proxy.restore()
+        probe = subprocess.run(
+            ["kubectl", "--kubeconfig", str(tmp / "via-proxy.kubeconfig"), "get", "ij", "-n", st.ns, "-o", "name"],
+            env=kube.env, capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
         row = st.count(f"Kubernetes API unreachable {seconds:g}s", names, t0)
+        row.note = f"API through the proxy after the outage: {'ok' if probe.returncode == 0 else probe.stderr[:80]}"
         proxy.close()
         return row
 

@@ -28,12 +28,22 @@ READ_TIMEOUT_SECONDS = 30.0
 
 
 def with_timeouts(api_client: client.ApiClient) -> client.ApiClient:
-    """Default connect/read timeouts for all requests of ``api_client`` (the client itself sets none)."""
-    import urllib3
+    """Default connect/read timeouts for every request of ``api_client``.
 
-    pool = api_client.rest_client.pool_manager
-    pool.connection_pool_kw["timeout"] = urllib3.Timeout(connect=CONNECT_TIMEOUT_SECONDS, read=READ_TIMEOUT_SECONDS)
-    pool.clear()  # pools made before this keep their settings
+    The client passes ``timeout=None`` to urllib3 when a call names no ``_request_timeout``, which overrides any
+    pool default, so the default is filled in where each request is made.
+    """
+    rest = api_client.rest_client
+    if getattr(rest, "_zimage_timeouts", False):
+        return api_client
+    plain = rest.request
+
+    def request(*args: Any, _request_timeout: Any = None, **kwargs: Any) -> Any:
+        timeout = _request_timeout or (CONNECT_TIMEOUT_SECONDS, READ_TIMEOUT_SECONDS)
+        return plain(*args, _request_timeout=timeout, **kwargs)
+
+    rest.request = request
+    rest._zimage_timeouts = True
     return api_client
 
 
