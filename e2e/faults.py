@@ -34,6 +34,15 @@ MODEL = "z-image-turbo"
 TERMINAL = {"Succeeded", "Failed", "Cancelled"}
 
 
+def finished(jobs: dict[str, dict[str, Any]], names: list[str] | None = None) -> list[str]:
+    """The names (of ``names``, default all) whose job reached a terminal phase."""
+    return [
+        n
+        for n in (jobs if names is None else names)
+        if ((jobs.get(n) or {}).get("status") or {}).get("phase") in TERMINAL
+    ]
+
+
 @dataclass
 class Row:
     fault: str
@@ -105,10 +114,14 @@ class Stack:
         jobs: dict[str, dict[str, Any]] = {}
         while time.monotonic() < deadline:
             jobs = self.jobs() or jobs
-            if all((jobs.get(n, {}).get("status") or {}).get("phase") in TERMINAL for n in names):
+            if len(finished(jobs, names)) == len(names):
                 break
             time.sleep(0.5)
         return jobs
+
+    def wait_finished(self, count: int) -> None:
+        """Until ``count`` jobs have finished: the moment to break something mid-flight."""
+        wait_for(lambda: len(finished(self.jobs())) >= count, 120, what=f"{count} finished jobs")
 
     def count(self, fault: str, names: list[str], t0: float, expect_failed: set[str] = frozenset()) -> Row:  # type: ignore[assignment]
         jobs = self.wait_terminal(names, 180)
@@ -148,7 +161,7 @@ class Stack:
 
 
 @contextmanager
-def stack(kube: Kube, tmp: Path, name: str) -> Iterator[Stack]:
+def stack(kube: Kube, tmp: Path, name: str, **operator_env: str) -> Iterator[Stack]:
     ns = f"fault-{name}-{random.randrange(10**6)}"
     kube.kubectl("create", "namespace", ns)
     srv = RedisServer(port=free_port(), appendonly=True, data_dir=str(tmp / "redis"))
@@ -157,7 +170,7 @@ def stack(kube: Kube, tmp: Path, name: str) -> Iterator[Stack]:
     st = Stack(kube, ns, tmp, srv, Processes(tmp))
     try:
         kube.kubectl("apply", "-n", ns, "-f", str(REPO / "docs" / "examples" / "modeldeployment.yaml"))
-        st.start_operator()
+        st.start_operator(**operator_env)
         yield st
     except BaseException:
         print(st.ps.logs())
@@ -178,8 +191,7 @@ def worker_sigkill(kube: Kube, tmp: Path, jobs: int, every: float = 2.0, workers
         st.submit(names)
         kills = 0
         while time.monotonic() - t0 < 170:
-            done = st.jobs()
-            if done and all((done.get(n, {}).get("status") or {}).get("phase") in TERMINAL for n in names):
+            if len(finished(st.jobs(), names)) == len(names):
                 break
             time.sleep(every)
             victim = random.randrange(len(procs))
@@ -199,9 +211,7 @@ def operator_sigkill(kube: Kube, tmp: Path, jobs: int) -> Row:
         names = [f"op-{i}" for i in range(jobs)]
         t0 = time.monotonic()
         st.submit(names)
-        wait_for(
-            lambda: sum((j.get("status") or {}).get("phase") in TERMINAL for j in st.jobs().values()) >= jobs // 4, 120
-        )
+        st.wait_finished(jobs // 4)
         assert st.operator is not None
         st.operator.send_signal(signal.SIGKILL)
         st.operator.wait()
@@ -221,9 +231,7 @@ def redis_restart(kube: Kube, tmp: Path, jobs: int) -> Row:
         names = [f"rr-{i}" for i in range(jobs)]
         t0 = time.monotonic()
         st.submit(names)
-        wait_for(
-            lambda: sum((j.get("status") or {}).get("phase") in TERMINAL for j in st.jobs().values()) >= jobs // 4, 120
-        )
+        st.wait_finished(jobs // 4)
         st.redis_srv.stop()
         st.redis_srv.start()
         return st.count("Redis restart (AOF)", names, t0)
@@ -237,33 +245,33 @@ def kube_api_outage(kube: Kube, tmp: Path, jobs: int, seconds: float = 10.0) -> 
 
     from e2e.proxy import CuttableProxy
 
-    with stack(kube, tmp, "kube-outage") as st:
-        config = yaml.safe_load(Path(kube.env["KUBECONFIG"]).read_text())
-        server = urlparse(config["clusters"][0]["cluster"]["server"])
-        proxy = CuttableProxy(server.hostname or "127.0.0.1", server.port or 443)
-        config["clusters"][0]["cluster"]["server"] = f"https://127.0.0.1:{proxy.port}"
-        (tmp / "via-proxy.kubeconfig").write_text(yaml.safe_dump(config))
-        assert st.operator is not None
-        st.operator.send_signal(signal.SIGTERM)  # the stack's operator talks to the API directly: replace it
-        st.operator.wait(30)
-        st.start_operator(KUBECONFIG=str(tmp / "via-proxy.kubeconfig"))
-        st.worker_process()
-        names = [f"ko-{i}" for i in range(jobs)]
-        t0 = time.monotonic()
-        st.submit(names[: jobs // 2])
-        wait_for(lambda: sum((j.get("status") or {}).get("phase") in TERMINAL for j in st.jobs().values()) >= 2, 120)
-        proxy.cut()
-        st.submit(names[jobs // 2 :])  # kubectl goes straight to the API server: only the operator is cut off
-        time.sleep(seconds)  # the outage itself: there is no event to wait for
-        proxy.restore()
-        probe = subprocess.run(
-            ["kubectl", "--kubeconfig", str(tmp / "via-proxy.kubeconfig"), "get", "ij", "-n", st.ns, "-o", "name"],
-            env=kube.env, capture_output=True, text=True, timeout=30, check=False,
-        )  # fmt: skip
-        row = st.count(f"Kubernetes API unreachable {seconds:g}s", names, t0)
-        row.note = f"API through the proxy after the outage: {'ok' if probe.returncode == 0 else probe.stderr[:80]}"
+    config = yaml.safe_load(Path(kube.env["KUBECONFIG"]).read_text())
+    server = urlparse(config["clusters"][0]["cluster"]["server"])
+    proxy = CuttableProxy(server.hostname or "127.0.0.1", server.port or 443)
+    config["clusters"][0]["cluster"]["server"] = f"https://127.0.0.1:{proxy.port}"
+    via_proxy = tmp / "via-proxy.kubeconfig"
+    via_proxy.parent.mkdir(parents=True, exist_ok=True)
+    via_proxy.write_text(yaml.safe_dump(config))
+    try:
+        with stack(kube, tmp, "kube-outage", KUBECONFIG=str(via_proxy)) as st:
+            st.worker_process()
+            names = [f"ko-{i}" for i in range(jobs)]
+            t0 = time.monotonic()
+            st.submit(names[: jobs // 2])
+            st.wait_finished(2)
+            proxy.cut()
+            st.submit(names[jobs // 2 :])  # kubectl goes straight to the API server: only the operator is cut off
+            time.sleep(seconds)  # the outage itself: there is no event to wait for
+            proxy.restore()
+            probe = subprocess.run(
+                ["kubectl", "--kubeconfig", str(via_proxy), "get", "ij", "-n", st.ns, "-o", "name"],
+                env=kube.env, capture_output=True, text=True, timeout=30, check=False,
+            )  # fmt: skip
+            row = st.count(f"Kubernetes API unreachable {seconds:g}s", names, t0)
+            row.note = f"API through the proxy after the outage: {'ok' if probe.returncode == 0 else probe.stderr[:80]}"
+            return row
+    finally:
         proxy.close()
-        return row
 
 
 class FlakyEngine:

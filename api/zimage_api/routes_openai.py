@@ -79,7 +79,7 @@ async def generations(body: OpenAIGenerationRequest, caller: Caller, app: App, b
     return await _run(app, caller, fields, body.response_format, base)
 
 
-async def _upload(app: App, caller: Principal, f: UploadFile, field: str) -> CheckedImage:
+async def _upload(app: App, f: UploadFile, field: str) -> CheckedImage:
     limit = app.settings.max_upload_bytes
     data = await f.read(limit + 1)
     return check_image(data, field, max_bytes=limit, max_pixels=app.settings.max_upload_pixels)
@@ -104,7 +104,7 @@ async def edits(
     source = image or (images[0] if images else None)
     if source is None:
         raise ApiError(400, "image: required", param="image", code="missing_image")
-    checked = await _upload(app, caller, source, "image")
+    checked = await _upload(app, source, "image")
     prefix = f"uploads/{caller.tenant}/{uuid.uuid4().hex}"
     fields: dict[str, Any] = {
         "task": "image-to-image",
@@ -119,7 +119,7 @@ async def edits(
         app.images.put_upload, f"{prefix}/image.{checked.extension}", checked.data, checked.content_type
     )
     if mask is not None:
-        m = await _upload(app, caller, mask, "mask")
+        m = await _upload(app, mask, "mask")
         fields["task"] = "inpaint"
         fields["maskImage"] = await asyncio.to_thread(
             app.images.put_upload, f"{prefix}/mask.png", openai_mask_to_white(m), "image/png"

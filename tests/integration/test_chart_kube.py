@@ -98,13 +98,13 @@ API_DENIED = [
 ]  # fmt: skip
 
 
-def test_helm_install_and_run_with_the_charts_permissions(crds: Kube, tmp_path: Path) -> None:
+def test_helm_install_and_run_with_the_charts_permissions(crds: Kube, tmp_path: Path, processes: Processes) -> None:
     kube = crds
     helm = shutil.which("helm", path=kube.env.get("PATH"))
     if helm is None:
         pytest.skip("no helm binary on the test bed's PATH")
     kube.kubectl("create", "namespace", NS)
-    ps = Processes(tmp_path)
+    ps = processes
     try:
         with RedisServer() as srv:
             install = subprocess.run(
@@ -171,9 +171,6 @@ def test_helm_install_and_run_with_the_charts_permissions(crds: Kube, tmp_path: 
 
             logs = ps.logs()
             assert "Forbidden" not in logs and " 403" not in logs, logs
-    except BaseException:
-        print(ps.logs())
-        raise
     finally:
-        ps.stop_all()
+        ps.stop_all()  # before the namespace and Redis go; the fixture shows the logs if the test failed
         kube.kubectl("delete", "namespace", NS, "--wait=false", check=False)

@@ -58,7 +58,7 @@ def test_local_quickstart(tmp_path: Path) -> None:
 
 
 @pytest.mark.kube
-def test_cluster_quickstart(crds: Kube, tmp_path: Path) -> None:
+def test_cluster_quickstart(crds: Kube, tmp_path: Path, processes: Processes) -> None:
     (install,) = blocks("cluster-install")
     (run,) = blocks("cluster-run")
     ns = f"quickstart-{os.getpid()}"
@@ -67,19 +67,15 @@ def test_cluster_quickstart(crds: Kube, tmp_path: Path) -> None:
         return script.replace("-n zimage", f"-n {ns}")
 
     cwd = workdir(tmp_path)
-    ps = Processes(tmp_path)
     try:
         with RedisServer() as srv:
             out = bash(local(install), cwd, crds.env)
             assert "deployment.apps/zimage-operator-operator" in out and "deployment.apps/zimage-operator-api" in out
             # Stand-ins for the pods a kubelet would run.
-            start_operator(ps, crds, srv.url, ns)
-            start_worker(ps, srv.url, keys.queue_name(ns, "z-image-turbo"), tmp_path / "images")
+            start_operator(processes, crds, srv.url, ns)
+            start_worker(processes, srv.url, keys.queue_name(ns, "z-image-turbo"), tmp_path / "images")
             out = bash(local(run), cwd, crds.env)
             assert re.search(r"red-fox\s+z-image-turbo\s+Succeeded\s+8/8", out), out
-    except BaseException:
-        print(ps.logs())
-        raise
     finally:
-        ps.stop_all()
+        processes.stop_all()  # before the namespace goes; the fixture shows the logs if the test failed
         crds.kubectl("delete", "namespace", ns, "--wait=false", check=False)
