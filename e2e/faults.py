@@ -28,7 +28,7 @@ from zimage_queue import GenerationParams, JobQueue, keys
 from zimage_queue.server import RedisServer, free_port
 from zimage_worker.engine import Engine, NoopEngine
 from zimage_worker.loop import Worker
-from zimage_worker.storage import LocalStore
+from zimage_worker.storage import LocalStore, tenant_root
 
 MODEL = "z-image-turbo"
 TERMINAL = {"Succeeded", "Failed", "Cancelled"}
@@ -139,10 +139,10 @@ class Stack:
             job = jobs.get(n) or {}
             phase = (job.get("status") or {}).get("phase")
             uid = (job.get("metadata") or {}).get("uid", "")
-            stored = list((self.images / self.ns).glob(f"{n}-*/*")) if self.images.exists() else []
+            stored = list((self.images / tenant_root(self.ns) / "jobs" / self.ns / n).glob("*/*"))
             if n in expect_failed and phase == "Failed":
                 row.expected_failed += 1
-            elif n not in expect_failed and phase == "Succeeded":
+            elif n not in expect_failed and phase == "Succeeded" and stored:  # a result that was never stored is lost
                 row.succeeded += 1
             else:
                 row.lost += 1

@@ -51,6 +51,7 @@ class CuttableProxy:
             except OSError:
                 client.close()
                 continue
+            upstream.settimeout(None)  # the connect timeout must not end an idle watch stream
             with self._lock:
                 self._conns |= {client, upstream}
             for a, b in ((client, upstream), (upstream, client)):
@@ -63,8 +64,11 @@ class CuttableProxy:
         except OSError:
             pass
         finally:
+            # shutdown before close: a plain close() leaves the socket open while the other direction's thread
+            # is still blocked in recv() on it, and the peer would never see the connection end.
             for s in (src, dst):
                 with contextlib.suppress(OSError):
-                    s.close()
+                    s.shutdown(socket.SHUT_RDWR)
+                s.close()
             with self._lock:
                 self._conns -= {src, dst}

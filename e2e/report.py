@@ -13,11 +13,11 @@ from pathlib import Path
 from conftest import install_crds, kube_cluster
 from e2e.faults import SCENARIOS, Row
 
-# kube-api-outage is left out of the quick form (CI) until it converges reliably: see docs/reliability.md.
 QUICK = {
     "worker-sigkill": 30,
     "operator-sigkill": 20,
     "redis-restart": 20,
+    "kube-api-outage": 20,
     "oom": 6,
     "poison": 6,
 }

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 import uvicorn
@@ -11,6 +10,7 @@ import uvicorn
 from zimage_api.app import create_app
 from zimage_api.kube_store import KubeJobStore
 from zimage_api.settings import ApiSettings
+from zimage_queue import logs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,9 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if v is not None}
     settings = ApiSettings(**overrides)
-    logging.basicConfig(level=logging.INFO, format='{"level":"%(levelname)s","logger":"%(name)s","msg":"%(message)s"}')
+    logs.configure()
     app = create_app(settings, KubeJobStore(settings.namespace))
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", proxy_headers=True)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, proxy_headers=True)
     return 0
 
 

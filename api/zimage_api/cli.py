@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from zimage_queue import GenerationParams, JobEvent
+from zimage_queue import GenerationParams, JobEvent, logs
 
 
 def _bar(step: int, total: int) -> None:
@@ -122,13 +122,11 @@ def generate(args: argparse.Namespace) -> int:
 
 
 def serve(args: argparse.Namespace) -> int:
-    import logging
-
     import uvicorn
 
     from zimage_api.local import DEV_KEY, local_api
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(text=True)
     with local_api(args.model, variant=args.variant, images_dir=args.images_dir, models_dir=args.models_dir) as la:
         url = f"http://{args.host}:{args.port}"
         print(
@@ -139,7 +137,7 @@ def serve(args: argparse.Namespace) -> int:
             f"  OpenAI(base_url='{url}/v1', api_key='{DEV_KEY}').images.generate(prompt='a red fox')",
             file=sys.stderr,
         )
-        uvicorn.run(la.app, host=args.host, port=args.port, log_level="warning")
+        uvicorn.run(la.app, host=args.host, port=args.port, log_level="warning", log_config=None)
     return 0
 
 

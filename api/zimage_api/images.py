@@ -7,7 +7,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from zimage_api.errors import ApiError
-from zimage_worker.storage import ImageStore, LocalStore, S3Store, open_store
+from zimage_worker.storage import ImageStore, LocalStore, S3Store, open_store, tenant_root
 
 
 class ImageAccess:
@@ -21,15 +21,9 @@ class ImageAccess:
         path = Path(urlparse(uri).path).resolve()
         return path if path.is_relative_to(self.store.root) and path.is_file() else None
 
-    def owns(self, uri: str) -> bool:
-        """Whether ``uri`` lies in this API's own storage (bucket and prefix, or directory)."""
-        u = urlparse(uri)
-        if isinstance(self.store, LocalStore):
-            return u.scheme == "file" and Path(u.path).resolve().is_relative_to(self.store.root)
-        if isinstance(self.store, S3Store):
-            prefix = f"{self.store.prefix}/" if self.store.prefix else ""
-            return u.scheme == "s3" and u.netloc == self.store.bucket and u.path.lstrip("/").startswith(prefix)
-        return False
+    def owns(self, uri: str, tenant: str) -> bool:
+        """Whether ``uri`` lies in ``tenant``'s part of this API's own storage."""
+        return self.store is not None and self.store.holds(uri, tenant_root(tenant))
 
     def presigned(self, uri: str, expires: int) -> str | None:
         if urlparse(uri).scheme == "s3" and isinstance(self.store, S3Store):

@@ -116,14 +116,17 @@ def local_api(
 
 
 @contextmanager
-def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int | None = None) -> Iterator[str]:
-    """Serve ``app`` with uvicorn from a thread; yields the base URL once it accepts connections."""
+def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int | None = None, **config: Any) -> Iterator[str]:
+    """Serve ``app`` with uvicorn from a thread; yields the base URL once it accepts connections.
+    ``config``: more uvicorn.Config settings (default: warnings only)."""
     import uvicorn
 
     from zimage_queue.server import free_port
 
     port = port or free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=host, port=port, lifespan="on", **{"log_level": "warning", **config})
+    )
     thread = threading.Thread(target=server.run, name="api-server", daemon=True)
     thread.start()
     while not server.started:

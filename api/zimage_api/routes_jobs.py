@@ -33,13 +33,17 @@ async def create_job(
 ) -> JobView:
     """Submit a job (202). Repeating a request with the same Idempotency-Key returns the same job (200).
 
-    ``inputImage``/``maskImage`` must lie in this API's storage (upload through /v1/images/edits, or put them
-    in its bucket): workers fetch what they are given, and an HTTP client must not point them anywhere else.
+    ``inputImage``/``maskImage`` must lie in the caller's part of this API's storage (an upload through
+    /v1/images/edits, or an earlier result): workers fetch what they are given, and an HTTP client must not
+    point them anywhere else.
     """
     for field, uri in (("inputImage", body.input_image), ("maskImage", body.mask_image)):
-        if uri and not app.images.owns(uri):
+        if uri and not app.images.owns(uri, caller.tenant):
             raise ApiError(
-                400, f"{field}: must be an object in this API's image storage", param=field, code="invalid_value"
+                400,
+                f"{field}: must be one of your objects in this API's image storage",
+                param=field,
+                code="invalid_value",
             )
     job, created = await app.service.submit(caller, body.model_dump(by_alias=True), idempotency_key)
     if not created:

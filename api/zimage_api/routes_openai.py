@@ -16,6 +16,7 @@ from zimage_api.errors import ApiError
 from zimage_api.schemas import SIZE_PATTERN, OpenAIGenerationRequest, OpenAIImage, OpenAIImagesResponse
 from zimage_api.uploads import CheckedImage, check_image, openai_mask_to_white
 from zimage_api.views import image_path
+from zimage_worker.storage import upload_key
 
 router = APIRouter(prefix="/v1/images", tags=["openai"])
 DEFAULT_SIZE = (1024, 1024)
@@ -105,7 +106,7 @@ async def edits(
     if source is None:
         raise ApiError(400, "image: required", param="image", code="missing_image")
     checked = await _upload(app, source, "image")
-    prefix = f"uploads/{caller.tenant}/{uuid.uuid4().hex}"
+    upload_id = uuid.uuid4().hex
     fields: dict[str, Any] = {
         "task": "image-to-image",
         "prompt": prompt,
@@ -116,12 +117,18 @@ async def edits(
     }
     fields["width"], fields["height"] = parse_size(size, fit(checked.width, checked.height))
     fields["inputImage"] = await asyncio.to_thread(
-        app.images.put_upload, f"{prefix}/image.{checked.extension}", checked.data, checked.content_type
+        app.images.put_upload,
+        upload_key(caller.tenant, upload_id, f"image.{checked.extension}"),
+        checked.data,
+        checked.content_type,
     )
     if mask is not None:
         m = await _upload(app, mask, "mask")
         fields["task"] = "inpaint"
         fields["maskImage"] = await asyncio.to_thread(
-            app.images.put_upload, f"{prefix}/mask.png", openai_mask_to_white(m), "image/png"
+            app.images.put_upload,
+            upload_key(caller.tenant, upload_id, "mask.png"),
+            openai_mask_to_white(m),
+            "image/png",
         )
     return await _run(app, caller, fields, response_format, base)

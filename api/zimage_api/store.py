@@ -14,8 +14,10 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from zimage_operator.conditions import iso
+from zimage_operator.types import TENANT_LABEL
 
-TENANT_LABEL = "zimage.dev/tenant"
+__all__ = ["TENANT_LABEL", "JobExists", "JobStore", "MemoryJobStore", "merge_patch"]
+
 MODEL_LABEL = "zimage.dev/model"
 REQUEST_HASH_ANNOTATION = "zimage.dev/request-sha256"
 

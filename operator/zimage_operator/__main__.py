@@ -15,7 +15,7 @@ from zimage_operator.handlers import imagejob, modeldeployment  # noqa: F401  (r
 from zimage_operator.k8s import Kube
 from zimage_operator.runtime import Runtime
 from zimage_operator.settings import OperatorSettings
-from zimage_queue import JobQueue
+from zimage_queue import JobQueue, logs
 
 log = logging.getLogger("zimage_operator")
 
@@ -63,10 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--metrics-port", type=int, default=8000, help="Prometheus /metrics port (0: off)")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format='{"ts":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":%(message)r}',
-    )
+    logs.configure(logging.DEBUG if args.verbose else logging.INFO)
     if not args.verbose:  # kopf logs every timer run at INFO: thousands of jobs would drown the log
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
 

@@ -14,9 +14,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from pydantic import ValidationError
-
-from zimage_operator import scaling, workload
+from zimage_operator import reconcile, scaling, workload
 from zimage_operator.conditions import iso, set_condition
 from zimage_operator.metrics import DESIRED_REPLICAS, INFLIGHT, QUEUE_LENGTH, READY_REPLICAS, SCALE_DECISIONS
 from zimage_operator.runtime import Runtime
@@ -44,14 +42,11 @@ def sync(rt: Runtime, pool: Pool, now: datetime) -> None:
     """One pass for one ModelDeployment (blocking I/O: run it in a thread)."""
     md = pool.body
     ns, name = _ns_name(md)
-    try:
-        spec = ModelDeploymentSpec.model_validate(md.get("spec") or {})
-        errors = spec.cross_field_errors()
-    except ValidationError as e:
-        errors = [str(e)]
+    errors = reconcile.modeldeployment_errors(md.get("spec") or {})
     if errors:
         _invalid(rt, pool, now, "; ".join(errors))
         return
+    spec = ModelDeploymentSpec.model_validate(md.get("spec") or {})
     policy = spec.scaling
     queue = keys.queue_name(ns, name)
     stats = rt.queue.stats(queue)

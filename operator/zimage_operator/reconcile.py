@@ -10,7 +10,15 @@ from typing import Any, Literal
 from pydantic import ValidationError
 
 from zimage_operator.conditions import iso, parse_iso, set_condition
-from zimage_operator.types import TERMINAL_PHASES, Cond, ImageJobSpec, Reason, variant_defaults
+from zimage_operator.types import (
+    TENANT_LABEL,
+    TERMINAL_PHASES,
+    Cond,
+    ImageJobSpec,
+    ModelDeploymentSpec,
+    Reason,
+    variant_defaults,
+)
 from zimage_queue import GenerationParams, JobEvent, JobMessage
 from zimage_queue.keys import queue_name
 
@@ -104,6 +112,7 @@ def admit(
         uid=meta["uid"],
         namespace=meta["namespace"],
         name=meta["name"],
+        tenant=(meta.get("labels") or {}).get(TENANT_LABEL) or meta["namespace"],
         queue=queue_name(meta["namespace"], parsed.model),
         params=params,
         max_retries=parsed.max_retries,
@@ -124,6 +133,14 @@ def admit(
         progress=_progress(0, steps),
     )
     return Admission("enqueue", patch, message, event=("Normal", Reason.ENQUEUED, msg))
+
+
+def modeldeployment_errors(spec: dict[str, Any]) -> list[str]:
+    """Why the operator refuses a ModelDeployment spec (schema and cross-field rules); empty when it is fine."""
+    try:
+        return ModelDeploymentSpec.model_validate(spec).cross_field_errors()
+    except ValidationError as e:
+        return [_validation_message(e)]
 
 
 def progress_throttled(event: JobEvent, last_progress_at: float | None, min_interval: float) -> bool:

@@ -27,6 +27,9 @@ API_VERSION = f"{GROUP}/{VERSION}"
 IMAGEJOB_PLURAL = "imagejobs"
 MODELDEPLOYMENT_PLURAL = "modeldeployments"
 
+# Set by the REST API on the jobs it creates; kubectl users' jobs belong to their namespace.
+TENANT_LABEL = "zimage.dev/tenant"
+
 Phase = Literal["Pending", "Queued", "Running", "Succeeded", "Failed", "Cancelled"]
 TERMINAL_PHASES: frozenset[str] = frozenset({"Succeeded", "Failed", "Cancelled"})
 Variant = Literal["turbo", "base", "edit"]

@@ -89,6 +89,8 @@ class JobMessage(CamelModel):
     uid: str = Field(min_length=1)
     namespace: str
     name: str
+    # Whose storage prefix the job writes to and reads inputs from; empty: the namespace is the tenant.
+    tenant: str = Field("", max_length=63, pattern=r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$")
     queue: str
     params: GenerationParams
     max_retries: int = Field(DEFAULT_MAX_RETRIES, ge=0, le=20)

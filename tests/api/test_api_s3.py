@@ -3,6 +3,9 @@ OpenAI routes; uploads for edits go to the same bucket, under the tenant's prefi
 
 from __future__ import annotations
 
+import time
+from urllib.parse import parse_qs, urlparse
+
 import boto3
 import httpx
 from fastapi.testclient import TestClient
@@ -13,7 +16,7 @@ from zimage_api.images import ImageAccess
 from zimage_api.local import DEV_KEY, local_model
 from zimage_api.settings import ApiSettings
 from zimage_api.store import TENANT_LABEL, MemoryJobStore
-from zimage_worker.storage import S3Store, open_store
+from zimage_worker.storage import S3Store, open_store, upload_key
 
 __all__ = ["bucket", "s3_endpoint"]  # fixtures
 
@@ -45,12 +48,21 @@ def test_image_endpoint_redirects_to_a_presigned_url(redis_url: str, bucket: str
         assert view["images"][0]["url"].startswith("http://testserver/v1/jobs/dev-job/images/0?expires=")
 
 
-def test_uploads_and_links_use_the_bucket(bucket: str, s3_endpoint: str) -> None:
+def test_uploads_lie_under_the_tenant_prefix_and_links_are_short_lived(bucket: str, s3_endpoint: str) -> None:
     access = ImageAccess(f"s3://{bucket}/images?endpoint={s3_endpoint}")
-    uri = access.put_upload("uploads/team-a/x/image.png", b"png-bytes", "image/png")
-    assert uri == f"s3://{bucket}/images/uploads/team-a/x/image.png"
+    uri = access.put_upload(upload_key("team-a", "x", "image.png"), b"png-bytes", "image/png")
+    assert uri == f"s3://{bucket}/images/tenants/team-a/uploads/x/image.png"
     assert access.read(uri) == b"png-bytes"
     url = access.presigned(uri, 60)
     assert url and httpx.get(url).content == b"png-bytes"
+    expiry = parse_qs(urlparse(url).query)
+    assert expiry.get("X-Amz-Expires") == ["60"] or int(expiry["Expires"][0]) - time.time() <= 61
     keys = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").list_objects_v2(Bucket=bucket)
-    assert [o["Key"] for o in keys["Contents"]] == ["images/uploads/team-a/x/image.png"]
+    assert [o["Key"] for o in keys["Contents"]] == ["images/tenants/team-a/uploads/x/image.png"]
+    # Whose object it is decides whether a job may name it as input.
+    assert access.owns(uri, "team-a")
+    assert not access.owns(uri, "team-b")
+    assert not access.owns(uri, "team")  # a prefix of the tenant name is another tenant
+    assert not access.owns(f"s3://{bucket}/images/tenants/team-a/../team-b/uploads/x/image.png", "team-a")
+    assert not access.owns("s3://other-bucket/images/tenants/team-a/uploads/x/image.png", "team-a")
+    assert not access.owns(f"s3://{bucket}/tenants/team-a/uploads/x/image.png", "team-a")  # outside the prefix

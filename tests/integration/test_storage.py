@@ -15,7 +15,7 @@ from zimage_queue import GenerationParams, JobMessage, JobQueue
 from zimage_queue.server import free_port
 from zimage_worker.engine import NoopEngine
 from zimage_worker.loop import Worker
-from zimage_worker.storage import LocalStore, S3Store, open_store
+from zimage_worker.storage import LocalStore, S3Store, open_store, upload_key
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def test_s3_store_round_trip_and_presign(bucket: str, s3_endpoint: str) -> None:
 
 def test_worker_stores_results_in_s3_and_reads_its_input_from_s3(bucket: str, s3_endpoint: str, redis_url: str) -> None:
     store = open_store(f"s3://{bucket}?endpoint={s3_endpoint}")
-    source = store.put("inputs/fox.png", png((200, 50, 10)), "image/png")
+    source = store.put(upload_key("ns", "u1", "fox.png"), png((200, 50, 10)), "image/png")
     q = JobQueue.from_url(redis_url)
     params = GenerationParams(
         prompt="a red fox",
@@ -86,27 +86,36 @@ def test_worker_stores_results_in_s3_and_reads_its_input_from_s3(bucket: str, s3
     Worker(q, NoopEngine(), store, "ns/m", "w").run(max_jobs=1, block_ms=0)
     results = q.result(m.uid)
     assert results is not None and [r.uri for r in results] == [
-        f"s3://{bucket}/ns/fox/{m.uid}/0.webp",
-        f"s3://{bucket}/ns/fox/{m.uid}/1.webp",
+        f"s3://{bucket}/tenants/ns/jobs/ns/fox/{m.uid}/0.webp",
+        f"s3://{bucket}/tenants/ns/jobs/ns/fox/{m.uid}/1.webp",
     ]
     with Image.open(io.BytesIO(store.get(results[0].uri))) as img:
         assert img.format == "WEBP" and img.size == (64, 64)
 
 
-def test_unreadable_input_fails_without_retries(redis_url: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("where", "reason"),
+    [
+        ("tenants/team-a/uploads/missing/in.png", "No such file"),
+        ("tenants/team-b/uploads/u1/in.png", "not in tenant team-a's storage"),  # exists, another tenant's
+        ("/etc/hostname", "not in tenant team-a's storage"),  # outside the store
+    ],
+)
+def test_unreadable_or_foreign_input_fails_without_retries(
+    redis_url: str, tmp_path: Path, where: str, reason: str
+) -> None:
+    store = LocalStore(tmp_path / "store")
+    store.put("tenants/team-b/uploads/u1/in.png", png((1, 2, 3)), "image/png")
+    source = Path(where) if where.startswith("/") else store.root / where
     q = JobQueue.from_url(redis_url)
     params = GenerationParams(
-        prompt="x",
-        task="image-to-image",
-        input_image="file:///nonexistent/in.png",
-        width=64,
-        height=64,
-        steps=1,
-        seed=1,
+        prompt="x", task="image-to-image", input_image=source.as_uri(), width=64, height=64, steps=1, seed=1
     )
-    m = JobMessage(uid=str(uuid.uuid4()), namespace="ns", name="bad", queue="ns/m", params=params, max_retries=3)
+    m = JobMessage(
+        uid=str(uuid.uuid4()), namespace="ns", name="bad", tenant="team-a", queue="ns/m", params=params, max_retries=3
+    )
     q.enqueue(m)
-    w = Worker(q, NoopEngine(), LocalStore(tmp_path), "ns/m", "w")
-    w.run(max_jobs=1, block_ms=0)
+    Worker(q, NoopEngine(), store, "ns/m", "w").run(max_jobs=1, block_ms=0)
     [(dead, error)] = q.dead_letters()
-    assert dead.uid == m.uid and "InvalidInput" in error and "/nonexistent/in.png" in error
+    assert dead.uid == m.uid and "InvalidInput" in error and reason in error, error
+    assert not (store.root / "tenants" / "team-a" / "jobs").exists()

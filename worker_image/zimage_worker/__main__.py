@@ -9,7 +9,7 @@ import sys
 import time
 from types import FrameType
 
-from zimage_queue import JobQueue
+from zimage_queue import JobQueue, logs
 from zimage_worker import metrics
 from zimage_worker.engine import load_engine
 from zimage_worker.health import serve
@@ -25,9 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-jobs", type=int, default=None, help="exit after this many jobs (burst mode)")
     p.add_argument("--no-http", action="store_true", help="no /healthz, /readyz, /metrics server")
     args = p.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format='{"ts":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":%(message)r}'
-    )
+    logs.configure()
     cfg = WorkerSettings()
     ready = False
     worker: Worker | None = None

@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING
 
 import redis
 
-from zimage_queue import Delivery, JobEvent, JobQueue, ResultImage
+from zimage_queue import Delivery, JobEvent, JobMessage, JobQueue, ResultImage
 from zimage_worker import metrics
 from zimage_worker.engine import Cancelled, Engine
-from zimage_worker.storage import ImageStore, read_uri
+from zimage_worker.storage import ImageStore, output_key, read_uri
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -50,10 +50,6 @@ def encode(image: Image.Image, fmt: str) -> bytes:
         buf, format={"jpeg": "JPEG", "webp": "WEBP"}.get(fmt, "PNG"), **({"quality": 95} if fmt != "png" else {})
     )
     return buf.getvalue()
-
-
-def object_key(namespace: str, name: str, uid: str, index: int, fmt: str) -> str:
-    return f"{namespace}/{name}/{uid}/{index}.{fmt}"
 
 
 class Worker:
@@ -182,7 +178,7 @@ class Worker:
         metrics.BUSY.set(1)
         try:
             images = self.engine.generate(
-                p, on_step=self._progress(d), should_stop=self._should_stop(d), load_image=self._load
+                p, on_step=self._progress(d), should_stop=self._should_stop(d), load_image=self._loader(m)
             )
             run_seconds = time.perf_counter() - t0
             metrics.INFERENCE_SECONDS.observe(run_seconds)
@@ -203,6 +199,7 @@ class Worker:
             )
             return self._count("cancelled")
         except InputError as e:
+            log.warning("job %s/%s failed on its input: %s", m.namespace, m.name, e)
             self.queue.fail(d, self._event(d, "failed", reason="InvalidInput", message=str(e)[:1000]), retry=False)
             return self._count("failed")
         except Exception as e:
@@ -253,11 +250,14 @@ class Worker:
 
         return should_stop
 
-    def _load(self, uri: str) -> bytes:
-        try:
-            return read_uri(uri, self.store)
-        except Exception as e:
-            raise InputError(f"cannot read {uri}: {e}") from e
+    def _loader(self, m: JobMessage) -> Callable[[str], bytes]:
+        def load(uri: str) -> bytes:
+            try:
+                return read_uri(uri, self.store, m.tenant or m.namespace)
+            except Exception as e:
+                raise InputError(f"cannot read {uri}: {e}") from e
+
+        return load
 
     def _store(self, d: Delivery, images: list[Image.Image]) -> list[ResultImage]:
         m, p = d.message, d.message.params
@@ -265,9 +265,7 @@ class Worker:
         results = []
         for i, img in enumerate(images):
             data = encode(img, p.output_format)
-            uri = self.store.put(
-                object_key(m.namespace, m.name, m.uid, i, p.output_format), data, _CONTENT_TYPES[p.output_format]
-            )
+            uri = self.store.put(output_key(m, i, p.output_format), data, _CONTENT_TYPES[p.output_format])
             results.append(
                 ResultImage(
                     uri=uri,

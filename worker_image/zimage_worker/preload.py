@@ -10,6 +10,7 @@ import logging
 import sys
 from pathlib import Path
 
+from zimage_queue import logs
 from zimage_worker.engine import NOOP, TINY_RANDOM, resolve_source
 from zimage_worker.settings import WorkerSettings
 
@@ -34,7 +35,7 @@ def preload(cfg: WorkerSettings) -> Path | None:
 
 
 def main() -> int:
-    logging.basicConfig(level=logging.INFO)
+    logs.configure()
     preload(WorkerSettings())
     return 0
 

@@ -1,7 +1,9 @@
 """One storage interface, two backends: a local directory (or mounted volume) and S3-compatible stores.
 
-Keys are deterministic per job (``<namespace>/<name>-<uid>/<index>.<ext>``) so a redelivered job overwrites
-its own objects instead of adding a second set.
+Every object lies under its tenant's prefix (``tenants/<tenant>/``), so a bucket policy or lifecycle rule can
+be written per tenant and a job can only read inputs of its own tenant. Output keys are deterministic per job
+(``tenants/<tenant>/jobs/<namespace>/<name>/<uid>/<index>.<ext>``) so a redelivered job overwrites its own
+objects instead of adding a second set.
 """
 
 from __future__ import annotations
@@ -12,6 +14,20 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import parse_qs, urlparse
 
+from zimage_queue import JobMessage
+
+
+def tenant_root(tenant: str) -> str:
+    return f"tenants/{tenant}"
+
+
+def output_key(m: JobMessage, index: int, fmt: str) -> str:
+    return f"{tenant_root(m.tenant or m.namespace)}/jobs/{m.namespace}/{m.name}/{m.uid}/{index}.{fmt}"
+
+
+def upload_key(tenant: str, upload_id: str, filename: str) -> str:
+    return f"{tenant_root(tenant)}/uploads/{upload_id}/{filename}"
+
 
 class ImageStore(Protocol):
     def put(self, key: str, data: bytes, content_type: str) -> str:
@@ -19,6 +35,10 @@ class ImageStore(Protocol):
         ...
 
     def get(self, uri: str) -> bytes: ...
+
+    def holds(self, uri: str, prefix: str) -> bool:
+        """Whether ``uri`` names an object of this store under the key prefix ``prefix``."""
+        ...
 
 
 class LocalStore:
@@ -43,6 +63,10 @@ class LocalStore:
 
     def get(self, uri: str) -> bytes:
         return Path(urlparse(uri).path).read_bytes()
+
+    def holds(self, uri: str, prefix: str) -> bool:
+        u = urlparse(uri)
+        return u.scheme == "file" and Path(u.path).resolve().is_relative_to(self.root / prefix)
 
 
 class S3Store:
@@ -75,6 +99,17 @@ class S3Store:
         body: bytes = self.s3.get_object(Bucket=u.netloc, Key=u.path.lstrip("/"))["Body"].read()
         return body
 
+    def holds(self, uri: str, prefix: str) -> bool:
+        u = urlparse(uri)
+        key = u.path.lstrip("/")
+        # S3 keys are not paths, but some proxies and SDKs collapse dot segments: never let one climb out.
+        return (
+            u.scheme == "s3"
+            and u.netloc == self.bucket
+            and key.startswith(self._key(prefix).rstrip("/") + "/")
+            and not {".", ".."} & set(key.split("/"))
+        )
+
     def presign(self, uri: str, expires: int = 300) -> str:
         u = urlparse(uri)
         url: str = self.s3.generate_presigned_url(
@@ -94,11 +129,9 @@ def open_store(url: str) -> ImageStore:
     raise ValueError(f"unsupported storage URL {url!r}: use file:// or s3://")
 
 
-def read_uri(uri: str, store: ImageStore) -> bytes:
-    """Fetch an input image: from the store, a local file, or http(s)."""
+def read_uri(uri: str, store: ImageStore, tenant: str) -> bytes:
+    """Fetch an input image: from the tenant's part of the store, or over http(s)."""
     u = urlparse(uri)
-    if u.scheme == "file":
-        return Path(u.path).read_bytes()
     if u.scheme in ("http", "https"):
         import urllib.request
 
@@ -107,4 +140,6 @@ def read_uri(uri: str, store: ImageStore) -> bytes:
         if len(data) > 64 * 1024 * 1024:
             raise ValueError("input image larger than 64 MiB")
         return data
+    if not store.holds(uri, tenant_root(tenant)):
+        raise PermissionError(f"not in tenant {tenant}'s storage ({tenant_root(tenant)}/ in the worker's store)")
     return store.get(uri)
