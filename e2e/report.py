@@ -51,6 +51,19 @@ def run(sizes: dict[str, int], only: list[str] | None = None) -> list[Row]:
     return rows
 
 
+def write(doc: Path, form: str, text: str) -> None:
+    """Replace the ``form`` table in ``doc`` (between its BEGIN/END markers), keeping the rest of the page."""
+    begin, end = f"<!-- BEGIN {form} table -->", f"<!-- END {form} table -->"
+    page = doc.read_text() if doc.exists() else f"# Reliability: the fault table\n\n{begin}\n{end}\n"
+    if begin not in page or end not in page:
+        raise SystemExit(f"{doc} has no {begin} ... {end} markers")
+    stamp = (
+        f"{form.capitalize()} form, {time.strftime('%Y-%m-%d')}, `python -m e2e.report{' --full' * (form == 'full')}`:"
+    )
+    head, rest = page.split(begin, 1)
+    doc.write_text(f"{head}{begin}\n{stamp}\n\n{text}\n{end}{rest.split(end, 1)[1]}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m e2e.report", description=__doc__)
     p.add_argument("--full", action="store_true")
@@ -61,15 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     text = table(rows)
     print(text)
     if args.write:
-        form = "full" if args.full else "quick"
-        args.write.write_text(
-            "# Reliability: the fault table\n\n"
-            f"`python -m e2e.report{' --full' if args.full else ''}` ({form} form), "
-            f"{time.strftime('%Y-%m-%d')}, on the Kubernetes test bed with workers as local processes:\n\n"
-            f"{text}\n\n"
-            "lost: neither succeeded nor failed as the scenario expects. duplicated: a result recorded twice, or "
-            "extra child objects. reruns: jobs that ran more than once (at-least-once delivery after a kill).\n"
-        )
+        write(args.write, "full" if args.full else "quick", text)
     return 0 if all(r.lost == 0 and r.duplicated == 0 for r in rows) else 1
 
 

@@ -17,7 +17,7 @@ from PIL import Image
 
 from zimage_queue import GenerationParams
 from zimage_worker.diffusers_engine import DiffusersEngine, denoising_schedule
-from zimage_worker.engine import Cancelled, NoopEngine, load_engine, resolve_source
+from zimage_worker.engine import Cancelled, NoopEngine, Request, batch_key, load_engine, resolve_source
 from zimage_worker.tiny import build_tiny_pipeline
 
 SIZE = 64
@@ -131,10 +131,67 @@ def test_steps_are_transformer_evaluations(engine: DiffusersEngine, forwards: li
     assert progress == [(step, 8) for step in range(1, 9)]
 
 
-def test_progress_counts_over_all_images(engine: DiffusersEngine, forwards: list[int]) -> None:
+def test_images_of_a_job_run_as_one_batch_and_progress_counts_them_all(
+    engine: DiffusersEngine, forwards: list[int]
+) -> None:
     _, progress = run(engine, params(steps=3, num_images=2))
-    assert progress == [(step, 6) for step in range(1, 7)]
-    assert len(forwards) == 6
+    assert progress == [(2, 6), (4, 6), (6, 6)]
+    assert len(forwards) == 3  # one batched transformer call per step, not one per image
+
+
+def request(
+    p: GenerationParams, progress: list[tuple[int, int]] | None = None, stop: Callable[[], bool] | None = None
+) -> Request:
+    return Request(
+        p,
+        on_step=lambda step, total: progress.append((step, total)) if progress is not None else None,
+        should_stop=stop or (lambda: False),
+        load_image=lambda uri: pytest.fail(f"unexpected load_image({uri})"),
+    )
+
+
+def test_a_seed_gives_the_same_image_batched_and_alone(engine: DiffusersEngine, forwards: list[int]) -> None:
+    jobs = [
+        params(prompt="a lighthouse at dusk", seed=3),
+        params(prompt="a red fox in snow", seed=40, num_images=2),
+        params(prompt="a bowl of ramen", seed=3),  # the same seed as the first, another prompt
+        params(prompt="a lighthouse at dusk", seed=1234),
+    ]
+    batched = engine.generate_batch([request(p) for p in jobs])
+    assert len(forwards) == 2  # 5 images, 2 steps: one call per step
+    for p, images in zip(jobs, batched, strict=True):
+        alone, _ = run(engine, p)
+        assert images is not None and len(images) == p.num_images
+        for got, want in zip(images, alone, strict=True):
+            diff = np.abs(pixels(got) - pixels(want))
+            assert diff.max() <= 2 and diff.mean() < 0.05, (p.prompt, p.seed, diff.max(), diff.mean())
+    assert not np.array_equal(pixels(batched[0][0]), pixels(batched[2][0]))  # type: ignore[index]
+
+
+def test_a_job_stopped_mid_batch_is_dropped_and_the_others_finish(engine: DiffusersEngine) -> None:
+    progress: list[tuple[int, int]] = []
+    jobs = [params(seed=1, steps=3), params(seed=2, steps=3, num_images=2)]
+    first, second = engine.generate_batch([request(jobs[0], stop=lambda: True), request(jobs[1], progress)])
+    assert first is None and second is not None and len(second) == 2
+    assert progress == [(2, 6), (4, 6), (6, 6)]
+    with pytest.raises(Cancelled):
+        engine.generate_batch([request(p, stop=lambda: True) for p in jobs])
+
+
+def test_only_compatible_text_to_image_jobs_share_a_batch(engine: DiffusersEngine) -> None:
+    base = params()
+    assert batch_key(base, "turbo") == batch_key(params(prompt="other", seed=99, num_images=3), "turbo")
+    assert batch_key(params(steps=None), "turbo") == batch_key(params(steps=8, guidance_scale=0.0), "turbo")  # defaults
+    for other in (params(width=128), params(steps=4), params(guidance_scale=2.0)):
+        assert batch_key(other, "turbo") != batch_key(base, "turbo")
+    # The negative prompt matters only with guidance on.
+    assert batch_key(params(negative_prompt="fog"), "turbo") == batch_key(base, "turbo")
+    assert batch_key(params(guidance_scale=3.0, negative_prompt="fog"), "turbo") != batch_key(
+        params(guidance_scale=3.0), "turbo"
+    )
+    assert batch_key(params(task="image-to-image", input_image="s3://b/k.png"), "turbo") is None
+    with pytest.raises(ValueError):
+        engine.generate_batch([request(base), request(params(width=128))])
 
 
 def test_guidance_and_negative_prompt_change_the_image(engine: DiffusersEngine) -> None:
@@ -207,7 +264,7 @@ def test_should_stop_cancels_between_steps(engine: DiffusersEngine, forwards: li
             should_stop=lambda: len(progress) >= 1,
             load_image=lambda uri: b"",
         )
-    assert progress == [(1, 8)]
+    assert progress == [(2, 8)]  # both images advance together
     assert len(forwards) == 1
 
 

@@ -11,7 +11,7 @@ from types import FrameType
 
 from zimage_queue import JobQueue, logs
 from zimage_worker import metrics
-from zimage_worker.engine import load_engine
+from zimage_worker.engine import NOOP, TINY_RANDOM, load_engine, warm_up
 from zimage_worker.health import serve
 from zimage_worker.loop import Worker
 from zimage_worker.settings import WorkerSettings
@@ -50,11 +50,25 @@ def main(argv: list[str] | None = None) -> int:
         dtype=cfg.dtype,
         models_dir=cfg.models_dir,
         revision=cfg.revision,
+        compile=cfg.compile,
+        attention_backend=cfg.attention_backend,
     )
     metrics.MODEL_LOAD_SECONDS.set(time.perf_counter() - t0)
+    if cfg.warmup:
+        size = cfg.warmup_size or (64 if cfg.model_source in (TINY_RANDOM, NOOP) else 1024)
+        seconds = warm_up(engine, size, batch=cfg.max_batch_size)
+        metrics.WARMUP_SECONDS.set(seconds)
+        log.info("warm-up at %dx%d (batch %d) took %.2fs", size, size, cfg.max_batch_size, seconds)
     queue = JobQueue.from_url(cfg.redis_url, visibility_ms=cfg.visibility_ms)
     worker = Worker(
-        queue, engine, open_store(cfg.storage_url), cfg.queue, cfg.worker_name, heartbeat_seconds=cfg.heartbeat_seconds
+        queue,
+        engine,
+        open_store(cfg.storage_url),
+        cfg.queue,
+        cfg.worker_name,
+        heartbeat_seconds=cfg.heartbeat_seconds,
+        max_batch_size=cfg.max_batch_size,
+        max_wait_ms=cfg.max_wait_milliseconds,
     )
     ready = True
     worker.run(max_jobs=args.max_jobs)

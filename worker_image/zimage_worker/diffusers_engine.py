@@ -12,7 +12,7 @@ from diffusers import ZImageImg2ImgPipeline, ZImageInpaintPipeline, ZImagePipeli
 from PIL import Image
 
 from zimage_queue.message import VARIANT_DEFAULTS
-from zimage_worker.engine import TINY_RANDOM, VARIANTS, Cancelled
+from zimage_worker.engine import TINY_RANDOM, VARIANTS, Cancelled, Request, batch_key
 
 if TYPE_CHECKING:
     from zimage_queue import GenerationParams
@@ -91,6 +91,8 @@ class DiffusersEngine:
         device: str | None = None,
         dtype: str = "auto",
         revision: str | None = None,
+        compile: bool = False,
+        attention_backend: str | None = None,
     ) -> None:
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
@@ -111,6 +113,12 @@ class DiffusersEngine:
         else:
             pipe = ZImagePipeline.from_pretrained(source, revision=revision, **{_dtype_kwarg(): self.dtype})
         pipe.to(self.device)
+        if attention_backend:  # e.g. "flash" or "_native_cudnn"; diffusers checks that the kernels exist
+            pipe.transformer.set_attention_backend(attention_backend)
+        if compile:
+            # Regional compilation: the transformer block is compiled once and reused for all its repeats,
+            # so compiling costs seconds, not minutes, and the warm-up run absorbs it.
+            pipe.transformer.compile_repeated_blocks(fullgraph=True)
         self.text_to_image: Any = pipe
         # The same module objects in all three pipelines, so the weights exist once. This is the core of
         # `from_pipe`, without its final cast: that defaults to float32, would upcast the shared bfloat16
@@ -138,14 +146,79 @@ class DiffusersEngine:
         (``num_images=1``, ``seed=seed+i``). A missing seed counts as 0: the operator resolves seeds before
         enqueueing, and an engine that picked one itself could not report it.
         """
+        request = Request(params, on_step, should_stop, load_image)
+        if params.task == "text-to-image":
+            [images] = self.generate_batch([request])  # all images of the job in one call
+            assert images is not None  # a lone request that stops raises Cancelled
+            return images
+        return self._generate_each(request)
+
+    def generate_batch(self, requests: list[Request]) -> list[list[Image.Image] | None]:
+        """See ``BatchEngine.generate_batch``: text-to-image requests with equal ``batch_key``, one row per image."""
+        first = requests[0].params
+        keys = {batch_key(r.params, self.variant) for r in requests}
+        if len(keys) != 1 or None in keys:
+            raise ValueError("generate_batch takes text-to-image requests with equal batch_key only")
+        steps, guidance = self._steps_and_guidance(first)
+        num_inference_steps, sigmas = denoising_schedule(steps)
+        rows = [(j, i) for j, r in enumerate(requests) for i in range(r.params.num_images)]
+        stopped: set[int] = set()
+
+        def step_end(pipeline: Any, index: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
+            total = pipeline.num_timesteps
+            for j, r in enumerate(requests):
+                if j in stopped:
+                    continue
+                n = r.params.num_images
+                r.on_step((index + 1) * n, total * n)
+                if r.should_stop():
+                    stopped.add(j)
+            # Raising unwinds the pipeline before the VAE decode; a stopped job's rows are computed with
+            # the rest (the batch cannot shrink mid-call) and dropped at the end.
+            if len(stopped) == len(requests):
+                raise Cancelled()
+            return callback_kwargs
+
+        with torch.inference_mode():
+            embeds, negative = self.text_to_image.encode_prompt(
+                prompt=[r.params.prompt for r in requests],
+                negative_prompt=[r.params.negative_prompt or "" for r in requests] if guidance > 0 else None,
+                do_classifier_free_guidance=guidance > 0,
+                device=self.device,
+            )
+            seeds = [(requests[j].params.seed or 0) + i for j, i in rows]
+            output = self.text_to_image(
+                prompt_embeds=[embeds[j] for j, _ in rows],
+                negative_prompt_embeds=[negative[j] for j, _ in rows] if guidance > 0 else None,
+                height=first.height,
+                width=first.width,
+                num_inference_steps=num_inference_steps,
+                sigmas=sigmas,
+                guidance_scale=guidance,
+                generator=[torch.Generator(device=self.device).manual_seed(s) for s in seeds],
+                output_type="pil",
+                callback_on_step_end=step_end,
+            )
+        images: list[list[Image.Image] | None] = [[] for _ in requests]
+        for (j, _), image in zip(rows, output.images, strict=True):
+            images[j].append(image)  # type: ignore[union-attr]
+        return [None if j in stopped else each for j, each in enumerate(images)]
+
+    def _steps_and_guidance(self, params: GenerationParams) -> tuple[int, float]:
         defaults = VARIANT_DEFAULTS[self.variant]
         steps = params.steps if params.steps is not None else defaults.steps
         guidance = params.guidance_scale if params.guidance_scale is not None else defaults.guidance_scale
+        return steps, guidance
+
+    def _generate_each(self, request: Request) -> list[Image.Image]:
+        """Image-to-image and inpainting: one call per image, with the job's input image."""
+        params, on_step, should_stop = request.params, request.on_step, request.should_stop
+        steps, guidance = self._steps_and_guidance(params)
         num_inference_steps, sigmas = denoising_schedule(steps)
         seed = params.seed if params.seed is not None else 0
 
         with torch.inference_mode():
-            pipe, task_kwargs = self._pipeline_for(params, load_image)
+            pipe, task_kwargs = self._pipeline_for(params, request.load_image)
             # The prompt is the same for every image: encode it once.
             prompt_embeds, negative_prompt_embeds = pipe.encode_prompt(
                 prompt=params.prompt,
@@ -161,8 +234,6 @@ class DiffusersEngine:
                 done += 1
                 # Known only once the pipeline has applied strength to the schedule.
                 on_step(done, pipeline.num_timesteps * params.num_images)
-                # Raising unwinds the pipeline before the VAE decode; `_interrupt` would skip the remaining
-                # steps but still decode and return an image nobody wants.
                 if should_stop():
                     raise Cancelled()
                 return callback_kwargs

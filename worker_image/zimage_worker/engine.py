@@ -8,7 +8,8 @@ This module imports neither torch nor diffusers, so the queue side of the worker
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -32,6 +33,31 @@ class Cancelled(Exception):
     """Generation was stopped between denoising steps because ``should_stop()`` returned true."""
 
 
+@dataclass
+class Request:
+    """One job in a batch: its parameters and its own progress, cancellation and input callbacks."""
+
+    params: GenerationParams
+    on_step: Callable[[int, int], None]
+    should_stop: Callable[[], bool]
+    load_image: Callable[[str], bytes]
+
+
+def batch_key(params: GenerationParams, variant: str) -> Hashable | None:
+    """Jobs with equal keys can share one pipeline call; ``None``: the job runs alone.
+
+    Only text-to-image batches: the image tasks carry an input image per job. Prompts and seeds may differ
+    (one prompt embedding and one generator per image); size, steps and guidance may not, and the negative
+    prompt only matters (and so must match) when guidance is on.
+    """
+    if params.task != "text-to-image":
+        return None
+    defaults = VARIANT_DEFAULTS[variant]
+    steps = params.steps if params.steps is not None else defaults.steps
+    guidance = params.guidance_scale if params.guidance_scale is not None else defaults.guidance_scale
+    return (params.width, params.height, steps, guidance, params.negative_prompt if guidance > 0 else None)
+
+
 class Engine(Protocol):
     name: str
     variant: str
@@ -51,6 +77,15 @@ class Engine(Protocol):
         the engine raises ``Cancelled``. ``load_image(uri)`` returns the encoded bytes of an input or mask
         image.
         """
+        ...
+
+
+class BatchEngine(Engine, Protocol):
+    def generate_batch(self, requests: list[Request]) -> list[list[Image.Image] | None]:
+        """One pipeline call for requests with equal ``batch_key``: the images of each request, in order, or
+        ``None`` for a request whose ``should_stop()`` turned true while the others ran on. Raises
+        ``Cancelled`` when every request is stopped. Each image gets its own generator (seed, seed + 1, ...),
+        so a job's images are the ones it would get alone, within floating-point tolerance."""
         ...
 
 
@@ -94,11 +129,41 @@ class NoopEngine:
             images.append(Image.new("RGB", (params.width, params.height), _seed_colour((params.seed or 0) + index)))
         return images
 
+    def generate_batch(self, requests: list[Request]) -> list[list[Image.Image] | None]:
+        out: list[list[Image.Image] | None] = []
+        for r in requests:
+            try:
+                out.append(
+                    self.generate(r.params, on_step=r.on_step, should_stop=r.should_stop, load_image=r.load_image)
+                )
+            except Cancelled:
+                out.append(None)
+        if all(o is None for o in out):
+            raise Cancelled()
+        return out
+
 
 def _seed_colour(seed: int) -> tuple[int, int, int]:
     # A multiplicative hash spreads neighbouring seeds over visibly different colours.
     mixed = (seed * 2654435761) & 0xFFFFFF
     return (mixed >> 16) & 0xFF, (mixed >> 8) & 0xFF, mixed & 0xFF
+
+
+def warm_up(engine: Engine, size: int, batch: int = 1, steps: int = 2) -> float:
+    """Throwaway generations before the worker reports ready: one image, then one full batch. CUDA context,
+    kernels, cuDNN autotuning, compiled graphs and the allocator's pools are set up here, on nobody's job.
+    Returns the seconds it took."""
+    import time
+
+    from zimage_queue import GenerationParams
+
+    started = time.perf_counter()
+    params = GenerationParams(prompt="warm-up", width=size, height=size, steps=steps, seed=0)
+    kw = {"on_step": lambda step, total: None, "should_stop": lambda: False, "load_image": lambda uri: b""}
+    engine.generate(params, **kw)  # type: ignore[arg-type]
+    if batch > 1 and hasattr(engine, "generate_batch"):
+        engine.generate_batch([Request(params.model_copy(update={"seed": i}), **kw) for i in range(batch)])  # type: ignore[arg-type]
+    return time.perf_counter() - started
 
 
 def resolve_source(name_or_path: str, models_dir: str | None) -> str:
@@ -138,6 +203,8 @@ def load_engine(
     dtype: str = "auto",
     models_dir: str | None = None,
     revision: str | None = None,
+    compile: bool = False,
+    attention_backend: str | None = None,
 ) -> Engine:
     """Load the engine for ``source`` (see ``resolve_source``); this is where model weights are read."""
     if variant not in VARIANTS:
@@ -147,4 +214,12 @@ def load_engine(
         return NoopEngine(variant)
     from zimage_worker.diffusers_engine import DiffusersEngine
 
-    return DiffusersEngine(resolved, variant=variant, device=device, dtype=dtype, revision=revision)
+    return DiffusersEngine(
+        resolved,
+        variant=variant,
+        device=device,
+        dtype=dtype,
+        revision=revision,
+        compile=compile,
+        attention_backend=attention_backend,
+    )

@@ -1,4 +1,4 @@
-"""The worker loop: take a job, run it, store the images, then ack (never before).
+"""The worker loop: take jobs, run them (compatible ones batched), store the images, then ack (never before).
 
 Shutdown follows arq/rq: the first SIGTERM stops taking jobs and lets the current one finish; a second one
 hands the current job back to the queue between two steps. Either way the process exits 0.
@@ -12,13 +12,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, cast
 
 import redis
 
 from zimage_queue import Delivery, JobEvent, JobMessage, JobQueue, ResultImage
 from zimage_worker import metrics
-from zimage_worker.engine import Cancelled, Engine
+from zimage_worker.engine import BatchEngine, Cancelled, Engine, Request, batch_key
 from zimage_worker.storage import ImageStore, output_key, read_uri
 
 if TYPE_CHECKING:
@@ -40,6 +41,12 @@ class HandedBack(Exception):
 REDIS_RETRY_SECONDS = 1.0
 
 
+def _resolved(outcome: str) -> Future[str]:
+    f: Future[str] = Future()
+    f.set_result(outcome)
+    return f
+
+
 def _is_oom(e: BaseException) -> bool:
     return type(e).__name__ == "OutOfMemoryError" or "out of memory" in str(e).lower()
 
@@ -53,6 +60,10 @@ def encode(image: Image.Image, fmt: str) -> bytes:
 
 
 class Worker:
+    """Takes up to ``max_batch_size`` jobs at once (waiting up to ``max_wait_ms`` to fill a batch), runs the
+    compatible ones as one pipeline call, and hands encoding, upload and the result record to a finisher
+    thread, so the next batch starts while the last one's images are still being written."""
+
     def __init__(
         self,
         queue: JobQueue,
@@ -61,6 +72,9 @@ class Worker:
         queue_name: str,
         name: str,
         heartbeat_seconds: float = 5.0,
+        max_batch_size: int = 1,
+        max_wait_ms: int = 0,
+        finisher_threads: int = 2,
     ) -> None:
         self.queue = queue
         self.engine = engine
@@ -68,12 +82,19 @@ class Worker:
         self.queue_name = queue_name
         self.name = name
         self.heartbeat_seconds = heartbeat_seconds
+        self.max_batch_size = max(1, max_batch_size)
+        self.max_wait_ms = max(0, max_wait_ms)
+        self.finisher_threads = finisher_threads
         self.stopping = threading.Event()  # take no new job
         self.hand_back = threading.Event()  # give the current job back now
         self._finished = threading.Event()
-        self.held: list[Delivery] = []
+        self.held: list[Delivery] = []  # taken and not yet acked, released or failed: heartbeated
         self._lock = threading.Lock()
         self.processed = 0
+        self.taken = 0
+        self._finisher: ThreadPoolExecutor | None = None
+        # Backpressure: the GPU loop waits when this many finished jobs are still being encoded and stored.
+        self._finishing = threading.Semaphore(self.max_batch_size * 2)
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     def request_stop(self) -> None:
@@ -86,19 +107,31 @@ class Worker:
         beat = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True)
         beat.start()
         self.queue.worker_heartbeat(self.queue_name, self.name, busy=False)
+        self._finisher = ThreadPoolExecutor(self.finisher_threads, thread_name_prefix="finisher")
         try:
             self._loop(max_jobs, block_ms)
         finally:
+            self._finisher.shutdown(wait=True)  # every job taken is recorded (or handed back) before we go
+            self._finisher = None
             self._finished.set()
             self.queue.worker_gone(self.queue_name, self.name)
 
     def _loop(self, max_jobs: int | None, block_ms: int) -> None:
-        log.info("worker %s serving queue %s with engine %s", self.name, self.queue_name, self.engine.name)
+        log.info(
+            "worker %s serving queue %s with engine %s (batches of up to %d)",
+            self.name,
+            self.queue_name,
+            self.engine.name,
+            self.max_batch_size,
+        )
         while not self.stopping.is_set():
-            if max_jobs is not None and self.processed >= max_jobs:
+            if max_jobs is not None and self.taken >= max_jobs:
                 break
             try:
-                self._once(block_ms)
+                self._once(
+                    block_ms,
+                    self.max_batch_size if max_jobs is None else min(self.max_batch_size, max_jobs - self.taken),
+                )
             except (redis.ConnectionError, redis.TimeoutError) as e:
                 # Redis restarting or unreachable: keep the process (and its loaded model); a job whose result
                 # could not be recorded is still pending and comes back after the visibility timeout.
@@ -108,18 +141,30 @@ class Worker:
                 self.stopping.wait(REDIS_RETRY_SECONDS)
         log.info("worker %s stopped after %d job(s)", self.name, self.processed)
 
-    def _once(self, block_ms: int) -> None:
-        deliveries = self.queue.take(self.queue_name, self.name, count=1, block_ms=block_ms)
+    def _once(self, block_ms: int, want: int) -> None:
+        deliveries = self._take(block_ms, want)
+        if not deliveries:
+            return
+        self.taken += len(deliveries)
         with self._lock:
-            self.held = list(deliveries)
-        if deliveries:  # tell the scaler at once, not at the next beat, that this worker must not go
-            self.queue.worker_heartbeat(self.queue_name, self.name, busy=True)
-        for d in deliveries:
-            self.process(d)
-            with self._lock:
-                self.held.remove(d)
-        if deliveries:
-            self.queue.worker_heartbeat(self.queue_name, self.name, busy=False)
+            self.held.extend(deliveries)
+        self.queue.worker_heartbeat(self.queue_name, self.name, busy=True)  # tell the scaler at once
+        self.process_batch(deliveries)
+        with self._lock:
+            busy = bool(self.held)
+        self.queue.worker_heartbeat(self.queue_name, self.name, busy=busy)
+
+    def _take(self, block_ms: int, want: int) -> list[Delivery]:
+        got = self.queue.take(self.queue_name, self.name, count=want, block_ms=block_ms)
+        if not got or self.max_wait_ms == 0:
+            return got
+        deadline = time.monotonic() + self.max_wait_ms / 1000
+        while len(got) < want and not self.stopping.is_set():
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            if left_ms <= 0:
+                break
+            got += self.queue.take(self.queue_name, self.name, count=want - len(got), block_ms=left_ms)
+        return got
 
     def _heartbeat(self) -> None:
         while not self._finished.wait(self.heartbeat_seconds):
@@ -135,7 +180,12 @@ class Worker:
                 except Exception as e:  # a missed beat only risks a redelivery, which results tolerate
                     log.warning("heartbeat failed for %s: %s", d.entry_id, e)
 
-    # -- one job ------------------------------------------------------------------------------------------
+    def _let_go(self, d: Delivery) -> None:
+        with self._lock:
+            if d in self.held:
+                self.held.remove(d)
+
+    # -- jobs ---------------------------------------------------------------------------------------------
     def _event(self, d: Delivery, type_: str, **kw: object) -> JobEvent:
         m = d.message
         return JobEvent.model_validate(
@@ -151,7 +201,32 @@ class Worker:
         )
 
     def process(self, d: Delivery) -> str:
-        m = d.message
+        """One job, start to finish: its outcome (``succeeded``, ``cancelled``, ``duplicate``...)."""
+        [outcome] = self.process_batch([d])
+        return outcome.result()
+
+    def process_batch(self, deliveries: list[Delivery]) -> list[Future[str]]:
+        """Start every job, run the compatible ones together, and return each job's outcome (a future: the
+        images of a job that ran are stored by the finisher)."""
+        outcomes: list[Future[str]] = []
+        runnable = []
+        for d in deliveries:
+            early = self._begin(d)
+            if early is None:
+                runnable.append(d)
+            else:
+                self._let_go(d)
+                outcomes.append(_resolved(early))
+        groups: dict[object, list[Delivery]] = {}
+        for d in runnable:
+            key = batch_key(d.message.params, self.engine.variant) if hasattr(self.engine, "generate_batch") else None
+            groups.setdefault(key if key is not None else ("alone", d.entry_id), []).append(d)
+        for group in groups.values():
+            outcomes += self._run(group)
+        return outcomes
+
+    def _begin(self, d: Delivery) -> str | None:
+        """Count the attempt; the outcome of a job that must not run, or None (and ``started``) when it runs."""
         outcome = self.queue.begin(d, self.name)
         if outcome == "done":  # a redelivery of a job whose results are already recorded
             self.queue.ack(d)
@@ -169,68 +244,117 @@ class Worker:
             )
             self.queue.fail(d, ev, retry=False)
             return self._count("dead_lettered")
-
+        m = d.message
         metrics.QUEUE_WAIT_SECONDS.observe(max(0.0, time.time() - m.enqueued_at))
-        p = m.params
-        total = (p.steps or 0) * p.num_images  # progress counts steps over all images of the job
+        total = (m.params.steps or 0) * m.params.num_images  # progress counts steps over all images of the job
         self.queue.publish(self._event(d, "started", total_steps=total))
+        return None
+
+    def _request(self, d: Delivery) -> Request:
+        return Request(d.message.params, self._progress(d), self._should_stop(d), self._loader(d.message))
+
+    def _run(self, group: list[Delivery]) -> list[Future[str]]:
         t0 = time.perf_counter()
         metrics.BUSY.set(1)
         try:
-            images = self.engine.generate(
-                p, on_step=self._progress(d), should_stop=self._should_stop(d), load_image=self._loader(m)
-            )
-            run_seconds = time.perf_counter() - t0
-            metrics.INFERENCE_SECONDS.observe(run_seconds)
-            results = self._store(d, images)
+            if len(group) == 1:
+                r = self._request(group[0])
+                batch: list[list[Image.Image] | None] = [
+                    self.engine.generate(
+                        r.params, on_step=r.on_step, should_stop=r.should_stop, load_image=r.load_image
+                    )
+                ]
+            else:
+                batch = cast("BatchEngine", self.engine).generate_batch([self._request(d) for d in group])
         except HandedBack:
-            self.queue.release(d)
-            return self._count("handed_back")
+            for d in group:
+                self.queue.release(d)
+                self._let_go(d)
+            return [_resolved(self._count("handed_back")) for _ in group]
         except Cancelled:
-            self.queue.ack(d)
-            self.queue.publish(
-                self._event(
-                    d,
-                    "cancelled",
-                    reason="Cancelled",
-                    message="cancelled while running",
-                    run_seconds=time.perf_counter() - t0,
-                )
-            )
-            return self._count("cancelled")
-        except InputError as e:
-            log.warning("job %s/%s failed on its input: %s", m.namespace, m.name, e)
+            batch = [None] * len(group)
+        except InputError as e:  # only a job that runs alone reads inputs
+            [d] = group
+            log.warning("job %s/%s failed on its input: %s", d.message.namespace, d.message.name, e)
             self.queue.fail(d, self._event(d, "failed", reason="InvalidInput", message=str(e)[:1000]), retry=False)
-            return self._count("failed")
+            self._let_go(d)
+            return [_resolved(self._count("failed"))]
         except Exception as e:
-            reason = "OutOfMemory" if _is_oom(e) else "WorkerError"
-            if reason == "OutOfMemory":
+            if _is_oom(e):
                 self._free_memory()
-            log.exception("job %s/%s attempt %d failed", m.namespace, m.name, d.attempt)
+            if len(group) > 1:
+                # One bad job (or a batch too big for memory) must not fail the others: run each alone.
+                log.warning("batch of %d failed (%s: %s); running its jobs one by one", len(group), type(e).__name__, e)
+                return [f for d in group for f in self._run([d])]
+            [d] = group
+            log.exception("job %s/%s attempt %d failed", d.message.namespace, d.message.name, d.attempt)
             state = self.queue.fail(
                 d,
                 self._event(
                     d,
                     "failed",
-                    reason=reason,
+                    reason="OutOfMemory" if _is_oom(e) else "WorkerError",
                     message=f"{type(e).__name__}: {e}"[:1000],
                     run_seconds=time.perf_counter() - t0,
                 ),
                 retry=True,
             )
-            return self._count("retried" if state == "retrying" else "failed")
+            self._let_go(d)
+            return [_resolved(self._count("retried" if state == "retrying" else "failed"))]
         finally:
             metrics.BUSY.set(0)
-        first = self.queue.complete(
-            d,
-            results,
-            self._event(d, "succeeded", results=results, run_seconds=round(run_seconds, 4), total_steps=total),
-        )
-        return self._count("succeeded" if first else "duplicate")
+        run_seconds = time.perf_counter() - t0
+        metrics.INFERENCE_SECONDS.observe(run_seconds)
+        metrics.BATCH_SIZE.observe(len(group))
+        outcomes = []
+        for d, images in zip(group, batch, strict=True):
+            if images is None:
+                self.queue.ack(d)
+                self.queue.publish(
+                    self._event(
+                        d, "cancelled", reason="Cancelled", message="cancelled while running", run_seconds=run_seconds
+                    )
+                )
+                self._let_go(d)
+                outcomes.append(_resolved(self._count("cancelled")))
+            else:
+                outcomes.append(self._finish_later(d, images, run_seconds))
+        return outcomes
+
+    def _finish_later(self, d: Delivery, images: list[Image.Image], run_seconds: float) -> Future[str]:
+        if self._finisher is None:  # called outside run(): finish inline
+            return _resolved(self._finish(d, images, run_seconds, hold=False))
+        self._finishing.acquire()
+        return self._finisher.submit(self._finish, d, images, run_seconds, hold=True)
+
+    def _finish(self, d: Delivery, images: list[Image.Image], run_seconds: float, hold: bool) -> str:
+        """Encode and store the images, then record the result and ack (never before)."""
+        try:
+            results = self._store(d, images)
+            total = (d.message.params.steps or 0) * d.message.params.num_images
+            first = self.queue.complete(
+                d,
+                results,
+                self._event(d, "succeeded", results=results, run_seconds=round(run_seconds, 4), total_steps=total),
+            )
+            return self._count("succeeded" if first else "duplicate")
+        except Exception as e:
+            log.exception("storing the results of %s/%s failed", d.message.namespace, d.message.name)
+            try:
+                ev = self._event(d, "failed", reason="WorkerError", message=f"{type(e).__name__}: {e}"[:1000])
+                state = self.queue.fail(d, ev, retry=True)
+            except redis.RedisError:  # still pending: redelivered after the visibility timeout
+                return self._count("failed")
+            return self._count("retried" if state == "retrying" else "failed")
+        finally:
+            self._let_go(d)
+            if hold:
+                self._finishing.release()
 
     def _count(self, outcome: str) -> str:
         metrics.JOBS.labels(outcome=outcome).inc()
-        self.processed += 1
+        with self._lock:
+            self.processed += 1
         return outcome
 
     def _progress(self, d: Delivery) -> Callable[[int, int], None]:

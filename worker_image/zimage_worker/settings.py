@@ -29,3 +29,9 @@ class WorkerSettings(BaseSettings):
     visibility_ms: int = 30_000
     heartbeat_seconds: float = 5.0
     worker_name: str = Field(default_factory=_default_name)
+    max_batch_size: int = Field(1, ge=1, le=64, description="Compatible jobs run as one pipeline call")
+    max_wait_milliseconds: int = Field(0, ge=0, le=10_000, description="How long to wait to fill a batch")
+    warmup: bool = Field(True, description="Run a throwaway generation before /readyz turns true")
+    warmup_size: int = Field(0, ge=0, le=2048, description="Warm-up image side; 0: 1024, or 64 for tiny-random")
+    compile: bool = Field(False, description="torch.compile the transformer's repeated blocks (regional)")
+    attention_backend: str | None = Field(None, description="diffusers attention backend, e.g. flash, _native_cudnn")
