@@ -168,6 +168,22 @@ class Batching(CamelModel):
     max_wait_milliseconds: int = Field(0, ge=0, le=10000, description="How long a worker waits to fill a batch.")
 
 
+class Acceleration(CamelModel):
+    """How a worker prepares its model before it reports ready."""
+
+    warmup: bool = Field(True, description="Run a throwaway generation (and one full batch) before /readyz.")
+    compile: bool = Field(
+        False,
+        description="torch.compile the transformer's repeated blocks (regional: seconds, during the warm-up).",
+    )
+    attention_backend: str | None = Field(
+        None,
+        max_length=64,
+        pattern=r"^[a-z0-9_]+$",
+        description="diffusers attention backend (e.g. flash, _native_cudnn); default: PyTorch SDPA.",
+    )
+
+
 class Cache(CamelModel):
     """Where workers keep model weights. Neither claim nor size: an emptyDir, so each pod downloads its own copy."""
 
@@ -241,6 +257,7 @@ class ModelDeploymentSpec(CamelModel):
     env: list[EnvVar] | None = Field(None, max_length=256, description="Extra worker environment.")
     cache: Cache = Field(default_factory=Cache)
     batching: Batching = Field(default_factory=Batching)
+    acceleration: Acceleration = Field(default_factory=Acceleration)
     scaling: Scaling = Field(default_factory=Scaling)
     fallback: Fallback | None = None
     storage: Storage | None = None

@@ -297,7 +297,11 @@ def _worker_env(
         *_model_env(spec),
         {"name": "ZIMAGE_MAX_BATCH_SIZE", "value": str(spec.batching.max_batch_size)},
         {"name": "ZIMAGE_MAX_WAIT_MILLISECONDS", "value": str(spec.batching.max_wait_milliseconds)},
+        {"name": "ZIMAGE_WARMUP", "value": str(spec.acceleration.warmup).lower()},
+        {"name": "ZIMAGE_COMPILE", "value": str(spec.acceleration.compile).lower()},
     ]
+    if spec.acceleration.attention_backend:
+        env.append({"name": "ZIMAGE_ATTENTION_BACKEND", "value": spec.acceleration.attention_backend})
     if storage_url:
         env.append({"name": "ZIMAGE_STORAGE_URL", "value": storage_url})
     if spec.cache.preload:

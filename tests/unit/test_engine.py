@@ -306,3 +306,17 @@ def test_resolve_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.chdir(models / "local")
     with pytest.raises(ValueError):
         resolve_source("../elsewhere", str(models))
+
+
+def test_full_size_random_pipeline_has_z_image_turbo_shapes() -> None:
+    """The GPU benchmark's model, built on the meta device (no memory): a 6.15B-parameter transformer with the
+    released config, a Qwen3-4B-shaped text encoder and the Flux VAE, in bfloat16."""
+    from zimage_worker.tiny import build_full_size_pipeline
+
+    pipe = build_full_size_pipeline("meta", "bfloat16")
+    count = {n: sum(p.numel() for p in getattr(pipe, n).parameters()) for n in ("transformer", "text_encoder", "vae")}
+    assert 6.1e9 < count["transformer"] < 6.2e9
+    assert 3.6e9 < count["text_encoder"] < 4.1e9  # Qwen3-4B less most of its 151936-token embedding
+    assert 8e7 < count["vae"] < 9e7
+    assert {p.dtype for p in pipe.transformer.parameters()} == {torch.bfloat16}
+    assert pipe.transformer.config.dim == 3840 and pipe.transformer.config.n_layers == 30

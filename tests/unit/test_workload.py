@@ -182,6 +182,18 @@ def test_worker_env() -> None:
     assert env["HF_HUB_OFFLINE"] == "1"  # preloaded, read-only cache
 
 
+def test_acceleration_reaches_the_worker_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    from zimage_worker.settings import WorkerSettings
+
+    body = md(acceleration={"warmup": False, "compile": True, "attentionBackend": "_native_cudnn"})
+    for name, value in env_of(worker(render(body))).items():
+        if isinstance(value, str):  # what the pod's environment holds (valueFrom entries aside)
+            monkeypatch.setenv(name, value)
+    settings = WorkerSettings()
+    assert (settings.warmup, settings.compile, settings.attention_backend) == (False, True, "_native_cudnn")
+    assert (settings.max_batch_size, settings.queue) == (1, "team-a/turbo")
+
+
 def test_storage_url_from_the_spec_or_the_operator() -> None:
     assert env_of(worker(render(FULL, storage_url="file:///tmp/x")))["ZIMAGE_STORAGE_URL"] == "s3://images/team-a"
     assert env_of(worker(render(storage_url="s3://default/")))["ZIMAGE_STORAGE_URL"] == "s3://default/"
@@ -191,8 +203,9 @@ def test_optional_env_left_out_and_user_env_overrides() -> None:
     body = md(env=[{"name": "HF_HOME", "value": "/elsewhere"}, {"name": "EXTRA", "value": "1"}])
     c = worker(render(body))
     names = [e["name"] for e in c["env"]]
-    for absent in ("ZIMAGE_REVISION", "ZIMAGE_STORAGE_URL", "HF_HUB_OFFLINE"):
+    for absent in ("ZIMAGE_REVISION", "ZIMAGE_STORAGE_URL", "HF_HUB_OFFLINE", "ZIMAGE_ATTENTION_BACKEND"):
         assert absent not in names
+    assert (env_of(c)["ZIMAGE_WARMUP"], env_of(c)["ZIMAGE_COMPILE"]) == ("true", "false")
     assert names.count("HF_HOME") == 1 and env_of(c)["HF_HOME"] == "/elsewhere"
     assert names[-2:] == ["HF_HOME", "EXTRA"], "user entries come last, so $(VAR) can refer to ours"
 

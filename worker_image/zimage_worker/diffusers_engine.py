@@ -12,7 +12,7 @@ from diffusers import ZImageImg2ImgPipeline, ZImageInpaintPipeline, ZImagePipeli
 from PIL import Image
 
 from zimage_queue.message import VARIANT_DEFAULTS
-from zimage_worker.engine import TINY_RANDOM, VARIANTS, Cancelled, Request, batch_key
+from zimage_worker.engine import FULL_RANDOM, TINY_RANDOM, VARIANTS, Cancelled, Request, batch_key
 
 if TYPE_CHECKING:
     from zimage_queue import GenerationParams
@@ -110,6 +110,10 @@ class DiffusersEngine:
             pipe = build_tiny_pipeline()
             if self.dtype != torch.float32:
                 pipe.to(dtype=self.dtype)
+        elif source == FULL_RANDOM:
+            from zimage_worker.tiny import build_full_size_pipeline
+
+            pipe = build_full_size_pipeline(str(self.device), str(self.dtype).removeprefix("torch."))
         else:
             pipe = ZImagePipeline.from_pretrained(source, revision=revision, **{_dtype_kwarg(): self.dtype})
         pipe.to(self.device)

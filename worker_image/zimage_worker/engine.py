@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 NOOP = "noop"
 TINY_RANDOM = "tiny-random"
+FULL_RANDOM = "full-random"  # Z-Image-Turbo's full-size architecture with random weights (GPU benchmarks)
 VARIANTS = tuple(VARIANT_DEFAULTS)
 
 
@@ -174,7 +175,8 @@ def resolve_source(name_or_path: str, models_dir: str | None) -> str:
        ``models_dir`` (``..``) are not looked up there.
     2. ``name_or_path`` itself when it is an existing local directory.
     3. ``name_or_path`` unchanged when it looks like a Hub repository id (``owner/name``).
-    4. The built-in names ``tiny-random`` (random tiny weights, offline) and ``noop`` (no model).
+    4. The built-in names ``tiny-random`` (random tiny weights, offline), ``full-random`` (the full-size
+       architecture with random weights, for GPU benchmarks) and ``noop`` (no model).
 
     Anything else raises ``ValueError``: a typo in a path should fail at startup, not as a Hub download error.
     """
@@ -187,7 +189,7 @@ def resolve_source(name_or_path: str, models_dir: str | None) -> str:
         return name_or_path
     if _HUB_ID.match(name_or_path):
         return name_or_path
-    if name_or_path in (TINY_RANDOM, NOOP):
+    if name_or_path in (TINY_RANDOM, FULL_RANDOM, NOOP):
         return name_or_path
     where = f" or in {models_dir}" if models_dir else ""
     raise ValueError(

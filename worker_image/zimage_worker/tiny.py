@@ -1,4 +1,5 @@
-"""A tiny random-weight Z-Image pipeline, built entirely offline.
+"""Random-weight Z-Image pipelines, built entirely offline: a tiny one for tests, a full-size one for GPU
+benchmarks (``build_full_size_pipeline``).
 
 It exercises the real diffusers code path (prompt encoding with the chat template, the transformer, the
 flow-matching scheduler, VAE decode) in tens of milliseconds on a CPU, so the worker, the queue and the
@@ -135,6 +136,72 @@ def build_tiny_pipeline(seed: int = 0) -> ZImagePipeline:
 
     pipe: Any = ZImagePipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def build_full_size_pipeline(device: str = "cuda", dtype: str = "bfloat16", seed: int = 0) -> ZImagePipeline:
+    """Z-Image-Turbo's architecture at full size with random weights: the same shapes, parameter count (6B
+    transformer, a Qwen3-4B text encoder, the 16-channel Flux VAE) and so the same FLOPs per step as the
+    released model, for timings where the weights cannot be downloaded. The images are noise.
+
+    Built directly on ``device`` in ``dtype`` (about 20 GB of bfloat16 weights; initialising them on a CPU
+    would take minutes). The tokenizer is the tiny byte-level one: prompts become a few times more caption
+    tokens than Qwen's tokenizer would make, a few percent of a 1024x1024 image's 4096 image tokens.
+    """
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    tokenizer = build_tiny_tokenizer()
+    torch_dtype = getattr(torch, dtype)
+    previous = torch.get_default_dtype()
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(seed)
+        torch.set_default_dtype(torch_dtype)
+        try:
+            transformer: Any = ZImageTransformer2DModel()  # diffusers' defaults are the released model's config
+            with torch.no_grad():
+                transformer.x_pad_token.fill_(1.0)
+                transformer.cap_pad_token.fill_(1.0)
+            vae = AutoencoderKL(  # the Flux VAE
+                in_channels=3,
+                out_channels=3,
+                down_block_types=["DownEncoderBlock2D"] * 4,
+                up_block_types=["UpDecoderBlock2D"] * 4,
+                block_out_channels=[128, 256, 512, 512],
+                layers_per_block=2,
+                latent_channels=LATENT_CHANNELS,
+                norm_num_groups=32,
+                sample_size=1024,
+                scaling_factor=0.3611,
+                shift_factor=0.1159,
+                use_quant_conv=False,
+                use_post_quant_conv=False,
+            )
+            text_encoder = Qwen3Model(  # Qwen3-4B
+                Qwen3Config(
+                    hidden_size=2560,
+                    intermediate_size=9728,
+                    num_hidden_layers=36,
+                    num_attention_heads=32,
+                    num_key_value_heads=8,
+                    head_dim=128,
+                    vocab_size=len(tokenizer),
+                    max_position_embeddings=40960,
+                    pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                )
+            )
+        finally:
+            torch.set_default_dtype(previous)
+    pipe: Any = ZImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,

@@ -1,0 +1,206 @@
+"""Worker throughput: a bare diffusers loop against our worker, on the same loaded model.
+
+* ``naive``: what one writes first. One ``pipe()`` call per request, one after the other, each image encoded
+  to PNG and written to disk before the next call (under ``torch.inference_mode()``, as in the worker, so the
+  comparison is about batching and overlap, not autograd bookkeeping).
+* ``worker b``: the real ``Worker`` (Redis queue on a private ``redis-server``, local image store) with
+  ``max_batch_size=b``: compatible jobs share one pipeline call, encoding and writing run on the finisher
+  thread while the next batch computes.
+
+Both get the same burst of ``--requests`` text-to-image requests (different prompts and seeds, one image each,
+all submitted at t=0) after a warm-up; images/s is requests over the time to the last image, latency is
+submission to stored image. ``engine`` is the time spent inside pipeline calls (CUDA synchronised), and the
+overhead column is the rest of the wall time, the part the worker adds on the GPU's critical path (dequeue,
+starting events, results), as a share of engine time.
+
+CPU, tiny model (ratios only, as CI can run it)::
+
+    .venv/bin/python -m bench.worker
+
+GPU, Z-Image-Turbo's full-size architecture with random weights, 1024x1024, 8 steps, bf16::
+
+    .venv/bin/python -m bench.worker --model full-random --size 1024 --steps 8 --requests 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import platform
+import statistics
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from zimage_queue import GenerationParams, JobMessage, JobQueue
+from zimage_queue.server import RedisServer
+from zimage_worker.diffusers_engine import DiffusersEngine, denoising_schedule
+from zimage_worker.engine import Request, warm_up
+from zimage_worker.loop import Worker
+from zimage_worker.storage import LocalStore
+
+PROMPTS = [
+    "a lighthouse at dusk",
+    "a red fox in fresh snow",
+    "a bowl of ramen, top view",
+    "an old tram in Lisbon",
+    "a glass teapot on a windowsill",
+    "a paper crane on a desk",
+    "mountains above a sea of clouds",
+    "a neon sign reading OPEN",
+]
+
+
+@dataclass
+class Result:
+    name: str
+    images_per_s: float
+    p50_ms: float
+    engine_s: float
+    wall_s: float
+
+    @property
+    def overhead(self) -> float:
+        return (self.wall_s - self.engine_s) / self.engine_s
+
+
+class Timed:
+    """Wraps the engine: adds up the time spent inside pipeline calls."""
+
+    def __init__(self, inner: DiffusersEngine) -> None:
+        self.inner, self.name, self.variant = inner, inner.name, inner.variant
+        self.seconds = 0.0
+
+    def _timed(self, fn: Any, *args: Any, **kw: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kw)
+        finally:
+            _sync(self.inner)
+            self.seconds += time.perf_counter() - t0
+
+    def generate(self, params: GenerationParams, **kw: Any) -> Any:
+        return self._timed(self.inner.generate, params, **kw)
+
+    def generate_batch(self, requests: list[Request]) -> Any:
+        return self._timed(self.inner.generate_batch, requests)
+
+
+def _sync(engine: DiffusersEngine) -> None:
+    import torch
+
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize(engine.device)
+
+
+def requests(n: int, size: int, steps: int) -> list[GenerationParams]:
+    return [
+        GenerationParams(prompt=PROMPTS[i % len(PROMPTS)], width=size, height=size, steps=steps, seed=1000 + i)
+        for i in range(n)
+    ]
+
+
+def naive(engine: DiffusersEngine, jobs: list[GenerationParams], out: Path) -> Result:
+    """The bare diffusers loop: one pipe() call per request, sequentially, PNG written before the next."""
+    import torch
+
+    pipe = engine.text_to_image
+    latencies, spent = [], 0.0
+    t0 = time.perf_counter()
+    for i, p in enumerate(jobs):
+        steps, sigmas = denoising_schedule(p.steps or 8)
+        c0 = time.perf_counter()
+        with torch.inference_mode():  # as the worker does: the baseline gets every per-call advantage
+            image = pipe(
+                prompt=p.prompt,
+                height=p.height,
+                width=p.width,
+                num_inference_steps=steps,
+                sigmas=sigmas,
+                guidance_scale=0.0,
+                generator=torch.Generator(device=engine.device).manual_seed(p.seed or 0),
+            ).images[0]
+        _sync(engine)
+        spent += time.perf_counter() - c0
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        (out / f"naive-{i}.png").write_bytes(buf.getvalue())
+        latencies.append(time.perf_counter() - t0)
+    wall = time.perf_counter() - t0
+    return Result("naive", len(jobs) / wall, statistics.median(latencies) * 1000, spent, wall)
+
+
+def ours(engine: DiffusersEngine, jobs: list[GenerationParams], batch: int, redis_url: str, out: Path) -> Result:
+    q = JobQueue.from_url(redis_url)
+    queue = f"bench/b{batch}-{uuid.uuid4().hex[:6]}"
+    timed = Timed(engine)
+    worker = Worker(q, timed, LocalStore(out / queue), queue, "bench", max_batch_size=batch)  # type: ignore[arg-type]
+    q.ensure_queue(queue)
+    messages = [
+        JobMessage(uid=str(uuid.uuid4()), namespace="bench", name=f"j{i}", queue=queue, params=p)
+        for i, p in enumerate(jobs)
+    ]
+    t0 = time.perf_counter()
+    submitted = time.time()
+    for m in messages:
+        q.enqueue(m)
+    thread = threading.Thread(target=worker.run, kwargs={"max_jobs": len(jobs), "block_ms": 100})
+    thread.start()
+    thread.join()
+    wall = time.perf_counter() - t0
+    uids = {m.uid for m in messages}
+    events = q.read_events("bench", count=100_000, block_ms=0, group=queue)
+    done = {e.uid: e.ts for _, e in events if e.type == "succeeded" and e.uid in uids}
+    assert len(done) == len(jobs), f"{len(done)} of {len(jobs)} jobs succeeded"
+    latencies = [done[m.uid] - submitted for m in messages]
+    return Result(f"worker b={batch}", len(jobs) / wall, statistics.median(latencies) * 1000, timed.seconds, wall)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.worker", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="tiny-random", help="tiny-random (CPU) or full-random (GPU, full size)")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--batch-sizes", default="1,2,4,8")
+    args = ap.parse_args(argv)
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+
+    t0 = time.perf_counter()
+    engine = DiffusersEngine(args.model, device=args.device, dtype=args.dtype)
+    load = time.perf_counter() - t0
+    warm = warm_up(engine, args.size, batch=max(batches), steps=2)
+    where = engine.device.type
+    if where == "cuda":
+        import torch
+
+        where = torch.cuda.get_device_name(engine.device)
+    else:
+        where = f"CPU ({platform.processor() or platform.machine()})"
+    print(f"# {args.model} on {where}, {engine.dtype}, {args.size}x{args.size}, {args.steps} steps, "
+          f"{args.requests} requests; load {load:.1f}s, warm-up {warm:.1f}s")  # fmt: skip
+    jobs = requests(args.requests, args.size, args.steps)
+    with tempfile.TemporaryDirectory(prefix="bench-worker-") as tmp, RedisServer() as redis_srv:
+        out = Path(tmp)
+        rows = [naive(engine, jobs, out)]
+        for b in batches:
+            rows.append(ours(engine, jobs, b, redis_srv.url, out))
+    base = rows[0].images_per_s
+    print(f"| {'run':<12} | images/s | vs naive | p50 latency ms | engine s | wall s | overhead |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r.name:<12} | {r.images_per_s:8.2f} | {r.images_per_s / base:7.2f}x | {r.p50_ms:14.0f} "
+            f"| {r.engine_s:8.2f} | {r.wall_s:6.2f} | {r.overhead:7.1%} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
