@@ -99,7 +99,12 @@ def local_api(
         running = []
         for i in range(workers):
             w = Worker(
-                JobQueue.from_url(srv.url, visibility_ms=60_000), engine, LocalStore(images), q, f"local-worker-{i}"
+                JobQueue.from_url(srv.url, visibility_ms=60_000),
+                engine,
+                LocalStore(images),
+                q,
+                f"local-worker-{i}",
+                progress_interval_seconds=0,  # one user, watching: every step
             )
             t = threading.Thread(target=w.run, kwargs={"block_ms": 200}, name=f"worker-{i}", daemon=True)
             t.start()

@@ -92,4 +92,10 @@ def configure(level: int = logging.INFO, *, text: bool = False, stream: IO[str] 
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # Loggers configured earlier with their own handlers (uvicorn's default config sets uvicorn.access to
+    # propagate=False) would bypass the formatter: send them to the root handler too.
+    for logger in logging.root.manager.loggerDict.values():
+        if isinstance(logger, logging.Logger) and (logger.handlers or not logger.propagate):
+            logger.handlers.clear()
+            logger.propagate = True
     logging.captureWarnings(True)

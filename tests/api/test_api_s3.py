@@ -66,3 +66,4 @@ def test_uploads_lie_under_the_tenant_prefix_and_links_are_short_lived(bucket: s
     assert not access.owns(f"s3://{bucket}/images/tenants/team-a/../team-b/uploads/x/image.png", "team-a")
     assert not access.owns("s3://other-bucket/images/tenants/team-a/uploads/x/image.png", "team-a")
     assert not access.owns(f"s3://{bucket}/tenants/team-a/uploads/x/image.png", "team-a")  # outside the prefix
+    assert not access.owns("s3://[bucket/images/tenants/team-a/x.png", "team-a")  # urlparse refuses it: not ours

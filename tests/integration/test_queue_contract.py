@@ -55,7 +55,18 @@ class FailingEngine(NoopEngine):
 
 
 def make_worker(q: JobQueue, tmp_path: Path, engine: Any = None, name: str = "w1") -> Worker:
-    return Worker(q, engine or NoopEngine(), LocalStore(tmp_path / "images"), Q, name, heartbeat_seconds=0.1)
+    # Every step checked and reported: the no-op engine's steps take microseconds, and these tests cancel at a
+    # given step and count the progress events.
+    return Worker(
+        q,
+        engine or NoopEngine(),
+        LocalStore(tmp_path / "images"),
+        Q,
+        name,
+        heartbeat_seconds=0.1,
+        cancel_poll_seconds=0,
+        progress_interval_seconds=0,
+    )
 
 
 def test_enqueue_is_idempotent_per_uid(queue: JobQueue) -> None:

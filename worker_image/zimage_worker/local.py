@@ -70,7 +70,7 @@ def local_stack(
         queue_name = f"{LOCAL_NAMESPACE}/{Path(model).name or 'model'}"
         engine = engine or load_engine(model, variant=variant, models_dir=models_dir)
         store = LocalStore(images_dir)
-        worker = Worker(queue, engine, store, queue_name, "local-worker")
+        worker = Worker(queue, engine, store, queue_name, "local-worker", progress_interval_seconds=0)
         thread = threading.Thread(target=worker.run, kwargs={"block_ms": 200}, name="worker", daemon=True)
         thread.start()
         try:

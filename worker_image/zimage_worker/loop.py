@@ -39,6 +39,8 @@ class HandedBack(Exception):
 
 
 REDIS_RETRY_SECONDS = 1.0
+CANCEL_POLL_SECONDS = 0.2
+PROGRESS_INTERVAL_SECONDS = 0.1
 
 
 def _resolved(outcome: str) -> Future[str]:
@@ -75,6 +77,8 @@ class Worker:
         max_batch_size: int = 1,
         max_wait_ms: int = 0,
         finisher_threads: int = 2,
+        cancel_poll_seconds: float = CANCEL_POLL_SECONDS,
+        progress_interval_seconds: float = PROGRESS_INTERVAL_SECONDS,
     ) -> None:
         self.queue = queue
         self.engine = engine
@@ -85,6 +89,8 @@ class Worker:
         self.max_batch_size = max(1, max_batch_size)
         self.max_wait_ms = max(0, max_wait_ms)
         self.finisher_threads = finisher_threads
+        self.cancel_poll_seconds = cancel_poll_seconds
+        self.progress_interval_seconds = progress_interval_seconds
         self.stopping = threading.Event()  # take no new job
         self.hand_back = threading.Event()  # give the current job back now
         self._finished = threading.Event()
@@ -93,6 +99,7 @@ class Worker:
         self.processed = 0
         self.taken = 0
         self._finisher: ThreadPoolExecutor | None = None
+        self._busy_reported = False
         # Backpressure: the GPU loop waits when this many finished jobs are still being encoded and stored.
         self._finishing = threading.Semaphore(self.max_batch_size * 2)
 
@@ -107,6 +114,7 @@ class Worker:
         beat = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True)
         beat.start()
         self.queue.worker_heartbeat(self.queue_name, self.name, busy=False)
+        self._busy_reported = False
         self._finisher = ThreadPoolExecutor(self.finisher_threads, thread_name_prefix="finisher")
         try:
             self._loop(max_jobs, block_ms)
@@ -148,11 +156,17 @@ class Worker:
         self.taken += len(deliveries)
         with self._lock:
             self.held.extend(deliveries)
-        self.queue.worker_heartbeat(self.queue_name, self.name, busy=True)  # tell the scaler at once
+        self._report_busy(True)  # tell the scaler at once, not at the next beat
         self.process_batch(deliveries)
         with self._lock:
             busy = bool(self.held)
-        self.queue.worker_heartbeat(self.queue_name, self.name, busy=busy)
+        self._report_busy(busy)
+
+    def _report_busy(self, busy: bool) -> None:
+        # Only changes: between two jobs of a busy worker the periodic beat is enough.
+        if busy != self._busy_reported:
+            self.queue.worker_heartbeat(self.queue_name, self.name, busy=busy)
+            self._busy_reported = busy
 
     def _take(self, block_ms: int, want: int) -> list[Delivery]:
         got = self.queue.take(self.queue_name, self.name, count=want, block_ms=block_ms)
@@ -358,7 +372,16 @@ class Worker:
         return outcome
 
     def _progress(self, d: Delivery) -> Callable[[int, int], None]:
+        published_at = 0.0
+
         def on_step(step: int, total: int) -> None:
+            nonlocal published_at
+            # At most one event per progress_interval_seconds per job (and always the last step): a round
+            # trip per step per job of a batch would sit between two GPU steps for nothing anyone can see.
+            now = time.monotonic()
+            if step < total and now - published_at < self.progress_interval_seconds:
+                return
+            published_at = now
             try:
                 self.queue.publish(self._event(d, "progress", step=step, total_steps=total))
             except redis.RedisError as e:  # progress is advisory: never fail an image for it
@@ -367,9 +390,18 @@ class Worker:
         return on_step
 
     def _should_stop(self, d: Delivery) -> Callable[[], bool]:
+        checked_at = 0.0
+
         def should_stop() -> bool:
+            nonlocal checked_at
             if self.hand_back.is_set():
                 raise HandedBack()
+            # Asked between every two steps; Redis is asked at most every cancel_poll_seconds, so fast steps
+            # do not spend their time on round trips (a cancel still lands within that time).
+            now = time.monotonic()
+            if now - checked_at < self.cancel_poll_seconds:
+                return False
+            checked_at = now
             return self.queue.is_cancelled(d.message.uid)
 
         return should_stop

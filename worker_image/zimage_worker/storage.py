@@ -12,7 +12,7 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import ParseResult, parse_qs, urlparse
 
 from zimage_queue import JobMessage
 
@@ -41,6 +41,14 @@ class ImageStore(Protocol):
         ...
 
 
+def _parse(uri: str) -> ParseResult | None:
+    """``urlparse``, or None for what it refuses (``s3://[`` is an "invalid IPv6 URL")."""
+    try:
+        return urlparse(uri)
+    except ValueError:
+        return None
+
+
 class LocalStore:
     """A directory: a volume in a pod, a folder in local mode. Writes are atomic (temp file + rename)."""
 
@@ -65,8 +73,8 @@ class LocalStore:
         return Path(urlparse(uri).path).read_bytes()
 
     def holds(self, uri: str, prefix: str) -> bool:
-        u = urlparse(uri)
-        return u.scheme == "file" and Path(u.path).resolve().is_relative_to(self.root / prefix)
+        u = _parse(uri)
+        return u is not None and u.scheme == "file" and Path(u.path).resolve().is_relative_to(self.root / prefix)
 
 
 class S3Store:
@@ -100,7 +108,9 @@ class S3Store:
         return body
 
     def holds(self, uri: str, prefix: str) -> bool:
-        u = urlparse(uri)
+        u = _parse(uri)
+        if u is None:
+            return False
         key = u.path.lstrip("/")
         # S3 keys are not paths, but some proxies and SDKs collapse dot segments: never let one climb out.
         return (
