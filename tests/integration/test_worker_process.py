@@ -44,6 +44,9 @@ def test_worker_probes_metrics_and_drain_on_sigterm(redis_url: str, tmp_path: Pa
     status, text = get(f"{base}/metrics")
     assert status == 200 and 'zimage_worker_jobs_total{outcome="succeeded"} 1.0' in text
     assert "zimage_worker_inference_seconds_count 1.0" in text and "zimage_worker_model_load_seconds" in text
+    # Ready only after the warm-up generation: its time is on record by then.
+    [warmup] = [line for line in text.splitlines() if line.startswith("zimage_worker_warmup_seconds ")]
+    assert float(warmup.split()[1]) > 0
 
     # SIGTERM mid-job: the job in hand is finished and acked, nothing new is taken, exit code 0.
     long, after = job(steps=60), job(steps=2)

@@ -320,3 +320,15 @@ def test_full_size_random_pipeline_has_z_image_turbo_shapes() -> None:
     assert 8e7 < count["vae"] < 9e7
     assert {p.dtype for p in pipe.transformer.parameters()} == {torch.bfloat16}
     assert pipe.transformer.config.dim == 3840 and pipe.transformer.config.n_layers == 30
+
+
+def test_attention_backend_is_applied_to_the_transformer() -> None:
+    def backends(e: DiffusersEngine) -> set[str]:
+        attention = [m for m in e.text_to_image.transformer.modules() if hasattr(m, "processor")]
+        return {str(getattr(m.processor, "_attention_backend", None)) for m in attention}
+
+    chosen = DiffusersEngine("tiny-random", device="cpu", attention_backend="native")
+    assert backends(chosen) == {"AttentionBackendName.NATIVE"}
+    assert backends(DiffusersEngine("tiny-random", device="cpu")) == {"None"}  # diffusers' default dispatch
+    (image,), _ = run(chosen, params())
+    assert image.size == (SIZE, SIZE)
