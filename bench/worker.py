@@ -18,9 +18,10 @@ CPU, tiny model (ratios only, as CI can run it)::
 
     .venv/bin/python -m bench.worker
 
-GPU, Z-Image-Turbo's full-size architecture with random weights, 1024x1024, 8 steps, bf16::
+GPU, Z-Image-Turbo's full-size architecture with random weights, 1024x1024, 8 steps, bf16, then a profile of
+the worker at batch 4 (top kernels, how busy the GPU was)::
 
-    .venv/bin/python -m bench.worker --model full-random --size 1024 --steps 8 --requests 32
+    .venv/bin/python -m bench.worker --model full-random --size 1024 --steps 8 --requests 32 --profile 4
 """
 
 from __future__ import annotations
@@ -175,6 +176,21 @@ def ours(engine: DiffusersEngine, jobs: list[GenerationParams], batch: int, redi
     return Result(f"worker b={batch}", len(jobs) / wall, statistics.median(latencies) * 1000, timed.seconds, wall)
 
 
+def profile(engine: DiffusersEngine, jobs: list[GenerationParams], batch: int, redis_url: str, out: Path) -> None:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    cuda = engine.device.type == "cuda"
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    with torch_profile(activities=activities) as prof:
+        result = ours(engine, jobs, batch, redis_url, out)
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=15))
+    if cuda:  # kernels on one stream do not overlap: their total is the time the GPU was busy
+        busy = sum(e.self_device_time_total for e in prof.key_averages()) / 1e6
+        print(f"# GPU busy {busy:.2f}s of {result.wall_s:.2f}s wall ({busy / result.wall_s:.0%}) at batch {batch}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.worker", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="tiny-random", help="tiny-random (CPU) or full-random (GPU, full size)")
@@ -184,6 +200,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--batch-sizes", default="1,2,4,8")
+    ap.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="B",
+        help="then profile the worker at batch size B with torch.profiler: top operators, and on a GPU how much "
+        "of the wall time its kernels kept it busy",
+    )
     args = ap.parse_args(argv)
     batches = [int(b) for b in args.batch_sizes.split(",")]
 
@@ -206,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = [naive(engine, jobs, out)]
         for b in batches:
             rows.append(ours(engine, jobs, b, redis_srv.url, out))
+        if args.profile:
+            profile(engine, jobs, args.profile, redis_srv.url, out)
     base = rows[0].images_per_s
     print(f"| {'run':<12} | images/s | vs naive | p50 latency ms | engine s | wall s | overhead |")
     print("|---|---|---|---|---|---|---|")
