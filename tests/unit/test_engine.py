@@ -218,6 +218,7 @@ def test_image_pipelines_share_the_weights(engine: DiffusersEngine) -> None:
             assert getattr(derived, component) is getattr(base, component)
         first = next(iter(derived.transformer.parameters()))
         assert first.data_ptr() == next(iter(base.transformer.parameters())).data_ptr()
+    assert base.vae.use_slicing  # a batch decodes image by image
 
 
 def test_from_pipe_keeps_the_loaded_dtype() -> None:

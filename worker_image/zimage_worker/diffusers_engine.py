@@ -117,6 +117,9 @@ class DiffusersEngine:
         else:
             pipe = ZImagePipeline.from_pretrained(source, revision=revision, **{_dtype_kwarg(): self.dtype})
         pipe.to(self.device)
+        # Decode a batch's latents one image at a time: the VAE's activations for 8 images at 1024x1024 would
+        # rival the weights in memory, and the decode is a small share of the time.
+        pipe.vae.enable_slicing()
         if attention_backend:  # e.g. "flash" or "_native_cudnn"; diffusers checks that the kernels exist
             pipe.transformer.set_attention_backend(attention_backend)
         if compile:
