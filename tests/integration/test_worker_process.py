@@ -57,3 +57,19 @@ def test_worker_probes_metrics_and_drain_on_sigterm(redis_url: str, tmp_path: Pa
     assert proc.wait(timeout=120) == 0
     assert q.result(long.uid) is not None
     assert q.result(after.uid) is None and q.stats(Q).queued == 1 and q.stats(Q).in_flight == 0
+
+
+def test_worker_process_batches_as_configured(redis_url: str, tmp_path: Path, processes: Processes) -> None:
+    """ZIMAGE_MAX_BATCH_SIZE (what the operator sets from spec.batching) reaches the loop: 8 queued jobs run
+    as two pipeline calls of 4."""
+    port = free_port()
+    q = JobQueue.from_url(redis_url)
+    jobs = [job(steps=2) for _ in range(8)]
+    for m in jobs:
+        q.enqueue(m)
+    start_worker(processes, redis_url, Q, tmp_path / "images", ZIMAGE_HTTP_PORT=str(port), ZIMAGE_MAX_BATCH_SIZE="4")
+    wait_for(lambda: all(q.result(m.uid) for m in jobs), timeout=120, what="8 jobs")
+    text = get(f"http://127.0.0.1:{port}/metrics")[1]
+    count = [line for line in text.splitlines() if line.startswith("zimage_worker_batch_size_count ")]
+    total = [line for line in text.splitlines() if line.startswith("zimage_worker_batch_size_sum ")]
+    assert count == ["zimage_worker_batch_size_count 2.0"] and total == ["zimage_worker_batch_size_sum 8.0"], text
