@@ -79,8 +79,8 @@ def denoising_schedule(steps: int) -> tuple[int, list[float]]:
 class DiffusersEngine:
     """Z-Image text-to-image, image-to-image and inpainting from one set of weights.
 
-    Not thread-safe: the three pipelines share one scheduler, whose state is set per call. A worker runs one
-    job at a time.
+    Not thread-safe: the three pipelines share one scheduler, whose state is set per call. A worker makes one
+    pipeline call at a time (one job, or one batch of compatible jobs); only storing runs beside it.
     """
 
     def __init__(
