@@ -5,6 +5,9 @@ Kubernetes: ``KUBECONFIG`` when set (kind, k3d, a real cluster), else ``../share
 
 from __future__ import annotations
 
+import io
+import json
+import logging
 import os
 import re
 import subprocess
@@ -18,7 +21,7 @@ from typing import Any
 import pytest
 import redis
 
-from zimage_queue import JobQueue
+from zimage_queue import JobQueue, logs
 from zimage_queue.server import RedisServer
 
 REPO = Path(__file__).resolve().parent
@@ -36,6 +39,33 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval: floa
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
         time.sleep(interval)
+
+
+def json_log_lines(text: str) -> list[dict[str, Any]]:
+    """The records of a log in zimage_queue.logs' format; fails on anything that is not one JSON object per
+    line, on a raw control character and on non-ASCII (so unescaped) text."""
+    assert text.isascii(), "non-ASCII (and so unescaped) bytes in the log"
+    assert not any(c in text for c in "\r\x1b\x00\x07\x85"), "a raw control character in the log"
+    out = []
+    for line in text.splitlines():
+        rec = json.loads(line)  # fails on any line that is not one whole JSON object
+        assert {"ts", "level", "logger", "msg"} <= set(rec), line
+        out.append(rec)
+    return out
+
+
+@pytest.fixture
+def captured_logs() -> Iterator[io.StringIO]:
+    """Logging as the entry points configure it (``zimage_queue.logs.configure``), into a buffer."""
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    out = io.StringIO()
+    logs.configure(stream=out)
+    try:
+        yield out
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
 
 
 @pytest.fixture(scope="session")

@@ -28,7 +28,7 @@ from zimage_queue import GenerationParams, JobQueue, keys
 from zimage_queue.server import RedisServer, free_port
 from zimage_worker.engine import Engine, NoopEngine
 from zimage_worker.loop import Worker
-from zimage_worker.storage import LocalStore, tenant_root
+from zimage_worker.storage import LocalStore, job_prefix
 
 MODEL = "z-image-turbo"
 TERMINAL = {"Succeeded", "Failed", "Cancelled"}
@@ -139,7 +139,7 @@ class Stack:
             job = jobs.get(n) or {}
             phase = (job.get("status") or {}).get("phase")
             uid = (job.get("metadata") or {}).get("uid", "")
-            stored = list((self.images / tenant_root(self.ns) / "jobs" / self.ns / n).glob("*/*"))
+            stored = list((self.images / job_prefix(self.ns, self.ns, n)).glob("*/*"))
             if n in expect_failed and phase == "Failed":
                 row.expected_failed += 1
             elif n not in expect_failed and phase == "Succeeded" and stored:  # a result that was never stored is lost

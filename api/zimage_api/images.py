@@ -16,10 +16,10 @@ class ImageAccess:
 
     def local_path(self, uri: str) -> Path | None:
         """The file behind a file:// result, if it lies in the store this API serves."""
-        if urlparse(uri).scheme != "file" or not isinstance(self.store, LocalStore):
+        if not isinstance(self.store, LocalStore) or not self.store.holds(uri, ""):
             return None
         path = Path(urlparse(uri).path).resolve()
-        return path if path.is_relative_to(self.store.root) and path.is_file() else None
+        return path if path.is_file() else None
 
     def owns(self, uri: str, tenant: str) -> bool:
         """Whether ``uri`` lies in ``tenant``'s part of this API's own storage."""

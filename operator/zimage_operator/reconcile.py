@@ -99,12 +99,12 @@ def admit(
     seed = parsed.seed if parsed.seed is not None else status.get("seed")
     if seed is None:  # chosen once, recorded in status, so a retried handler enqueues the same job
         seed = (rng or random.SystemRandom()).randrange(2**32)
-    steps = parsed.steps or defaults.steps
+    steps, guidance = parsed.steps_and_guidance(defaults)
     params = GenerationParams.model_validate(
         {
             **parsed.model_dump(include=set(GenerationParams.model_fields)),
             "steps": steps,
-            "guidance_scale": defaults.guidance_scale if parsed.guidance_scale is None else parsed.guidance_scale,
+            "guidance_scale": guidance,
             "seed": seed,
         }
     )

@@ -71,6 +71,12 @@ class GenerationParams(CamelModel):
     strength: float | None = Field(None, ge=0, le=1, description="How far to move from the input image.")
     output_format: OutputFormat = Field("png", description="Encoding of the stored images.")
 
+    def steps_and_guidance(self, defaults: VariantDefaults) -> tuple[int, float]:
+        """The steps and guidance scale this job runs with: its own, or its model variant's defaults."""
+        steps = self.steps if self.steps is not None else defaults.steps
+        guidance = self.guidance_scale if self.guidance_scale is not None else defaults.guidance_scale
+        return steps, guidance
+
     def cross_field_errors(self) -> list[str]:
         """Rules a structural schema cannot express; checked by the operator (Failed condition) and the API."""
         errors = []

@@ -69,7 +69,8 @@ def refused_properly(r: httpx.Response) -> None:
 @pytest.mark.timeout(300)
 def test_job_bodies_never_5xx_and_never_admit_an_invalid_spec(fuzz_api: tuple[str, LocalApi]) -> None:
     url, la = fuzz_api
-    store = la.app.state.parts.service.store if isinstance(la.app.state.parts, Parts) else None
+    parts: Parts = la.app.state.parts
+    store = parts.service.store
     accepted: list[str] = []
 
     @FUZZ
@@ -78,7 +79,7 @@ def test_job_bodies_never_5xx_and_never_admit_an_invalid_spec(fuzz_api: tuple[st
         r = httpx.post(f"{url}/v1/jobs", headers=AUTH, json=body, timeout=30)
         refused_properly(r)
         if r.status_code in (200, 202):
-            job = store.get_job(r.json()["id"]) if store else None
+            job = store.get_job(r.json()["id"])
             assert job is not None
             spec = ImageJobSpec.model_validate(job["spec"])  # the stored CR spec, as the operator reads it
             assert spec.cross_field_errors() == [], job["spec"]

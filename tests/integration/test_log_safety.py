@@ -4,34 +4,19 @@ characters escaped (never raw), and no key, password or signature in any line.""
 from __future__ import annotations
 
 import io
-import json
-import logging
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 
-from conftest import Processes, start_worker, wait_for
+from conftest import Processes, json_log_lines, start_worker, wait_for
 from zimage_api.local import DEV_KEY, local_api, serve_in_thread
-from zimage_queue import GenerationParams, JobMessage, JobQueue, logs
+from zimage_queue import GenerationParams, JobMessage, JobQueue
 
 Q = "ns/m"
 # Allowed by the schema (a URI may hold anything but a newline; a prompt anything at all).
 HOSTILE_URI = 'file:///in\r{"level":"CRITICAL","msg":"forged"}\x1b[2J\x1b[31m\x00\u2028.png'
 HOSTILE_PROMPT = 'a fox\n{"level":"CRITICAL","msg":"forged"}\x1b]0;title\x07\u2029'
-
-
-def json_lines(text: str) -> list[dict[str, object]]:
-    assert text.isascii(), "non-ASCII (and so unescaped) bytes in the log"
-    assert not any(c in text for c in "\r\x1b\x00\x07"), "a raw control character in the log"
-    out = []
-    for line in text.splitlines():
-        rec = json.loads(line)  # fails on any line that is not one whole JSON object
-        assert {"ts", "level", "logger", "msg"} <= set(rec), line
-        out.append(rec)
-    return out
 
 
 def test_worker_process_logs_hostile_input_escaped_and_no_credentials(
@@ -55,23 +40,10 @@ def test_worker_process_logs_hostile_input_escaped_and_no_credentials(
     proc.terminate()
     assert proc.wait(timeout=60) == 0
     log = processes.procs[0][2].read_text()
-    records = json_lines(log)
+    records = json_log_lines(log)
     failed = [r for r in records if "failed on its input" in str(r["msg"])]
     assert len(failed) == 1 and HOSTILE_URI.replace("\x00", "") in str(failed[0]["msg"]).replace("\x00", "")
     assert password not in log and aws_secret not in log
-
-
-@pytest.fixture
-def captured_logs() -> Iterator[io.StringIO]:
-    root = logging.getLogger()
-    saved = root.handlers[:], root.level
-    out = io.StringIO()
-    logs.configure(stream=out)  # what zimage-api does at start, into a buffer
-    try:
-        yield out
-    finally:
-        root.handlers[:] = saved[0]
-        root.setLevel(saved[1])
 
 
 def test_api_access_and_error_logs_hold_no_keys_or_signatures(tmp_path: Path, captured_logs: io.StringIO) -> None:
@@ -92,7 +64,7 @@ def test_api_access_and_error_logs_hold_no_keys_or_signatures(tmp_path: Path, ca
         assert http.get(link).status_code == 200  # the signed link, no key
         assert http.get(f"/v1/jobs/%0d%0a{HOSTILE_PROMPT[:5]}%1b[31m", headers=auth).status_code in (400, 404)
     text = captured_logs.getvalue()
-    records = json_lines(text)
+    records = json_log_lines(text)
     access = [str(r["msg"]) for r in records if r["logger"] == "uvicorn.access"]
     assert any("/images/0?expires=" in m and "signature=***" in m for m in access), access
     signature = httpx.URL(link).params["signature"]

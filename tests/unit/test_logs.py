@@ -3,54 +3,38 @@
 from __future__ import annotations
 
 import io
-import json
 import logging
-from collections.abc import Iterator
 
 import pytest
 
+from conftest import json_log_lines
 from zimage_queue import logs
 
 HOSTILE = 'fox\n{"level":"CRITICAL","msg":"forged"}\r\x1b[2J\x1b[31mred\x00\u2028\u2029\x85\ttab "quoted" \\ back'
 
 
-@pytest.fixture
-def captured() -> Iterator[io.StringIO]:
-    root = logging.getLogger()
-    saved = root.handlers[:], root.level
-    out = io.StringIO()
-    logs.configure(stream=out)
-    try:
-        yield out
-    finally:
-        root.handlers[:], _ = saved
-        root.setLevel(saved[1])
-
-
 def records(out: io.StringIO) -> list[dict[str, object]]:
-    text = out.getvalue()
-    assert text.isascii() and not any(c in text for c in "\r\x1b\x00\x85")
-    return [json.loads(line) for line in text.splitlines()]
+    return json_log_lines(out.getvalue())
 
 
-def test_control_characters_stay_inside_one_record(captured: io.StringIO) -> None:
+def test_control_characters_stay_inside_one_record(captured_logs: io.StringIO) -> None:
     log = logging.getLogger("zimage_worker.loop")
     log.warning("job %s failed on its input: %s", "ns/fox", HOSTILE)
     try:
         raise ValueError(HOSTILE)
     except ValueError:
         log.exception("attempt %d failed", 2)
-    first, second = records(captured)
+    first, second = records(captured_logs)
     assert first["msg"] == f"job ns/fox failed on its input: {HOSTILE}"  # escaped, not lost
     assert first["level"] == "WARNING" and first["logger"] == "zimage_worker.loop"
     assert second["msg"] == "attempt 2 failed" and HOSTILE in str(second["exc"])
     assert str(second["exc"]).startswith("Traceback") and "ValueError" in str(second["exc"])
 
 
-def test_kopf_object_extras_become_one_field(captured: io.StringIO) -> None:
+def test_kopf_object_extras_become_one_field(captured_logs: io.StringIO) -> None:
     ref = {"kind": "ImageJob", "namespace": "team-a", "name": "fox", "uid": "u"}
     logging.getLogger("kopf.objects").info("Handler 'admit' succeeded.", extra={"k8s_ref": ref, "settings": object()})
-    [rec] = records(captured)
+    [rec] = records(captured_logs)
     assert rec["object"] == "ImageJob team-a/fox" and "settings" not in rec and "k8s_ref" not in rec
 
 
@@ -68,13 +52,13 @@ def test_kopf_object_extras_become_one_field(captured: io.StringIO) -> None:
         ),
     ],
 )
-def test_credentials_are_masked(captured: io.StringIO, secret_text: str, kept: str) -> None:
+def test_credentials_are_masked(captured_logs: io.StringIO, secret_text: str, kept: str) -> None:
     logging.getLogger("x").info("%s", secret_text)
     try:
         raise ConnectionError(secret_text)
     except ConnectionError:
         logging.getLogger("x").exception("failed")
-    msg, exc = records(captured)
+    msg, exc = records(captured_logs)
     for leaked in ("s3cr3t", "AbCdEfGh", "secretjwt", "hunter2", "9f86d081", "AKIAEXAMPLE", "deadbeef"):
         assert leaked not in str(msg["msg"]) and leaked not in str(exc["exc"])
     assert kept in str(msg["msg"]) and kept in str(exc["exc"])

@@ -166,7 +166,7 @@ class DiffusersEngine:
         keys = {batch_key(r.params, self.variant) for r in requests}
         if len(keys) != 1 or None in keys:
             raise ValueError("generate_batch takes text-to-image requests with equal batch_key only")
-        steps, guidance = self._steps_and_guidance(first)
+        steps, guidance = first.steps_and_guidance(VARIANT_DEFAULTS[self.variant])
         num_inference_steps, sigmas = denoising_schedule(steps)
         rows = [(j, i) for j, r in enumerate(requests) for i in range(r.params.num_images)]
         stopped: set[int] = set()
@@ -211,16 +211,10 @@ class DiffusersEngine:
             images[j].append(image)  # type: ignore[union-attr]
         return [None if j in stopped else each for j, each in enumerate(images)]
 
-    def _steps_and_guidance(self, params: GenerationParams) -> tuple[int, float]:
-        defaults = VARIANT_DEFAULTS[self.variant]
-        steps = params.steps if params.steps is not None else defaults.steps
-        guidance = params.guidance_scale if params.guidance_scale is not None else defaults.guidance_scale
-        return steps, guidance
-
     def _generate_each(self, request: Request) -> list[Image.Image]:
         """Image-to-image and inpainting: one call per image, with the job's input image."""
         params, on_step, should_stop = request.params, request.on_step, request.should_stop
-        steps, guidance = self._steps_and_guidance(params)
+        steps, guidance = params.steps_and_guidance(VARIANT_DEFAULTS[self.variant])
         num_inference_steps, sigmas = denoising_schedule(steps)
         seed = params.seed if params.seed is not None else 0
 
@@ -266,8 +260,7 @@ class DiffusersEngine:
         return images
 
     def _pipeline_for(self, params: GenerationParams, load_image: Callable[[str], bytes]) -> tuple[Any, dict[str, Any]]:
-        if params.task == "text-to-image":
-            return self.text_to_image, {}
+        """The image-to-image or inpainting pipeline, with the job's resized input (and mask)."""
         if not params.input_image:
             raise ValueError(f"{params.task} needs input_image")
         size = (params.width, params.height)

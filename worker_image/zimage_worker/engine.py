@@ -53,9 +53,7 @@ def batch_key(params: GenerationParams, variant: str) -> Hashable | None:
     """
     if params.task != "text-to-image":
         return None
-    defaults = VARIANT_DEFAULTS[variant]
-    steps = params.steps if params.steps is not None else defaults.steps
-    guidance = params.guidance_scale if params.guidance_scale is not None else defaults.guidance_scale
+    steps, guidance = params.steps_and_guidance(VARIANT_DEFAULTS[variant])
     return (params.width, params.height, steps, guidance, params.negative_prompt if guidance > 0 else None)
 
 
@@ -119,7 +117,7 @@ class NoopEngine:
         for uri in (params.input_image, params.mask_image):
             if uri:
                 load_image(uri)
-        steps = params.steps or VARIANT_DEFAULTS[self.variant].steps
+        steps, _ = params.steps_and_guidance(VARIANT_DEFAULTS[self.variant])
         total = steps * params.num_images
         images = []
         for index in range(params.num_images):

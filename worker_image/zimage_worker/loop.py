@@ -49,6 +49,11 @@ def _resolved(outcome: str) -> Future[str]:
     return f
 
 
+def _total_steps(m: JobMessage) -> int:
+    """Progress counts steps over all images of the job (the operator resolved the steps)."""
+    return (m.params.steps or 0) * m.params.num_images
+
+
 def _is_oom(e: BaseException) -> bool:
     return type(e).__name__ == "OutOfMemoryError" or "out of memory" in str(e).lower()
 
@@ -260,8 +265,7 @@ class Worker:
             return self._count("dead_lettered")
         m = d.message
         metrics.QUEUE_WAIT_SECONDS.observe(max(0.0, time.time() - m.enqueued_at))
-        total = (m.params.steps or 0) * m.params.num_images  # progress counts steps over all images of the job
-        self.queue.publish(self._event(d, "started", total_steps=total))
+        self.queue.publish(self._event(d, "started", total_steps=_total_steps(m)))
         return None
 
     def _request(self, d: Delivery) -> Request:
@@ -345,11 +349,16 @@ class Worker:
         """Encode and store the images, then record the result and ack (never before)."""
         try:
             results = self._store(d, images)
-            total = (d.message.params.steps or 0) * d.message.params.num_images
             first = self.queue.complete(
                 d,
                 results,
-                self._event(d, "succeeded", results=results, run_seconds=round(run_seconds, 4), total_steps=total),
+                self._event(
+                    d,
+                    "succeeded",
+                    results=results,
+                    run_seconds=round(run_seconds, 4),
+                    total_steps=_total_steps(d.message),
+                ),
             )
             return self._count("succeeded" if first else "duplicate")
         except Exception as e:

@@ -21,8 +21,13 @@ def tenant_root(tenant: str) -> str:
     return f"tenants/{tenant}"
 
 
+def job_prefix(tenant: str, namespace: str, name: str) -> str:
+    """Where the results of every run of the ImageJob ``namespace/name`` go, one folder per uid."""
+    return f"{tenant_root(tenant)}/jobs/{namespace}/{name}"
+
+
 def output_key(m: JobMessage, index: int, fmt: str) -> str:
-    return f"{tenant_root(m.tenant or m.namespace)}/jobs/{m.namespace}/{m.name}/{m.uid}/{index}.{fmt}"
+    return f"{job_prefix(m.tenant or m.namespace, m.namespace, m.name)}/{m.uid}/{index}.{fmt}"
 
 
 def upload_key(tenant: str, upload_id: str, filename: str) -> str:

@@ -67,82 +67,44 @@ def build_tiny_pipeline(seed: int = 0) -> ZImagePipeline:
     multiples of 16, which is what the job schema allows (64 to 2048). The pipeline is returned on the CPU
     in float32. The global torch RNG state is left as it was.
     """
-    import torch
-    from diffusers import (
-        AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
-        ZImagePipeline,
-        ZImageTransformer2DModel,
-    )
-    from transformers import Qwen3Config, Qwen3Model
-
-    tokenizer = build_tiny_tokenizer()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        # Any: diffusers' classes are too loosely typed for mypy to see the pad-token parameters.
-        transformer: Any = ZImageTransformer2DModel(
-            all_patch_size=(2,),
-            all_f_patch_size=(1,),
-            in_channels=LATENT_CHANNELS,
-            dim=32,
-            n_layers=2,
-            n_refiner_layers=1,
-            n_heads=2,
-            n_kv_heads=2,
-            qk_norm=True,
-            cap_feat_dim=TEXT_HIDDEN_SIZE,
-            axes_dims=[8, 4, 4],
+    return _random_pipeline(
+        seed=seed,
+        transformer={
+            "all_patch_size": (2,),
+            "all_f_patch_size": (1,),
+            "in_channels": LATENT_CHANNELS,
+            "dim": 32,
+            "n_layers": 2,
+            "n_refiner_layers": 1,
+            "n_heads": 2,
+            "n_kv_heads": 2,
+            "qk_norm": True,
+            "cap_feat_dim": TEXT_HIDDEN_SIZE,
+            "axes_dims": [8, 4, 4],
             # RoPE tables must cover the longest caption (512 tokens plus padding) and the largest image the
             # schema allows: 2048 px / VAE factor 2 / patch 2 = 512 positions per side.
-            axes_lens=[1024, 512, 512],
-        )
-        # The pad tokens start uninitialised (torch.empty); garbage there turns into NaNs in the output.
-        with torch.no_grad():
-            transformer.x_pad_token.fill_(1.0)
-            transformer.cap_pad_token.fill_(1.0)
-
+            "axes_lens": [1024, 512, 512],
+        },
         # Four blocks like the real Flux VAE (spatial factor 8), so a 1024x1024 job is a 64x64 token grid as
         # on the real model, not 256x256: fast enough on a CPU at any size the schema allows. No mid-block
         # attention: over a 128x128 latent it alone would dominate the CPU time.
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=["DownEncoderBlock2D"] * 4,
-            up_block_types=["UpDecoderBlock2D"] * 4,
-            block_out_channels=[8, 8, 16, 16],
-            layers_per_block=1,
-            latent_channels=LATENT_CHANNELS,
-            norm_num_groups=4,
-            sample_size=32,
-            scaling_factor=0.3611,
-            shift_factor=0.1159,
-            mid_block_add_attention=False,
-        )
-
-        text_encoder = Qwen3Model(
-            Qwen3Config(
-                hidden_size=TEXT_HIDDEN_SIZE,
-                intermediate_size=16,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                num_key_value_heads=2,
-                head_dim=TEXT_HIDDEN_SIZE // 2,
-                vocab_size=len(tokenizer),
-                max_position_embeddings=1024,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-        )
-
-    pipe: Any = ZImagePipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(),
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        transformer=transformer,
+        vae={
+            "block_out_channels": [8, 8, 16, 16],
+            "layers_per_block": 1,
+            "norm_num_groups": 4,
+            "sample_size": 32,
+            "mid_block_add_attention": False,
+        },
+        text_encoder={
+            "hidden_size": TEXT_HIDDEN_SIZE,
+            "intermediate_size": 16,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "head_dim": TEXT_HIDDEN_SIZE // 2,
+            "max_position_embeddings": 1024,
+        },
     )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def build_full_size_pipeline(device: str = "cuda", dtype: str = "bfloat16", seed: int = 0) -> ZImagePipeline:
@@ -154,58 +116,86 @@ def build_full_size_pipeline(device: str = "cuda", dtype: str = "bfloat16", seed
     would take minutes). The tokenizer is the tiny byte-level one: prompts become a few times more caption
     tokens than Qwen's tokenizer would make, a few percent of a 1024x1024 image's 4096 image tokens.
     """
+    return _random_pipeline(
+        seed=seed,
+        device=device,
+        dtype=dtype,
+        scheduler_shift=3.0,
+        transformer={},  # diffusers' defaults are the released model's config
+        vae={  # the Flux VAE
+            "block_out_channels": [128, 256, 512, 512],
+            "layers_per_block": 2,
+            "norm_num_groups": 32,
+            "sample_size": 1024,
+            "use_quant_conv": False,
+            "use_post_quant_conv": False,
+        },
+        text_encoder={  # Qwen3-4B
+            "hidden_size": 2560,
+            "intermediate_size": 9728,
+            "num_hidden_layers": 36,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 8,
+            "head_dim": 128,
+            "max_position_embeddings": 40960,
+        },
+    )
+
+
+def _random_pipeline(
+    *,
+    seed: int,
+    transformer: dict[str, Any],
+    vae: dict[str, Any],
+    text_encoder: dict[str, Any],
+    device: str | None = None,
+    dtype: str | None = None,
+    scheduler_shift: float | None = None,
+) -> ZImagePipeline:
+    """A ZImagePipeline of the given component sizes with random weights seeded ``seed``, built on ``device``
+    (default: the CPU) in ``dtype`` (default: float32), leaving the caller's RNG and default dtype alone."""
+    import contextlib
+
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
     from transformers import Qwen3Config, Qwen3Model
 
     tokenizer = build_tiny_tokenizer()
-    torch_dtype = getattr(torch, dtype)
     previous = torch.get_default_dtype()
-    with torch.random.fork_rng(devices=[]), torch.device(device):
+    with torch.random.fork_rng(devices=[]), torch.device(device) if device else contextlib.nullcontext():
         torch.manual_seed(seed)
-        torch.set_default_dtype(torch_dtype)
+        if dtype:
+            torch.set_default_dtype(getattr(torch, dtype))
         try:
-            transformer: Any = ZImageTransformer2DModel()  # diffusers' defaults are the released model's config
+            # Any: diffusers' classes are too loosely typed for mypy to see the pad-token parameters.
+            model: Any = ZImageTransformer2DModel(**transformer)
+            # The pad tokens start uninitialised (torch.empty); garbage there turns into NaNs in the output.
             with torch.no_grad():
-                transformer.x_pad_token.fill_(1.0)
-                transformer.cap_pad_token.fill_(1.0)
-            vae = AutoencoderKL(  # the Flux VAE
+                model.x_pad_token.fill_(1.0)
+                model.cap_pad_token.fill_(1.0)
+            autoencoder = AutoencoderKL(
                 in_channels=3,
                 out_channels=3,
                 down_block_types=["DownEncoderBlock2D"] * 4,
                 up_block_types=["UpDecoderBlock2D"] * 4,
-                block_out_channels=[128, 256, 512, 512],
-                layers_per_block=2,
                 latent_channels=LATENT_CHANNELS,
-                norm_num_groups=32,
-                sample_size=1024,
                 scaling_factor=0.3611,
                 shift_factor=0.1159,
-                use_quant_conv=False,
-                use_post_quant_conv=False,
+                **vae,
             )
-            text_encoder = Qwen3Model(  # Qwen3-4B
+            encoder = Qwen3Model(
                 Qwen3Config(
-                    hidden_size=2560,
-                    intermediate_size=9728,
-                    num_hidden_layers=36,
-                    num_attention_heads=32,
-                    num_key_value_heads=8,
-                    head_dim=128,
                     vocab_size=len(tokenizer),
-                    max_position_embeddings=40960,
                     pad_token_id=tokenizer.pad_token_id,
                     eos_token_id=tokenizer.eos_token_id,
+                    **text_encoder,
                 )
             )
         finally:
             torch.set_default_dtype(previous)
+    scheduler = FlowMatchEulerDiscreteScheduler(**({"shift": scheduler_shift} if scheduler_shift else {}))
     pipe: Any = ZImagePipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        transformer=transformer,
+        scheduler=scheduler, vae=autoencoder, text_encoder=encoder, tokenizer=tokenizer, transformer=model
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
