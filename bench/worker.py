@@ -10,13 +10,21 @@
 Both get the same burst of ``--requests`` text-to-image requests (different prompts and seeds, one image each,
 all submitted at t=0) after a warm-up; images/s is requests over the time to the last image, latency is
 submission to stored image. ``engine`` is the time spent inside pipeline calls (CUDA synchronised) less the
-worker's own per-step callbacks, and the overhead column is the rest of the wall time, the part the worker
-adds on the GPU's critical path (dequeue, start and progress events, cancellation checks, results), as a share
-of engine time.
+worker's own per-step callbacks. ``device idle`` is the time the device had nothing to do between the start of
+the first pipeline call and the end of the last (dequeue, start and progress events, cancellation checks,
+results, and in the naive loop encoding and writing), as a share of engine time: the worker's overhead on the
+GPU's critical path. ``drain`` is what follows the last pipeline call: the last batch's images encoded and
+stored.
 
 CPU, tiny model (ratios only, as CI can run it)::
 
     .venv/bin/python -m bench.worker
+
+The worker's own cost at full image size, on a machine without a GPU: ``stand-in`` holds every image for
+``--device-ms`` (sleeping, so the host is free as it is while a GPU computes; no batching gain is assumed)
+and returns a real 1024x1024 image from the tiny model, so dequeue, events, PNG encoding and storage are real::
+
+    .venv/bin/python -m bench.worker --model stand-in --size 1024 --device-ms 900 --requests 16 --batch-sizes 1,4
 
 GPU, Z-Image-Turbo's full-size architecture with random weights, 1024x1024, 8 steps, bf16, then a profile of
 the worker at batch 4 (top kernels, how busy the GPU was)::
@@ -63,20 +71,23 @@ class Result:
     p50_ms: float
     engine_s: float
     wall_s: float
+    span_s: float  # first pipeline call's start to the last one's end
+    drain_s: float  # last pipeline call's end to the last image stored
 
     @property
-    def overhead(self) -> float:
-        return (self.wall_s - self.engine_s) / self.engine_s
+    def idle(self) -> float:
+        return (self.span_s - self.engine_s) / self.engine_s
 
 
 class Timed:
     """Wraps the engine: adds up the time inside pipeline calls, less the time spent in the worker's own
     per-step callbacks (progress events, cancellation checks), which count as worker overhead."""
 
-    def __init__(self, inner: DiffusersEngine) -> None:
+    def __init__(self, inner: DiffusersEngine | StandIn) -> None:
         self.inner, self.name, self.variant = inner, inner.name, inner.variant
         self.seconds = 0.0
         self.callbacks = 0.0
+        self.first = self.last = 0.0  # perf_counter() at the first call's start, the last one's end
 
     def _clocked(self, fn: Any) -> Any:
         def call(*args: Any) -> Any:
@@ -90,11 +101,13 @@ class Timed:
 
     def _timed(self, fn: Any, *args: Any, **kw: Any) -> Any:
         t0, before = time.perf_counter(), self.callbacks
+        self.first = self.first or t0
         try:
             return fn(*args, **kw)
         finally:
             _sync(self.inner)
-            self.seconds += time.perf_counter() - t0 - (self.callbacks - before)
+            self.last = time.perf_counter()
+            self.seconds += self.last - t0 - (self.callbacks - before)
 
     def generate(self, params: GenerationParams, **kw: Any) -> Any:
         kw = {k: self._clocked(v) if k in ("on_step", "should_stop") else v for k, v in kw.items()}
@@ -107,11 +120,43 @@ class Timed:
         return self._timed(self.inner.generate_batch, clocked)
 
 
-def _sync(engine: DiffusersEngine) -> None:
+def _sync(engine: Any) -> None:
     import torch
 
-    if engine.device.type == "cuda":
-        torch.cuda.synchronize(engine.device)
+    device = getattr(engine, "device", None)
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class StandIn:
+    """Stands in for a GPU: each image takes ``seconds_per_image`` of sleep (the host is free meanwhile, as
+    while CUDA kernels run), a batch takes exactly that per image (no batching gain is assumed), and progress
+    and cancellation callbacks run between steps as with the real engine. The images are real: the tiny
+    model's output at the requested size, rendered once, so encoding and storing them cost what they do."""
+
+    name = variant = "stand-in"
+
+    def __init__(self, seconds_per_image: float, size: int) -> None:
+        self.variant = "turbo"
+        self.seconds_per_image = seconds_per_image
+        tiny = DiffusersEngine("tiny-random")
+        kw: dict[str, Any] = {"on_step": lambda *_: None, "should_stop": lambda: False, "load_image": bytes}
+        self.image = tiny.generate(GenerationParams(prompt="stand-in", width=size, height=size, steps=2), **kw)[0]
+
+    def generate(self, params: GenerationParams, **kw: Any) -> list[Any]:
+        (images,) = self.generate_batch([Request(params, **kw)])
+        assert images is not None
+        return images
+
+    def generate_batch(self, requests: list[Request]) -> list[list[Any] | None]:
+        steps = requests[0].params.steps or 8
+        n = sum(r.params.num_images for r in requests)
+        for step in range(1, steps + 1):
+            time.sleep(self.seconds_per_image * n / steps)
+            for r in requests:
+                r.should_stop()
+                r.on_step(step * r.params.num_images, steps * r.params.num_images)
+        return [[self.image.copy() for _ in range(r.params.num_images)] for r in requests]
 
 
 def requests(n: int, size: int, steps: int) -> list[GenerationParams]:
@@ -121,41 +166,53 @@ def requests(n: int, size: int, steps: int) -> list[GenerationParams]:
     ]
 
 
-def naive(engine: DiffusersEngine, jobs: list[GenerationParams], out: Path) -> Result:
-    """The bare diffusers loop: one pipe() call per request, sequentially, PNG written before the next."""
+def pipe_call(engine: DiffusersEngine | StandIn, p: GenerationParams) -> Any:
+    """One request the way the diffusers documentation shows it: one pipe() call."""
     import torch
 
-    pipe = engine.text_to_image
+    if isinstance(engine, StandIn):
+        return engine.generate(p, on_step=lambda *_: None, should_stop=lambda: False, load_image=bytes)[0]
+    steps, sigmas = denoising_schedule(p.steps or 8)
+    with torch.inference_mode():  # as the worker does: the baseline gets every per-call advantage
+        return engine.text_to_image(
+            prompt=p.prompt,
+            height=p.height,
+            width=p.width,
+            num_inference_steps=steps,
+            sigmas=sigmas,
+            guidance_scale=0.0,
+            generator=torch.Generator(device=engine.device).manual_seed(p.seed or 0),
+        ).images[0]
+
+
+def naive(engine: DiffusersEngine | StandIn, jobs: list[GenerationParams], out: Path) -> Result:
+    """The bare diffusers loop: one pipe() call per request, sequentially, PNG written before the next."""
     latencies, spent = [], 0.0
     t0 = time.perf_counter()
+    first = last = 0.0
     for i, p in enumerate(jobs):
-        steps, sigmas = denoising_schedule(p.steps or 8)
         c0 = time.perf_counter()
-        with torch.inference_mode():  # as the worker does: the baseline gets every per-call advantage
-            image = pipe(
-                prompt=p.prompt,
-                height=p.height,
-                width=p.width,
-                num_inference_steps=steps,
-                sigmas=sigmas,
-                guidance_scale=0.0,
-                generator=torch.Generator(device=engine.device).manual_seed(p.seed or 0),
-            ).images[0]
+        first = first or c0
+        image = pipe_call(engine, p)
         _sync(engine)
-        spent += time.perf_counter() - c0
+        last = time.perf_counter()
+        spent += last - c0
         buf = io.BytesIO()
         image.save(buf, format="PNG")
         (out / f"naive-{i}.png").write_bytes(buf.getvalue())
         latencies.append(time.perf_counter() - t0)
-    wall = time.perf_counter() - t0
-    return Result("naive", len(jobs) / wall, statistics.median(latencies) * 1000, spent, wall)
+    end = time.perf_counter()
+    wall = end - t0
+    return Result("naive", len(jobs) / wall, statistics.median(latencies) * 1000, spent, wall, last - first, end - last)
 
 
-def ours(engine: DiffusersEngine, jobs: list[GenerationParams], batch: int, redis_url: str, out: Path) -> Result:
+def ours(
+    engine: DiffusersEngine | StandIn, jobs: list[GenerationParams], batch: int, redis_url: str, out: Path
+) -> Result:
     q = JobQueue.from_url(redis_url)
     queue = f"bench/b{batch}-{uuid.uuid4().hex[:6]}"
     timed = Timed(engine)
-    worker = Worker(q, timed, LocalStore(out / queue), queue, "bench", max_batch_size=batch)  # type: ignore[arg-type]
+    worker = Worker(q, timed, LocalStore(out / queue), queue, "bench", max_batch_size=batch)
     q.ensure_queue(queue)
     messages = [
         JobMessage(uid=str(uuid.uuid4()), namespace="bench", name=f"j{i}", queue=queue, params=p)
@@ -167,20 +224,25 @@ def ours(engine: DiffusersEngine, jobs: list[GenerationParams], batch: int, redi
         q.enqueue(m)
     # In this thread, as in a worker process: torch on CPU runs about a quarter slower from a non-main thread.
     worker.run(max_jobs=len(jobs), block_ms=100)
-    wall = time.perf_counter() - t0
+    end = time.perf_counter()
+    wall = end - t0
     uids = {m.uid for m in messages}
     events = q.read_events("bench", count=100_000, block_ms=0, group=queue)
     done = {e.uid: e.ts for _, e in events if e.type == "succeeded" and e.uid in uids}
     assert len(done) == len(jobs), f"{len(done)} of {len(jobs)} jobs succeeded"
     latencies = [done[m.uid] - submitted for m in messages]
-    return Result(f"worker b={batch}", len(jobs) / wall, statistics.median(latencies) * 1000, timed.seconds, wall)
+    p50 = statistics.median(latencies) * 1000
+    span, drain = timed.last - timed.first, end - timed.last
+    return Result(f"worker b={batch}", len(jobs) / wall, p50, timed.seconds, wall, span, drain)
 
 
-def profile(engine: DiffusersEngine, jobs: list[GenerationParams], batch: int, redis_url: str, out: Path) -> None:
+def profile(
+    engine: DiffusersEngine | StandIn, jobs: list[GenerationParams], batch: int, redis_url: str, out: Path
+) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    cuda = engine.device.type == "cuda"
+    cuda = isinstance(engine, DiffusersEngine) and engine.device.type == "cuda"
     activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
     with torch_profile(activities=activities) as prof:
         result = ours(engine, jobs, batch, redis_url, out)
@@ -193,7 +255,10 @@ def profile(engine: DiffusersEngine, jobs: list[GenerationParams], batch: int, r
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.worker", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="tiny-random", help="tiny-random (CPU) or full-random (GPU, full size)")
+    ap.add_argument(
+        "--model", default="tiny-random", help="tiny-random (CPU), full-random (GPU, full size) or stand-in (no model)"
+    )
+    ap.add_argument("--device-ms", type=float, default=900.0, help="stand-in: device time per image")
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--size", type=int, default=64)
@@ -212,17 +277,22 @@ def main(argv: list[str] | None = None) -> int:
     batches = [int(b) for b in args.batch_sizes.split(",")]
 
     t0 = time.perf_counter()
-    engine = DiffusersEngine(args.model, device=args.device, dtype=args.dtype)
+    engine: DiffusersEngine | StandIn
+    if args.model == "stand-in":
+        engine = StandIn(args.device_ms / 1000, args.size)
+    else:
+        engine = DiffusersEngine(args.model, device=args.device, dtype=args.dtype)
     load = time.perf_counter() - t0
     warm = warm_up(engine, args.size, batch=max(batches), steps=2)
-    where = engine.device.type
-    if where == "cuda":
+    if isinstance(engine, StandIn):
+        where = f"no device ({args.device_ms:g} ms per image, slept)"
+    elif engine.device.type == "cuda":
         import torch
 
-        where = torch.cuda.get_device_name(engine.device)
+        where = f"{torch.cuda.get_device_name(engine.device)}, {engine.dtype}"
     else:
-        where = f"CPU ({platform.processor() or platform.machine()})"
-    print(f"# {args.model} on {where}, {engine.dtype}, {args.size}x{args.size}, {args.steps} steps, "
+        where = f"CPU ({platform.processor() or platform.machine()}), {engine.dtype}"
+    print(f"# {args.model} on {where}, {args.size}x{args.size}, {args.steps} steps, "
           f"{args.requests} requests; load {load:.1f}s, warm-up {warm:.1f}s")  # fmt: skip
     jobs = requests(args.requests, args.size, args.steps)
     with tempfile.TemporaryDirectory(prefix="bench-worker-") as tmp, RedisServer() as redis_srv:
@@ -233,12 +303,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.profile:
             profile(engine, jobs, args.profile, redis_srv.url, out)
     base = rows[0].images_per_s
-    print(f"| {'run':<12} | images/s | vs naive | p50 latency ms | engine s | wall s | overhead |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"| {'run':<12} | images/s | vs naive | p50 latency ms | engine s | wall s | device idle | drain s |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r.name:<12} | {r.images_per_s:8.2f} | {r.images_per_s / base:7.2f}x | {r.p50_ms:14.0f} "
-            f"| {r.engine_s:8.2f} | {r.wall_s:6.2f} | {r.overhead:7.1%} |"
+            f"| {r.engine_s:8.2f} | {r.wall_s:6.2f} | {r.idle:11.1%} | {r.drain_s:7.2f} |"
         )
     return 0
 

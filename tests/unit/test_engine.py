@@ -333,3 +333,17 @@ def test_attention_backend_is_applied_to_the_transformer() -> None:
     assert backends(DiffusersEngine("tiny-random", device="cpu")) == {"None"}  # diffusers' default dispatch
     (image,), _ = run(chosen, params())
     assert image.size == (SIZE, SIZE)
+
+
+@pytest.mark.slow  # inductor compiles the block on the CPU: about a minute
+def test_compiled_transformer_blocks_give_the_eager_image(engine: DiffusersEngine) -> None:
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    compiled = DiffusersEngine("tiny-random", device="cpu", compile=True)
+    (image,), progress = run(compiled, params())
+    # Regional compilation: dynamo traced the repeated block (one graph, no breaks under fullgraph=True).
+    assert counters["stats"]["unique_graphs"] >= 1
+    assert progress[-1] == (2, 2)
+    (eager,), _ = run(engine, params())
+    assert np.abs(pixels(image) - pixels(eager)).max() <= 2
