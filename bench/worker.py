@@ -134,10 +134,10 @@ class StandIn:
     and cancellation callbacks run between steps as with the real engine. The images are real: the tiny
     model's output at the requested size, rendered once, so encoding and storing them cost what they do."""
 
-    name = variant = "stand-in"
+    name = "stand-in"
+    variant = "turbo"  # the worker resolves steps and batch keys with the variant's defaults
 
     def __init__(self, seconds_per_image: float, size: int) -> None:
-        self.variant = "turbo"
         self.seconds_per_image = seconds_per_image
         tiny = DiffusersEngine("tiny-random")
         kw: dict[str, Any] = {"on_step": lambda *_: None, "should_stop": lambda: False, "load_image": bytes}
@@ -154,7 +154,7 @@ class StandIn:
         for step in range(1, steps + 1):
             time.sleep(self.seconds_per_image * n / steps)
             for r in requests:
-                r.should_stop()
+                r.should_stop()  # polled for its cost; nothing here cancels
                 r.on_step(step * r.params.num_images, steps * r.params.num_images)
         return [[self.image.copy() for _ in range(r.params.num_images)] for r in requests]
 
