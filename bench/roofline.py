@@ -120,9 +120,11 @@ def trace(fn: Callable[[], Any]) -> Trace:
     return t
 
 
-def generation(pipe: Any, batch: int, size: int, prompt_tokens: int) -> dict[str, Trace]:
+def generation(pipe: Any, batch: int, size: int, prompt_tokens: int, steps: int) -> dict[str, tuple[Trace, float]]:
     """One call of each component for ``batch`` images, as ZImagePipeline makes them (guidance off), on the
-    pipeline's device and dtype (the meta device for the full-size model)."""
+    pipeline's device and dtype (the meta device for the full-size model), with how many such calls each
+    image costs: the text encoder once per batch, the transformer ``steps`` times per batch, the VAE once
+    per image."""
     at = {"device": pipe.transformer.device, "dtype": pipe.transformer.dtype}
     latent = size // 8
     hidden = pipe.text_encoder.config.hidden_size
@@ -132,10 +134,13 @@ def generation(pipe: Any, batch: int, size: int, prompt_tokens: int) -> dict[str
     captions = [torch.zeros(prompt_tokens, hidden, **at) for _ in range(batch)]
     one_latent = torch.zeros(1, 16, latent, latent, **at)
     return {
-        "text encoder": trace(lambda: pipe.text_encoder(input_ids=ids, output_hidden_states=True)),
-        "transformer step": trace(lambda: pipe.transformer(images, torch.zeros(batch, **at), captions)),
+        "text encoder": (trace(lambda: pipe.text_encoder(input_ids=ids, output_hidden_states=True)), 1 / batch),
+        "transformer step": (
+            trace(lambda: pipe.transformer(images, torch.zeros(batch, **at), captions)),
+            steps / batch,
+        ),
         # The worker decodes a batch image by image (vae.enable_slicing()), so one image's decode is priced.
-        "VAE decode": trace(lambda: pipe.vae.decode(one_latent)),
+        "VAE decode": (trace(lambda: pipe.vae.decode(one_latent)), 1.0),
     }
 
 
@@ -188,8 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|---|")
     for b in batches:
         total = kernels = 0.0
-        for name, t in generation(pipe, b, args.size, args.prompt_tokens).items():
-            calls = args.steps / b if name == "transformer step" else (1.0 if name == "VAE decode" else 1 / b)
+        for name, (t, calls) in generation(pipe, b, args.size, args.prompt_tokens, args.steps).items():
             seconds = t.seconds(peak, bandwidth) * calls
             share = t.memory_bound_seconds(peak, bandwidth) / t.seconds(peak, bandwidth)
             total += seconds

@@ -42,8 +42,9 @@ def test_on_the_roofline_an_operator_costs_its_slower_side() -> None:
 
 def test_batching_shares_the_weights_but_not_the_work(capsys: pytest.CaptureFixture[str]) -> None:
     pipe = roofline.build_tiny_pipeline()
-    one, four = roofline.generation(pipe, 1, 256, 16), roofline.generation(pipe, 4, 256, 16)
-    step1, step4 = one["transformer step"], four["transformer step"]
+    one, four = roofline.generation(pipe, 1, 256, 16, 8), roofline.generation(pipe, 4, 256, 16, 8)
+    (step1, calls1), (step4, calls4) = one["transformer step"], four["transformer step"]
+    assert (calls1, calls4) == (8, 2)  # a batch of four shares each step's call
     assert step4.flops == pytest.approx(4 * step1.flops, rel=0.01)
     assert step4.bytes < 4 * step1.bytes  # the weights are read once for the four images
     assert len(step4.ops) < 2 * len(step1.ops)  # the same kernels serve the batch
