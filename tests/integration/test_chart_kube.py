@@ -30,23 +30,33 @@ OPERATOR_SA = f"{REL}-zimage-operator-operator"
 API_SA = f"{REL}-zimage-operator-api"
 
 
-def sa_kubeconfig(kube: Kube, sa: str, path: Path) -> Path:
-    """A kubeconfig that authenticates as the ServiceAccount with its token (Kubernetes <1.24 makes a Secret)."""
+def sa_token(kube: Kube, sa: str) -> str:
+    """A token for the ServiceAccount: through TokenRequest (every cluster since 1.24 has no token Secrets),
+    else the token Secret that Kubernetes < 1.24 makes by itself (where TokenRequest is not configured)."""
+    requested = kube.kubectl("create", "token", sa, "-n", NS, "--duration=1h", check=False)
+    if requested.returncode == 0 and requested.stdout.strip():
+        return requested.stdout.strip()
     secret = wait_for(
         lambda: next(
             (
                 s
                 for s in json.loads(kube.kubectl("get", "secrets", "-n", NS, "-o", "json").stdout)["items"]
                 if s["type"] == "kubernetes.io/service-account-token"
-                and s["metadata"]["annotations"].get("kubernetes.io/service-account.name") == sa
+                and (s["metadata"].get("annotations") or {}).get("kubernetes.io/service-account.name") == sa
+                and (s.get("data") or {}).get("token")
             ),
             None,
         ),
-        what=f"a token for {sa}",
+        what=f"a token for {sa} (TokenRequest failed: {requested.stderr.strip()})",
     )
+    return base64.b64decode(secret["data"]["token"]).decode()
+
+
+def sa_kubeconfig(kube: Kube, sa: str, path: Path) -> Path:
+    """A kubeconfig that authenticates as the ServiceAccount with its own token."""
+    token = sa_token(kube, sa)
     admin = yaml.safe_load(Path(kube.env["KUBECONFIG"]).read_text())
     cluster = admin["clusters"][0]["cluster"]
-    token = base64.b64decode(secret["data"]["token"]).decode()
     path.write_text(
         yaml.safe_dump(
             {
