@@ -5,17 +5,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import kopf
 import prometheus_client
 
-from zimage_operator import events, pools
+from zimage_operator import events, pools, resync
 from zimage_operator.handlers import imagejob, modeldeployment  # noqa: F401  (registers handlers)
 from zimage_operator.k8s import Kube
 from zimage_operator.runtime import Runtime
 from zimage_operator.settings import OperatorSettings
-from zimage_queue import JobQueue, logs
+from zimage_queue import JobQueue, logs, supervise
 
 log = logging.getLogger("zimage_operator")
 
@@ -34,11 +36,31 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.networking.connect_timeout = 10
     settings.networking.request_timeout = 60
     cfg = OperatorSettings()
-    rt = Runtime(settings=cfg, kube=Kube(), queue=JobQueue.from_url(cfg.redis_url))
+    queue = JobQueue.from_url(cfg.redis_url, result_ttl_seconds=cfg.job_retention_seconds)
+    rt = Runtime(settings=cfg, kube=Kube(), queue=queue)
     memo.runtime = rt
-    rt.tasks.append(asyncio.create_task(events.consume(rt), name="worker-events"))
-    rt.tasks.append(asyncio.create_task(imagejob.housekeeping(rt), name="housekeeping"))
-    rt.tasks.append(asyncio.create_task(pools.run(rt), name="model-pools"))
+    applier = events.EventApplier(rt)
+    loops: list[tuple[str, Callable[[], Awaitable[None]], Callable[[], float]]] = [
+        ("worker-events", lambda: events.consume_once(rt, applier), lambda: 0.0),
+        ("housekeeping", imagejob.Housekeeping(rt).once, lambda: cfg.housekeeping_seconds),
+        ("model-pools", lambda: pools.run_once(rt), lambda: cfg.pool_tick_seconds),
+        ("resync", resync.Resync(rt, applier).once, lambda: 1.0),
+    ]
+    for name, one_pass, interval in loops:
+        task = supervise.run_async(rt.health, name, one_pass, interval, stall_seconds=cfg.loop_stall_seconds)
+        rt.tasks.append(asyncio.create_task(task, name=name))
+
+
+@kopf.on.probe(id="loops")
+def loops_alive(memo: kopf.Memo, **_: Any) -> dict[str, dict[str, object]]:
+    """The liveness probe (``--liveness``) fails while a background loop keeps failing or is stuck."""
+    rt: Runtime | None = memo.get("runtime")
+    if rt is None:
+        return {}
+    problems = rt.health.problems(time.monotonic())
+    if problems:
+        raise kopf.PermanentError("; ".join(problems))
+    return rt.health.report(time.monotonic())
 
 
 @kopf.on.cleanup()

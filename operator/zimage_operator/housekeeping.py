@@ -26,11 +26,17 @@ class Due:
     uid: str
 
 
-def next_deadline(body: dict[str, Any]) -> tuple[datetime, Action] | None:
+def ttl_after_finished(spec: dict[str, Any], default: int | None) -> int | None:
+    """The job's own ttlSecondsAfterFinished, else the operator's default (a chart value)."""
+    ttl = spec.get("ttlSecondsAfterFinished")
+    return default if ttl is None else int(ttl)
+
+
+def next_deadline(body: dict[str, Any], default_ttl: int | None = None) -> tuple[datetime, Action] | None:
     spec, status, meta = body.get("spec") or {}, body.get("status") or {}, body.get("metadata") or {}
     if status.get("phase") in TERMINAL_PHASES:
         finished = parse_iso(status.get("finishedAt"))
-        ttl = spec.get("ttlSecondsAfterFinished")
+        ttl = ttl_after_finished(spec, default_ttl)
         if ttl is None or finished is None:
             return None
         return finished + timedelta(seconds=ttl), "expire"
@@ -43,15 +49,17 @@ def next_deadline(body: dict[str, Any]) -> tuple[datetime, Action] | None:
 
 @dataclass
 class Deadlines:
-    """Latest deadline per job uid; stale heap entries are skipped when popped."""
+    """Latest deadline per job uid; stale heap entries are skipped when popped, and the heap is rebuilt when
+    they outnumber the live ones (a standby replica observes every job but never pops)."""
 
+    default_ttl: int | None = None
     _by_uid: dict[str, tuple[datetime, Action, str, str]] = field(default_factory=dict)
     _heap: list[tuple[datetime, str]] = field(default_factory=list)
 
     def observe(self, body: dict[str, Any]) -> None:
         meta = body.get("metadata") or {}
         uid = meta.get("uid", "")
-        nd = next_deadline(body)
+        nd = next_deadline(body, self.default_ttl)
         if nd is None:
             self._by_uid.pop(uid, None)
             return
@@ -59,9 +67,20 @@ class Deadlines:
         if self._by_uid.get(uid, (None, None))[:2] != (when, action):
             self._by_uid[uid] = (when, action, meta["namespace"], meta["name"])
             heapq.heappush(self._heap, (when, uid))
+            self._compact()
 
     def forget(self, uid: str) -> None:
         self._by_uid.pop(uid, None)
+        self._compact()
+
+    def _compact(self) -> None:
+        if len(self._heap) > 2 * len(self._by_uid) + 64:
+            self._heap = [(when, uid) for uid, (when, *_rest) in self._by_uid.items()]
+            heapq.heapify(self._heap)
+
+    @property
+    def heap_size(self) -> int:
+        return len(self._heap)
 
     def due(self, now: datetime) -> list[Due]:
         out = []

@@ -6,6 +6,15 @@ JOBS_ENQUEUED = Counter("zimage_operator_jobs_enqueued_total", "ImageJobs put on
 JOBS_FINISHED = Counter(
     "zimage_operator_jobs_finished_total", "ImageJobs that reached a terminal phase", ["phase", "reason"]
 )
+STATUS_CONFLICTS = Counter(
+    "zimage_operator_status_conflicts_total", "ImageJob status writes refused on a stale resourceVersion, then redone"
+)
+EVENTS_DEAD_LETTERED = Counter(
+    "zimage_operator_events_dead_lettered_total", "Worker events whose status write the API server refused for good"
+)
+RESYNCED = Counter(
+    "zimage_operator_jobs_resynced_total", "Unfinished ImageJobs finished from the outcome kept in Redis", ["phase"]
+)
 STATUS_PATCHES = Counter("zimage_operator_status_patches_total", "ImageJob status patches from worker events", ["kind"])
 
 QUEUE_LENGTH = Gauge("zimage_queue_length", "Jobs waiting in a model's queue", ["model"])

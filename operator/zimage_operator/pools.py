@@ -195,14 +195,18 @@ def _invalid(rt: Runtime, pool: Pool, now: datetime, message: str) -> None:
         pool.last_status = status
 
 
-async def run(rt: Runtime) -> None:
-    while True:
-        if not await asyncio.to_thread(rt.lease.held):
-            await asyncio.sleep(rt.settings.pool_tick_seconds)
-            continue
-        for pool in list(rt.pools.values()):
-            try:
-                await asyncio.to_thread(sync, rt, pool, datetime.now(UTC))
-            except Exception:
-                log.exception("sync of ModelDeployment %s/%s failed; retrying", *_ns_name(pool.body))
-        await asyncio.sleep(rt.settings.pool_tick_seconds)
+async def run_once(rt: Runtime) -> None:
+    """One pass over every ModelDeployment (the leader's). One failing pool does not stop the others; a pass in
+    which every pool failed counts as a failed pass of the loop."""
+    if not await asyncio.to_thread(rt.lease.held):
+        return
+    failed = []
+    pools = list(rt.pools.values())
+    for pool in pools:
+        try:
+            await asyncio.to_thread(sync, rt, pool, datetime.now(UTC))
+        except Exception as e:
+            log.exception("sync of ModelDeployment %s/%s failed; retrying", *_ns_name(pool.body))
+            failed.append(e)
+    if pools and len(failed) == len(pools):
+        raise failed[-1]

@@ -10,6 +10,7 @@ from typing import Any, Literal
 from pydantic import ValidationError
 
 from zimage_operator.conditions import iso, parse_iso, set_condition
+from zimage_operator.housekeeping import ttl_after_finished
 from zimage_operator.types import (
     TENANT_LABEL,
     TERMINAL_PHASES,
@@ -299,9 +300,12 @@ def timeout_patch(
     )
 
 
-def seconds_until_expiry(spec: dict[str, Any], status: dict[str, Any], now: datetime) -> float | None:
-    """For ttlSecondsAfterFinished: how long until the finished job may be deleted (<= 0: now)."""
-    ttl = spec.get("ttlSecondsAfterFinished")
+def seconds_until_expiry(
+    spec: dict[str, Any], status: dict[str, Any], now: datetime, default_ttl: int | None = None
+) -> float | None:
+    """For ttlSecondsAfterFinished (or the operator's default): how long until the finished job may be
+    deleted (<= 0: now)."""
+    ttl = ttl_after_finished(spec, default_ttl)
     finished = parse_iso(status.get("finishedAt"))
     if ttl is None or finished is None or status.get("phase") not in TERMINAL_PHASES:
         return None

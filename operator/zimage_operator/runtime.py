@@ -13,6 +13,7 @@ from zimage_operator.k8s import Kube
 from zimage_operator.lease import Lease
 from zimage_operator.settings import OperatorSettings
 from zimage_queue import JobQueue
+from zimage_queue.supervise import Health
 
 
 @dataclass
@@ -25,8 +26,13 @@ class Runtime:
     deadlines: Deadlines = field(default_factory=Deadlines)
     lease: Lease = field(init=False)
     pools: dict[str, Any] = field(default_factory=dict)  # ModelDeployment uid -> pools.Pool
+    # ImageJobs not in a terminal phase, as the watch last saw them: uid -> (namespace, name). For the resync.
+    unfinished: dict[str, tuple[str, str]] = field(default_factory=dict)
+    health: Health = field(init=False)
 
     def __post_init__(self) -> None:
         self.consumer = self.settings.consumer_name or self.consumer
         # host and pid: unique per replica, and per process when tests run several on one machine
+        self.deadlines.default_ttl = self.settings.default_ttl_seconds_after_finished
+        self.health = Health(max_failures=self.settings.loop_max_failures)
         self.lease = Lease(self.queue.r, f"{self.consumer}-{os.getpid()}", ttl_seconds=self.settings.lease_seconds)

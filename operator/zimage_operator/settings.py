@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -23,3 +24,17 @@ class OperatorSettings(BaseSettings):
     pool_tick_seconds: float = 0.5
     lease_seconds: float = 5.0  # a standby replica takes over the loops this long after the leader stops
     drift_check_seconds: float = 5.0
+    # Unfinished ImageJobs are compared with the outcomes Redis keeps: this long after becoming leader, then
+    # every resync_seconds.
+    resync_first_seconds: float = 3.0
+    resync_seconds: float = 30.0
+    # Retention. Finished (and cancelled, timed-out, deleted) jobs' Redis records live this long; events are
+    # trimmed this long after every reader has acked them; a finished ImageJob without its own
+    # ttlSecondsAfterFinished is deleted this long after it finished (None: kept until deleted).
+    job_retention_seconds: int = Field(7 * 24 * 3600, ge=60)
+    events_retention_seconds: float = Field(600.0, ge=0)
+    events_trim_seconds: float = 10.0
+    default_ttl_seconds_after_finished: int | None = Field(86400, ge=0)
+    # Liveness turns red when a background loop fails this many passes in a row, or finishes none for this long.
+    loop_max_failures: int = Field(5, ge=1)
+    loop_stall_seconds: float = Field(300.0, gt=0)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
 from zimage_queue.message import (
     DEFAULT_MAX_RETRIES,
@@ -63,6 +63,9 @@ class Reason:
 
 
 class ImageJobSpec(GenerationParams):
+    # A user's spec, unlike the wire message built from it: a misspelt field is an error, not silently ignored.
+    model_config = ConfigDict(extra="forbid")
+
     model: str = Field(
         min_length=1,
         max_length=253,

@@ -12,6 +12,15 @@ DEAD_LETTER_STREAM = f"{PREFIX}:dead-letter"
 MESSAGE_FIELD = "job"
 EVENT_FIELD = "event"
 ERROR_FIELD = "error"
+# Dead-letter entries of input no reader could parse: where it came from, what it was, why it was refused.
+SOURCE_FIELD = "source"
+ENTRY_FIELD = "entry"
+RAW_FIELD = "raw"
+
+# Caps: every stream has one. Job streams lose each entry when it is acked; the events stream is trimmed by age
+# once every group has read past it (JobQueue.trim_events), this cap only bounds a stream nobody trims.
+EVENTS_MAXLEN = 100_000
+DEAD_LETTER_MAXLEN = 10_000
 
 # Job hash fields
 F_ENQUEUED = "enqueued"
@@ -21,6 +30,9 @@ F_RESULT = "result"
 F_STATE = "state"
 F_WORKER = "worker"
 F_CANCEL = "cancel"
+# The terminal event (succeeded/failed/cancelled), kept with the job so no outcome depends on the capped
+# events stream: the operator resyncs unfinished ImageJobs from it.
+F_FINAL = "final"
 
 # Highest first: the order a worker drains its streams in.
 PRIORITY_ORDER: tuple[Priority, ...] = ("high", "normal", "low")

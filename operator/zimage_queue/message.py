@@ -48,7 +48,14 @@ class CamelModel(BaseModel):
         return self.model_dump(by_alias=True, exclude_none=True, mode="json")
 
 
-class GenerationParams(CamelModel):
+class WireModel(CamelModel):
+    """What travels through Redis between processes of different releases: unknown fields are ignored, so
+    operator N reads what workers N+1 write (and the reverse) during a rolling upgrade."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+class GenerationParams(WireModel):
     task: Task = Field("text-to-image", description="What to generate.")
     prompt: str = Field(min_length=1, max_length=4000, description="Text prompt.")
     negative_prompt: str | None = Field(None, max_length=4000, description="What the image should not show.")
@@ -89,7 +96,7 @@ class GenerationParams(CamelModel):
         return errors
 
 
-class JobMessage(CamelModel):
+class JobMessage(WireModel):
     """What goes on a model's stream. Everything a worker needs; nothing it must look up elsewhere."""
 
     uid: str = Field(min_length=1)
@@ -111,7 +118,7 @@ class JobMessage(CamelModel):
         return self
 
 
-class ResultImage(CamelModel):
+class ResultImage(WireModel):
     uri: str
     width: int
     height: int
@@ -120,7 +127,7 @@ class ResultImage(CamelModel):
     bytes: int
 
 
-class JobEvent(CamelModel):
+class JobEvent(WireModel):
     """A worker's report about one job, read by the operator from the events stream."""
 
     type: EventType

@@ -9,7 +9,10 @@ One stream per model queue and priority, read through the consumer group ``worke
 * a job's result is written once (HSETNX): a redelivered job never yields a second result set;
 * a job that fails ``max_retries + 1`` times goes to the dead-letter stream with its error.
 
-The multi-key steps are Lua scripts so a crash between two commands cannot leave half a transition.
+The multi-key steps are Lua scripts (``zimage_queue.scripts``) so a crash between two commands cannot leave half
+a transition. Every terminal outcome is also kept in the job's own record (``final``) for its retention, so an
+operator that missed the event (down, or the capped events stream trimmed) still finds it. Entries that do
+not parse are dead-lettered (``zimage_queue.entries``), never retried forever.
 """
 
 from __future__ import annotations
@@ -21,94 +24,16 @@ from dataclasses import dataclass
 from typing import Any, Literal, cast
 
 import redis
+from pydantic import ValidationError
 
-from zimage_queue import keys
+from zimage_queue import keys, scripts
+from zimage_queue.clients import connect
+from zimage_queue.entries import Poisoned, decoded, error_text, quarantine, text
 from zimage_queue.message import JobEvent, JobMessage, Priority, ResultImage
 
 log = logging.getLogger(__name__)
 
 BeginOutcome = Literal["run", "done", "cancelled", "exhausted"]
-
-_ENQUEUE = """
-if redis.call('HSETNX', KEYS[1], ARGV[3], '-') == 0 then
-  return {0, redis.call('HGET', KEYS[1], ARGV[3])}
-end
-local id = redis.call('XADD', KEYS[2], '*', ARGV[1], ARGV[2])
-redis.call('HSET', KEYS[1], ARGV[3], id, ARGV[4], KEYS[2])
-return {1, id}
-"""
-
-# -> {outcome, attempts}
-_BEGIN = """
-if redis.call('HEXISTS', KEYS[1], 'result') == 1 then return {'done', 0} end
-if redis.call('HEXISTS', KEYS[1], 'cancel') == 1 then return {'cancelled', 0} end
-local a = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-redis.call('HSET', KEYS[1], 'state', 'running', 'worker', ARGV[1])
-if a > tonumber(ARGV[2]) then return {'exhausted', a} end
-return {'run', a}
-"""
-
-# KEYS: job, stream, events ; ARGV: group, entry id, result json, event json, ttl
-_COMPLETE = """
-local first = redis.call('HSETNX', KEYS[1], 'result', ARGV[3])
-redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])
-if first == 1 then
-  redis.call('HSET', KEYS[1], 'state', 'succeeded')
-  redis.call('EXPIRE', KEYS[1], tonumber(ARGV[5]))
-  redis.call('XADD', KEYS[3], 'MAXLEN', '~', '100000', '*', 'event', ARGV[4])
-end
-return first
-"""
-
-# KEYS: job, stream, events, dead-letter ; ARGV: group, entry id, event json, payload, retry(1/0), error, ttl
-_FAIL = """
-redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])
-if redis.call('HEXISTS', KEYS[1], 'result') == 1 then return 'done' end
-if ARGV[5] == '1' then
-  redis.call('XADD', KEYS[2], '*', 'job', ARGV[4])
-  redis.call('HSET', KEYS[1], 'state', 'queued')
-  redis.call('XADD', KEYS[3], 'MAXLEN', '~', '100000', '*', 'event', ARGV[3])
-  return 'retrying'
-end
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', '100000', '*', 'job', ARGV[4], 'error', ARGV[6])
-redis.call('HSET', KEYS[1], 'state', 'failed')
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[7]))
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', '100000', '*', 'event', ARGV[3])
-return 'failed'
-"""
-
-
-# Highest priority first, in one round trip. KEYS: streams by priority ; ARGV: group, consumer, count
-_TAKE = """
-local want = tonumber(ARGV[3])
-local out = {}
-for _, stream in ipairs(KEYS) do
-  local got = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', want - #out, 'STREAMS', stream, '>')
-  if got then
-    for _, entry in ipairs(got[1][2]) do table.insert(out, {stream, entry[1], entry[2]}) end
-  end
-  if #out >= want then break end
-end
-return out
-"""
-
-# KEYS: job, source stream, target stream, events ; ARGV: group, entry id, payload, event json
-_MOVE = """
-redis.call('XADD', KEYS[3], '*', 'job', ARGV[3])
-redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])
-redis.call('HSET', KEYS[1], 'stream', KEYS[3], 'state', 'queued')
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', '100000', '*', 'event', ARGV[4])
-return 1
-"""
-
-# KEYS: job, stream ; ARGV: group, entry id, payload
-_RELEASE = """
-redis.call('XADD', KEYS[2], '*', 'job', ARGV[3])
-redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])
-redis.call('HINCRBY', KEYS[1], 'attempts', -1)
-redis.call('HSET', KEYS[1], 'state', 'queued')
-return 1
-"""
 
 
 @dataclass(frozen=True)
@@ -133,8 +58,15 @@ class QueueStats:
     in_flight: int  # delivered, not acked
 
 
-def _s(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+_s = text
+
+
+@dataclass(frozen=True)
+class Final:
+    """A job's terminal outcome as its record keeps it: the event, and the results of a success."""
+
+    event: JobEvent
+    results: list[ResultImage] | None
 
 
 class JobQueue:
@@ -148,20 +80,23 @@ class JobQueue:
         # redis-py types replies as unions over RESP2/RESP3 shapes; the parsing below handles both.
         self.r: Any = client
         self.visibility_ms = visibility_ms
+        # How long a finished (or cancelled) job's record stays: the window for resyncs and redeliveries.
         self.result_ttl_seconds = result_ttl_seconds
-        self._enqueue = client.register_script(_ENQUEUE)
-        self._begin = client.register_script(_BEGIN)
-        self._complete = client.register_script(_COMPLETE)
-        self._fail = client.register_script(_FAIL)
-        self._release = client.register_script(_RELEASE)
-        self._take = client.register_script(_TAKE)
-        self._move = client.register_script(_MOVE)
+        self._enqueue = client.register_script(scripts.ENQUEUE)
+        self._begin = client.register_script(scripts.BEGIN)
+        self._complete = client.register_script(scripts.COMPLETE)
+        self._fail = client.register_script(scripts.FAIL)
+        self._cancelled = client.register_script(scripts.CANCELLED)
+        self._release = client.register_script(scripts.RELEASE)
+        self._take = client.register_script(scripts.TAKE)
+        self._move = client.register_script(scripts.MOVE)
+        self._ack = client.register_script(scripts.ACK)
         self._groups_ready: set[tuple[str, str]] = set()
         self._next_reclaim: dict[str, float] = {}
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> JobQueue:
-        return cls(redis.Redis.from_url(url), **kwargs)
+        return cls(connect(url), **kwargs)
 
     # -- groups -------------------------------------------------------------------------------------------
     def ensure_group(self, stream: str, group: str = keys.WORKER_GROUP) -> None:
@@ -203,20 +138,25 @@ class JobQueue:
                 reason="FallbackModel",
                 message=target_model,
             )
-            self._move(
-                keys=[keys.job(msg.uid), d.stream, keys.stream(target, priority), keys.EVENTS_STREAM],  # type: ignore[arg-type]
-                args=[
-                    keys.WORKER_GROUP,
-                    d.entry_id,
-                    msg.model_dump_json(by_alias=True),
-                    event.model_dump_json(by_alias=True),
-                ],
+            moved += int(
+                self._move(
+                    keys=[keys.job(msg.uid), d.stream, keys.EVENTS_STREAM, keys.stream(target, priority)],  # type: ignore[arg-type]
+                    args=[
+                        keys.WORKER_GROUP,
+                        d.entry_id,
+                        event.model_dump_json(by_alias=True),
+                        msg.model_dump_json(by_alias=True),
+                    ],
+                )
             )
-            moved += 1
         return moved
 
     def cancel(self, uid: str) -> None:
-        self.r.hset(keys.job(uid), keys.F_CANCEL, "1")
+        """Ask the job's worker to stop (or never start it). The record then lives for the retention only."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(keys.job(uid), keys.F_CANCEL, "1")
+        pipe.expire(keys.job(uid), self.result_ttl_seconds)
+        pipe.execute()
 
     def is_cancelled(self, uid: str) -> bool:
         return bool(self.r.hexists(keys.job(uid), keys.F_CANCEL))
@@ -228,28 +168,84 @@ class JobQueue:
         return [ResultImage.model_validate(x) for x in json.loads(_s(raw))]
 
     def state(self, uid: str) -> str | None:
-        """queued, running, succeeded or failed; None for a job the queue does not know (or has forgotten)."""
+        """queued, running, succeeded, failed or cancelled; None for a job the queue does not know (or forgot)."""
         raw = self.r.hget(keys.job(uid), keys.F_STATE)
         return None if raw is None else _s(raw)
+
+    def finals(self, uids: list[str]) -> dict[str, Final]:
+        """The terminal outcomes the queue holds for these jobs (one pipelined round trip per 500)."""
+        out: dict[str, Final] = {}
+        for i in range(0, len(uids), 500):
+            chunk = uids[i : i + 500]
+            pipe = self.r.pipeline(transaction=False)
+            for uid in chunk:
+                pipe.hmget(keys.job(uid), keys.F_FINAL, keys.F_RESULT)
+            for uid, (final, result) in zip(chunk, pipe.execute(), strict=True):
+                if final is None:
+                    continue
+                try:
+                    ev = JobEvent.model_validate_json(_s(final))
+                    results = (
+                        None if result is None else [ResultImage.model_validate(x) for x in json.loads(_s(result))]
+                    )
+                except (ValidationError, ValueError) as e:
+                    log.error("unreadable final record of job %s: %s", uid, error_text(e))
+                    continue
+                out[uid] = Final(ev, results)
+        return out
 
     def forget(self, uid: str) -> None:
         """Drop a finished job's bookkeeping (after its CR is gone)."""
         self.r.delete(keys.job(uid))
 
+    def expire_soon(self, uid: str, seconds: int) -> None:
+        """A deleted job's record: kept only long enough for a worker holding it to see the cancel."""
+        self.r.expire(keys.job(uid), seconds)
+
     # -- consumer side ------------------------------------------------------------------------------------
     def _parse(self, stream: str, entry_id: Any, fields: dict[Any, Any] | None) -> Delivery | None:
         if not fields:  # entry trimmed away
             return None
-        raw = fields.get(keys.MESSAGE_FIELD.encode()) or fields.get(keys.MESSAGE_FIELD)
+        f = decoded(fields)
         try:
-            msg = JobMessage.model_validate_json(_s(raw))
-        except Exception as e:
-            # A malformed entry can never succeed: park it with its error instead of redelivering it forever.
-            log.error("malformed queue entry %s on %s: %s", _s(entry_id), stream, e)
-            self.r.xadd(keys.DEAD_LETTER_STREAM, {keys.MESSAGE_FIELD: _s(raw), keys.ERROR_FIELD: str(e)})
-            self.r.xack(stream, keys.WORKER_GROUP, entry_id)
+            msg = JobMessage.model_validate_json(f.get(keys.MESSAGE_FIELD) or "")
+        except (ValidationError, ValueError) as e:
+            # A malformed entry can never succeed: park it with its error instead of redelivering it forever,
+            # and fail its ImageJob where the entry still says whose it is.
+            error = error_text(e)
+            quarantine(
+                self.r,
+                stream=stream,
+                group=keys.WORKER_GROUP,
+                entry_id=_s(entry_id),
+                fields=f,
+                error=error,
+                kind="job",
+                delete=True,
+            )
+            self._fail_unreadable(f.get(keys.MESSAGE_FIELD) or "", error)
             return None
         return Delivery(stream=stream, entry_id=_s(entry_id), message=msg)
+
+    def _fail_unreadable(self, raw: str, error: str) -> None:
+        try:
+            ident = json.loads(raw)
+            uid, namespace, name = (ident[k] for k in ("uid", "namespace", "name"))
+        except (ValueError, TypeError, KeyError):
+            return
+        if not all(isinstance(v, str) and v for v in (uid, namespace, name)):
+            return
+        event = JobEvent(
+            type="failed", uid=uid, namespace=namespace, name=name, reason="InvalidMessage", message=error[:1000]
+        )
+        payload = event.model_dump_json(by_alias=True)
+        job = keys.job(uid)
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hsetnx(job, keys.F_FINAL, payload)
+        pipe.hset(job, keys.F_STATE, "failed")
+        pipe.expire(job, self.result_ttl_seconds)
+        pipe.execute()
+        self.publish(event)
 
     def reclaim(self, queue: str, consumer: str, count: int = 1) -> list[Delivery]:
         """Take over entries whose holder has not heartbeated for visibility_ms (a dead worker)."""
@@ -262,6 +258,7 @@ class JobQueue:
                 if d is not None:
                     log.warning("reclaimed %s (job %s) from a silent worker", d.entry_id, d.message.uid)
                     out.append(d)
+            # Entries deleted while pending (a trim): XAUTOCLAIM has dropped them from the group.
             if len(out) >= count:
                 break
         return out
@@ -296,9 +293,7 @@ class JobQueue:
     def _read(self, streams: dict[str, str], consumer: str, count: int, block: int | None) -> list[Delivery]:
         reply = self.r.xreadgroup(keys.WORKER_GROUP, consumer, streams, count=count, block=block)
         out = []
-        # RESP2 gives [[stream, entries]], RESP3 a {stream: [entries]} dict.
-        items = reply.items() if isinstance(reply, dict) else (reply or [])
-        for stream, entries in items:
+        for stream, entries in _stream_items(reply):
             for entry in entries:
                 d = self._parse(_s(stream), entry[0], entry[1])
                 if d is not None:
@@ -333,7 +328,10 @@ class JobQueue:
         return bool(int(first))
 
     def fail(self, delivery: Delivery, event: JobEvent, *, retry: bool) -> str:
-        """Ack a failed attempt and either requeue it (``retrying``) or dead-letter it (``failed``)."""
+        """Ack a failed attempt and either requeue it (``retrying``) or dead-letter it (``failed``).
+
+        ``done``: a result was recorded meanwhile; ``stale``: the entry was settled already (by this call's
+        lost first run, or by a worker that took it over)."""
         msg = delivery.message
         retry = retry and delivery.attempt <= msg.max_retries
         event = event.model_copy(update={"type": "retrying" if retry else "failed"})
@@ -351,6 +349,15 @@ class JobQueue:
         )
         return _s(outcome)
 
+    def cancelled(self, delivery: Delivery, event: JobEvent) -> bool:
+        """Ack a job that was cancelled (before or while running), record the outcome and report it."""
+        event = event.model_copy(update={"type": "cancelled"})
+        recorded = self._cancelled(
+            keys=[keys.job(delivery.message.uid), delivery.stream, keys.EVENTS_STREAM],
+            args=[keys.WORKER_GROUP, delivery.entry_id, event.model_dump_json(by_alias=True), self.result_ttl_seconds],
+        )
+        return bool(int(recorded))
+
     def release(self, delivery: Delivery) -> None:
         """Hand an unfinished job back to the queue (a worker shutting down); the attempt is not counted."""
         self._release(
@@ -359,13 +366,13 @@ class JobQueue:
         )
 
     def ack(self, delivery: Delivery) -> None:
-        self.r.xack(delivery.stream, keys.WORKER_GROUP, delivery.entry_id)
+        self._ack(keys=[delivery.stream], args=[keys.WORKER_GROUP, delivery.entry_id])
 
     def publish(self, event: JobEvent) -> None:
         self.r.xadd(
             keys.EVENTS_STREAM,
             {keys.EVENT_FIELD: event.model_dump_json(by_alias=True)},
-            maxlen=100_000,
+            maxlen=keys.EVENTS_MAXLEN,
             approximate=True,
         )
 
@@ -373,7 +380,9 @@ class JobQueue:
     def read_events(
         self, consumer: str, count: int = 500, block_ms: int = 1000, group: str = keys.OPERATOR_GROUP
     ) -> list[tuple[str, JobEvent]]:
-        """Events not yet handled by this group; pending ones (from a crashed reader) come first."""
+        """Events not yet handled by this group; pending ones (from a crashed reader) come first.
+
+        An entry that does not parse is dead-lettered and acked here; it never reaches the caller."""
         self.ensure_group(keys.EVENTS_STREAM, group)
         if self._reclaim_due(keys.EVENTS_STREAM):
             # Events left unacked by a reader that died (an operator pod replaced under another name) move
@@ -382,32 +391,95 @@ class JobQueue:
         out: list[tuple[str, JobEvent]] = []
         for start, block in (("0", None), (">", block_ms if block_ms > 0 else None)):  # BLOCK 0 = forever
             reply = self.r.xreadgroup(group, consumer, {keys.EVENTS_STREAM: start}, count=count, block=block)
-            items = reply.items() if isinstance(reply, dict) else (reply or [])
-            for _stream, entries in items:
+            seen = 0
+            for _stream, entries in _stream_items(reply):
                 for entry_id, fields in entries:
-                    if not fields:
+                    seen += 1
+                    if not fields:  # trimmed while pending
+                        self.r.xack(keys.EVENTS_STREAM, group, entry_id)
                         continue
-                    raw = fields.get(keys.EVENT_FIELD.encode()) or fields.get(keys.EVENT_FIELD)
-                    out.append((_s(entry_id), JobEvent.model_validate_json(_s(raw))))
-            if out:
+                    f = decoded(fields)
+                    try:
+                        out.append((_s(entry_id), JobEvent.model_validate_json(f.get(keys.EVENT_FIELD) or "")))
+                    except (ValidationError, ValueError) as e:
+                        quarantine(
+                            self.r,
+                            stream=keys.EVENTS_STREAM,
+                            group=group,
+                            entry_id=_s(entry_id),
+                            fields=f,
+                            error=error_text(e),
+                            kind="events",
+                            delete=False,  # other readers (the API's progress streams) tail this stream
+                        )
+            if out or seen:
                 break
         return out
+
+    def dead_letter_event(self, entry_id: str, event: JobEvent, error: str, group: str = keys.OPERATOR_GROUP) -> None:
+        """An event that parsed but can never be applied (its status write is refused for good)."""
+        quarantine(
+            self.r,
+            stream=keys.EVENTS_STREAM,
+            group=group,
+            entry_id=entry_id,
+            fields={keys.EVENT_FIELD: event.model_dump_json(by_alias=True)},
+            error=error,
+            kind="events",
+            delete=False,
+        )
 
     def ack_events(self, entry_ids: list[str], group: str = keys.OPERATOR_GROUP) -> None:
         if entry_ids:
             self.r.xack(keys.EVENTS_STREAM, group, *entry_ids)
+
+    def trim_events(self, retention_seconds: float, now: float | None = None) -> int:
+        """Drop events older than the retention that every consumer group has read and acked.
+
+        Stream ids are millisecond timestamps, so XTRIM MINID trims by age; no entry a group still has to read
+        or ack goes. Returns how many entries went."""
+        now_ms = int((time.time() if now is None else now) * 1000)
+        keep_from = _id_tuple(f"{now_ms - int(retention_seconds * 1000)}-0")
+        try:
+            groups = self.r.xinfo_groups(keys.EVENTS_STREAM)
+        except redis.ResponseError:  # no stream yet
+            return 0
+        for g in groups:
+            name = _s(_get(g, "name"))
+            keep_from = min(keep_from, _after(_s(_get(g, "last-delivered-id") or "0-0")))
+            keep_from = min(keep_from, self._oldest_pending(keys.EVENTS_STREAM, name) or keep_from)
+        return int(self.r.xtrim(keys.EVENTS_STREAM, minid=f"{keep_from[0]}-{keep_from[1]}"))
+
+    def trim_queue(self, queue: str) -> int:
+        """Drop acked entries a job stream still holds (written by a release that did not delete on ack)."""
+        removed = 0
+        for stream in keys.streams(queue):
+            self.ensure_group(stream)
+            keep_from: tuple[int, int] | None = None
+            for g in self.r.xinfo_groups(stream):
+                last = _after(_s(_get(g, "last-delivered-id") or "0-0"))
+                keep_from = last if keep_from is None else min(keep_from, last)
+                keep_from = min(keep_from, self._oldest_pending(stream, _s(_get(g, "name"))) or keep_from)
+            if keep_from is not None:
+                removed += int(self.r.xtrim(stream, minid=f"{keep_from[0]}-{keep_from[1]}"))
+        return removed
+
+    def _oldest_pending(self, stream: str, group: str) -> tuple[int, int] | None:
+        summary = self.r.xpending(stream, group)
+        if not summary or not int(summary.get("pending") or 0):
+            return None
+        return _id_tuple(_s(summary["min"]))
 
     def stats(self, queue: str) -> QueueStats:
         queued = in_flight = 0
         for stream in keys.streams(queue):
             self.ensure_group(stream)
             for g in self.r.xinfo_groups(stream):
-                name = _s(g.get("name", g.get(b"name", "")))
-                if name != keys.WORKER_GROUP:
+                if _s(_get(g, "name")) != keys.WORKER_GROUP:
                     continue
-                lag = g.get("lag", g.get(b"lag"))
+                lag = _get(g, "lag")
                 queued += int(lag) if lag is not None else 0
-                in_flight += int(g.get("pending", g.get(b"pending", 0)))
+                in_flight += int(_get(g, "pending") or 0)
         return QueueStats(queued=queued, in_flight=in_flight)
 
     def worker_heartbeat(self, queue: str, worker: str, busy: bool) -> None:
@@ -423,7 +495,11 @@ class JobQueue:
         stale = []
         for name, value in self.r.hgetall(keys.workers(queue)).items():
             state, _, ts = _s(value).partition(" ")
-            if now - float(ts or 0) <= max_age:
+            try:
+                fresh = now - float(ts or 0) <= max_age
+            except ValueError:
+                fresh = False
+            if fresh:
                 live[_s(name)] = state == "busy"
             else:
                 stale.append(name)
@@ -432,8 +508,49 @@ class JobQueue:
         return live
 
     def dead_letters(self, count: int = 100) -> list[tuple[JobMessage, str]]:
+        """Jobs that failed for good, with their error (oldest first)."""
         out = []
         for _id, fields in self.r.xrange(keys.DEAD_LETTER_STREAM, count=count):
-            f = {_s(k): _s(v) for k, v in fields.items()}
-            out.append((JobMessage.model_validate_json(f[keys.MESSAGE_FIELD]), f.get(keys.ERROR_FIELD, "")))
+            f = decoded(fields)
+            if keys.MESSAGE_FIELD not in f:
+                continue  # unreadable input: see poisoned()
+            try:
+                out.append((JobMessage.model_validate_json(f[keys.MESSAGE_FIELD]), f.get(keys.ERROR_FIELD, "")))
+            except (ValidationError, ValueError):
+                continue
         return out
+
+    def poisoned(self, count: int = 100) -> list[Poisoned]:
+        """Entries no reader could parse, with where they came from and why (oldest first)."""
+        out = []
+        for _id, fields in self.r.xrange(keys.DEAD_LETTER_STREAM, count=count):
+            f = decoded(fields)
+            if keys.RAW_FIELD in f:
+                out.append(
+                    Poisoned(
+                        f.get(keys.SOURCE_FIELD, ""),
+                        f.get(keys.ENTRY_FIELD, ""),
+                        f[keys.RAW_FIELD],
+                        f.get(keys.ERROR_FIELD, ""),
+                    )
+                )
+        return out
+
+
+def _stream_items(reply: Any) -> Any:
+    # RESP2 gives [[stream, entries]], RESP3 a {stream: [entries]} dict.
+    return reply.items() if isinstance(reply, dict) else (reply or [])
+
+
+def _get(info: dict[Any, Any], name: str) -> Any:
+    return info.get(name, info.get(name.encode()))
+
+
+def _id_tuple(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _after(entry_id: str) -> tuple[int, int]:
+    ms, seq = _id_tuple(entry_id)
+    return ms, seq + 1

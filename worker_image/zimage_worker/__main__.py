@@ -41,7 +41,12 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
-    server = None if args.no_http else serve(cfg.http_port, live=lambda: True, ready=lambda: ready)
+    # Live while loading (a slow download is not a hang: the startup probe covers it), then per the watchdog.
+    server = (
+        None
+        if args.no_http
+        else serve(cfg.http_port, live=lambda: worker is None or worker.watchdog.live(), ready=lambda: ready)
+    )
     t0 = time.perf_counter()
     engine = load_engine(
         cfg.model_source,
@@ -69,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         heartbeat_seconds=cfg.heartbeat_seconds,
         max_batch_size=cfg.max_batch_size,
         max_wait_ms=cfg.max_wait_milliseconds,
+        stuck_base_seconds=cfg.stuck_base_seconds,
+        stuck_step_seconds=cfg.stuck_step_seconds,
     )
     ready = True
     worker.run(max_jobs=args.max_jobs)

@@ -6,9 +6,8 @@ hands the current job back to the queue between two steps. Either way the proces
 
 from __future__ import annotations
 
-import hashlib
-import io
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -17,17 +16,18 @@ from typing import TYPE_CHECKING, cast
 
 import redis
 
-from zimage_queue import Delivery, JobEvent, JobMessage, JobQueue, ResultImage
+from zimage_queue import Delivery, JobEvent, JobMessage, JobQueue
+from zimage_queue.supervise import Health, backoff_seconds, run_thread
 from zimage_worker import metrics
 from zimage_worker.engine import BatchEngine, Cancelled, Engine, Request, batch_key
-from zimage_worker.storage import ImageStore, output_key, read_uri
+from zimage_worker.results import store_images
+from zimage_worker.storage import ImageStore, read_uri
+from zimage_worker.watchdog import Watchdog
 
 if TYPE_CHECKING:
     from PIL import Image
 
 log = logging.getLogger(__name__)
-
-_CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
 
 class InputError(Exception):
@@ -38,7 +38,6 @@ class HandedBack(Exception):
     """Raised between steps when the worker must give the job back (second SIGTERM)."""
 
 
-REDIS_RETRY_SECONDS = 1.0
 CANCEL_POLL_SECONDS = 0.2
 PROGRESS_INTERVAL_SECONDS = 0.1
 
@@ -56,14 +55,6 @@ def _total_steps(m: JobMessage) -> int:
 
 def _is_oom(e: BaseException) -> bool:
     return type(e).__name__ == "OutOfMemoryError" or "out of memory" in str(e).lower()
-
-
-def encode(image: Image.Image, fmt: str) -> bytes:
-    buf = io.BytesIO()
-    image.save(
-        buf, format={"jpeg": "JPEG", "webp": "WEBP"}.get(fmt, "PNG"), **({"quality": 95} if fmt != "png" else {})
-    )
-    return buf.getvalue()
 
 
 class Worker:
@@ -84,6 +75,8 @@ class Worker:
         finisher_threads: int = 2,
         cancel_poll_seconds: float = CANCEL_POLL_SECONDS,
         progress_interval_seconds: float = PROGRESS_INTERVAL_SECONDS,
+        stuck_base_seconds: float = 300.0,
+        stuck_step_seconds: float = 30.0,
     ) -> None:
         self.queue = queue
         self.engine = engine
@@ -107,6 +100,12 @@ class Worker:
         self._busy_reported = False
         # Backpressure: the GPU loop waits when this many finished jobs are still being encoded and stored.
         self._finishing = threading.Semaphore(self.max_batch_size * 2)
+        # Liveness: the supervised loops (jobs, heartbeat, finisher) and the pipeline call's time budget.
+        self.health = Health()
+        self.watchdog = Watchdog(self.health, stuck_base_seconds, stuck_step_seconds)
+        now = time.monotonic()
+        for loop in ("jobs", "finisher"):  # no pass for hours is fine for both: an idle worker waits
+            self.health.register(loop, now, stall_seconds=float("inf"))
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     def request_stop(self) -> None:
@@ -116,8 +115,14 @@ class Worker:
 
     def run(self, max_jobs: int | None = None, block_ms: int = 1000) -> None:
         self.queue.ensure_queue(self.queue_name)
-        beat = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True)
-        beat.start()
+        run_thread(
+            self.health,
+            "heartbeat",
+            self._beat,
+            self.heartbeat_seconds,
+            self._finished,
+            stall_seconds=max(60.0, self.heartbeat_seconds * 10),
+        )
         self.queue.worker_heartbeat(self.queue_name, self.name, busy=False)
         self._busy_reported = False
         self._finisher = ThreadPoolExecutor(self.finisher_threads, thread_name_prefix="finisher")
@@ -127,7 +132,10 @@ class Worker:
             self._finisher.shutdown(wait=True)  # every job taken is recorded (or handed back) before we go
             self._finisher = None
             self._finished.set()
-            self.queue.worker_gone(self.queue_name, self.name)
+            try:
+                self.queue.worker_gone(self.queue_name, self.name)
+            except redis.RedisError as e:  # its heartbeat entry ages out for the scaler
+                log.warning("could not say goodbye: %s", e)
 
     def _loop(self, max_jobs: int | None, block_ms: int) -> None:
         log.info(
@@ -146,12 +154,17 @@ class Worker:
                     self.max_batch_size if max_jobs is None else min(self.max_batch_size, max_jobs - self.taken),
                 )
             except (redis.ConnectionError, redis.TimeoutError) as e:
-                # Redis restarting or unreachable: keep the process (and its loaded model); a job whose result
-                # could not be recorded is still pending and comes back after the visibility timeout.
-                log.warning("Redis unavailable (%s); retrying in %.0fs", e, REDIS_RETRY_SECONDS)
+                # Redis restarting or unreachable (past the client's own retries): keep the process (and its
+                # loaded model); a job whose result could not be recorded is still pending and comes back after
+                # the visibility timeout. Back off; liveness turns red if it never comes back.
+                failures = self.health.failed("jobs", time.monotonic(), f"{type(e).__name__}: {e}")
+                delay = backoff_seconds(failures, base=0.2, cap=10.0, jitter=random.random())
+                log.warning("Redis unavailable (%s); retrying in %.1fs", e, delay)
                 with self._lock:
                     self.held = []
-                self.stopping.wait(REDIS_RETRY_SECONDS)
+                self.stopping.wait(delay)
+                continue
+            self.health.ok("jobs", time.monotonic())
         log.info("worker %s stopped after %d job(s)", self.name, self.processed)
 
     def _once(self, block_ms: int, want: int) -> None:
@@ -185,19 +198,16 @@ class Worker:
             got += self.queue.take(self.queue_name, self.name, count=want - len(got), block_ms=left_ms)
         return got
 
-    def _heartbeat(self) -> None:
-        while not self._finished.wait(self.heartbeat_seconds):
-            with self._lock:
-                held = list(self.held)
+    def _beat(self) -> None:
+        """One heartbeat: the worker's own (for the scaler; raises, so the loop counts it) and each held job's."""
+        with self._lock:
+            held = list(self.held)
+        self.queue.worker_heartbeat(self.queue_name, self.name, busy=bool(held))
+        for d in held:
             try:
-                self.queue.worker_heartbeat(self.queue_name, self.name, busy=bool(held))
-            except Exception as e:
-                log.warning("worker heartbeat failed: %s", e)
-            for d in held:
-                try:
-                    self.queue.heartbeat(d, self.name)
-                except Exception as e:  # a missed beat only risks a redelivery, which results tolerate
-                    log.warning("heartbeat failed for %s: %s", d.entry_id, e)
+                self.queue.heartbeat(d, self.name)
+            except Exception as e:  # a missed beat only risks a redelivery, which results tolerate
+                log.warning("heartbeat failed for %s: %s", d.entry_id, e)
 
     def _let_go(self, d: Delivery) -> None:
         with self._lock:
@@ -251,8 +261,7 @@ class Worker:
             self.queue.ack(d)
             return self._count("duplicate")
         if outcome == "cancelled":
-            self.queue.ack(d)
-            self.queue.publish(self._event(d, "cancelled", reason="Cancelled", message="cancelled before start"))
+            self.queue.cancelled(d, self._event(d, "cancelled", reason="Cancelled", message="cancelled before start"))
             return self._count("cancelled")
         if outcome == "exhausted":
             ev = self._event(
@@ -274,6 +283,7 @@ class Worker:
     def _run(self, group: list[Delivery]) -> list[Future[str]]:
         t0 = time.perf_counter()
         metrics.BUSY.set(1)
+        self.watchdog.call_started(sum(_total_steps(d.message) for d in group))
         try:
             if len(group) == 1:
                 r = self._request(group[0])
@@ -320,6 +330,7 @@ class Worker:
             self._let_go(d)
             return [_resolved(self._count("retried" if state == "retrying" else "failed"))]
         finally:
+            self.watchdog.call_ended()
             metrics.BUSY.set(0)
         run_seconds = time.perf_counter() - t0
         metrics.INFERENCE_SECONDS.observe(run_seconds)
@@ -327,11 +338,11 @@ class Worker:
         outcomes = []
         for d, images in zip(group, batch, strict=True):
             if images is None:
-                self.queue.ack(d)
-                self.queue.publish(
+                self.queue.cancelled(
+                    d,
                     self._event(
                         d, "cancelled", reason="Cancelled", message="cancelled while running", run_seconds=run_seconds
-                    )
+                    ),
                 )
                 self._let_go(d)
                 outcomes.append(_resolved(self._count("cancelled")))
@@ -348,7 +359,7 @@ class Worker:
     def _finish(self, d: Delivery, images: list[Image.Image], run_seconds: float, hold: bool) -> str:
         """Encode and store the images, then record the result and ack (never before)."""
         try:
-            results = self._store(d, images)
+            results = store_images(self.store, d.message, images)
             first = self.queue.complete(
                 d,
                 results,
@@ -360,9 +371,11 @@ class Worker:
                     total_steps=_total_steps(d.message),
                 ),
             )
+            self.health.ok("finisher", time.monotonic())
             return self._count("succeeded" if first else "duplicate")
         except Exception as e:
             log.exception("storing the results of %s/%s failed", d.message.namespace, d.message.name)
+            self.health.failed("finisher", time.monotonic(), f"{type(e).__name__}: {e}")
             try:
                 ev = self._event(d, "failed", reason="WorkerError", message=f"{type(e).__name__}: {e}"[:1000])
                 state = self.queue.fail(d, ev, retry=True)
@@ -423,26 +436,6 @@ class Worker:
                 raise InputError(f"cannot read {uri}: {e}") from e
 
         return load
-
-    def _store(self, d: Delivery, images: list[Image.Image]) -> list[ResultImage]:
-        m, p = d.message, d.message.params
-        t0 = time.perf_counter()
-        results = []
-        for i, img in enumerate(images):
-            data = encode(img, p.output_format)
-            uri = self.store.put(output_key(m, i, p.output_format), data, _CONTENT_TYPES[p.output_format])
-            results.append(
-                ResultImage(
-                    uri=uri,
-                    width=img.width,
-                    height=img.height,
-                    seed=(p.seed or 0) + i,
-                    sha256=hashlib.sha256(data).hexdigest(),
-                    bytes=len(data),
-                )
-            )
-        metrics.STORE_SECONDS.observe(time.perf_counter() - t0)
-        return results
 
     @staticmethod
     def _free_memory() -> None:

@@ -31,6 +31,9 @@ class WorkerSettings(BaseSettings):
     worker_name: str = Field(default_factory=_default_name)
     max_batch_size: int = Field(1, ge=1, le=64, description="Compatible jobs run as one pipeline call")
     max_wait_milliseconds: int = Field(0, ge=0, le=10_000, description="How long to wait to fill a batch")
+    # Liveness fails when a pipeline call runs longer than base + step * (its steps over all images).
+    stuck_base_seconds: float = Field(300.0, gt=0, description="Time budget of any pipeline call")
+    stuck_step_seconds: float = Field(30.0, gt=0, description="Extra budget per denoising step of a call")
     warmup: bool = Field(True, description="Run a throwaway generation before /readyz turns true")
     warmup_size: int = Field(0, ge=0, le=2048, description="Warm-up image side; 0: 1024, or 64 for tiny-random")
     compile: bool = Field(False, description="torch.compile the transformer's repeated blocks (regional)")

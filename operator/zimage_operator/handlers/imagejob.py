@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -15,6 +16,7 @@ from zimage_operator.k8s import StatusConflict
 from zimage_operator.metrics import JOBS_ENQUEUED, JOBS_FINISHED
 from zimage_operator.runtime import Runtime
 from zimage_operator.types import GROUP, IMAGEJOB_PLURAL, TERMINAL_PHASES, VERSION
+from zimage_queue.keys import queue_name
 
 log = logging.getLogger(__name__)
 RESOURCE = (GROUP, VERSION, IMAGEJOB_PLURAL)
@@ -70,19 +72,26 @@ async def admit(
 
 @kopf.on.event(*RESOURCE)
 async def track(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    """Keep the deadline book current; a deleted job that has not finished is cancelled in the queue.
+    """Keep the deadline book and the unfinished index current; a deleted unfinished job is cancelled.
 
     A watch handler rather than on.delete or timers: those put a finalizer on every ImageJob, so deletes would
     hang while the operator is down. A delete missed that way costs one wasted run, whose result is dropped.
     """
     rt: Runtime = memo.runtime
     meta = body.get("metadata") or {}
+    uid = meta.get("uid", "")
+    finished = (body.get("status") or {}).get("phase") in TERMINAL_PHASES
     if event.get("type") == "DELETED":
-        rt.deadlines.forget(meta.get("uid", ""))
-        if (body.get("status") or {}).get("phase") not in TERMINAL_PHASES:
-            await asyncio.to_thread(rt.queue.cancel, meta["uid"])
+        rt.deadlines.forget(uid)
+        rt.unfinished.pop(uid, None)
+        if not finished:
+            await asyncio.to_thread(rt.queue.cancel, uid)  # the record then expires after the retention
             JOBS_FINISHED.labels(phase="Cancelled", reason="Deleted").inc()
         return
+    if finished:
+        rt.unfinished.pop(uid, None)
+    else:
+        rt.unfinished[uid] = (meta["namespace"], meta["name"])
     rt.deadlines.observe(dict(body))
 
 
@@ -93,7 +102,9 @@ async def act_on(rt: Runtime, due: Due) -> None:
         return
     now = _now()
     if due.action == "expire":
-        remaining = reconcile.seconds_until_expiry(obj.get("spec") or {}, obj.get("status") or {}, now)
+        remaining = reconcile.seconds_until_expiry(
+            obj.get("spec") or {}, obj.get("status") or {}, now, rt.settings.default_ttl_seconds_after_finished
+        )
         if remaining is not None and remaining <= 0:
             log.info("deleting %s/%s: ttlSecondsAfterFinished elapsed", due.namespace, due.name)
             await asyncio.to_thread(rt.kube.delete_job, due.namespace, due.name)
@@ -101,20 +112,39 @@ async def act_on(rt: Runtime, due: Due) -> None:
     patch = reconcile.timeout_patch(obj.get("spec") or {}, obj.get("status") or {}, obj["metadata"], now)
     if patch:
         await asyncio.to_thread(rt.queue.cancel, due.uid)
-        await asyncio.to_thread(rt.kube.patch_job_status, due.namespace, due.name, patch)
+        try:  # only onto the version we decided on: a worker's Succeeded written meanwhile wins
+            await asyncio.to_thread(
+                rt.kube.patch_job_status, due.namespace, due.name, patch, obj["metadata"].get("resourceVersion")
+            )
+        except StatusConflict:
+            rt.deadlines.retry_later(due, now, delay=0.0)
+            return
         await asyncio.to_thread(rt.kube.post_event, obj, "Warning", "Timeout", patch["message"])
         JOBS_FINISHED.labels(phase="Failed", reason="Timeout").inc()
 
 
-async def housekeeping(rt: Runtime) -> None:
-    while True:
+class Housekeeping:
+    """The leader's deadlines (timeouts, TTLs) and the events stream's trim; one pass per tick."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.next_trim = 0.0
+
+    async def once(self) -> None:
+        rt = self.rt
         if not await asyncio.to_thread(rt.lease.held):  # the standby replica keeps its book, acts on nothing
-            await asyncio.sleep(rt.settings.housekeeping_seconds)
-            continue
+            return
         for due in rt.deadlines.due(_now()):
             try:
                 await act_on(rt, due)
             except Exception:
                 log.exception("housekeeping of %s/%s failed; will retry", due.namespace, due.name)
                 rt.deadlines.retry_later(due, _now())
-        await asyncio.sleep(rt.settings.housekeeping_seconds)
+        if time.monotonic() >= self.next_trim:
+            self.next_trim = time.monotonic() + rt.settings.events_trim_seconds
+            trimmed = await asyncio.to_thread(rt.queue.trim_events, rt.settings.events_retention_seconds)
+            for pool in list(rt.pools.values()):  # acked entries an older release left in job streams
+                meta = pool.body["metadata"]
+                trimmed += await asyncio.to_thread(rt.queue.trim_queue, queue_name(meta["namespace"], meta["name"]))
+            if trimmed:
+                log.debug("trimmed %d acked stream entries past the retention", trimmed)
