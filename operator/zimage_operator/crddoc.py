@@ -115,10 +115,19 @@ def _limits(node: dict[str, Any]) -> list[str]:
     out += _bounds(node, "minItems", "maxItems", "items ")
     if "pattern" in node:
         out.append(f"pattern {_code(node['pattern'])}")
+    out += _rules(node)
     items = node.get("items")
     if node.get("type") == "array" and isinstance(items, dict) and not _is_object(items):
         out += [f"each: {limit}" for limit in _limits(items)]
     return out
+
+
+def _rules(node: dict[str, Any]) -> list[str]:
+    """The node's CEL rules (``x-kubernetes-validations``), each with the message the API server answers."""
+    return [
+        f"rule {_code(r['rule'])}" + (f" ({_escape(r['message'])})" if r.get("message") else "")
+        for r in node.get("x-kubernetes-validations") or []
+    ]
 
 
 def _tables(path: str, node: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -136,6 +145,12 @@ def _table(kind: str, path: str, node: dict[str, Any]) -> list[str]:
     lines = [f'<a id="{_anchor(kind, path)}"></a>', "", f"### `{path}`", ""]
     if node.get("description"):
         lines += [_escape(node["description"]), ""]
+    if rules := _rules(node):
+        lines += [
+            "Rules the API server checks (CEL, Kubernetes 1.25 and later; a rule on `oldSelf` on updates only):",
+            "",
+        ]
+        lines += [f"- {rule}" for rule in rules] + [""]
     lines += ["| field | type | default | limits | description |", "|---|---|---|---|---|"]
     required = set(node.get("required") or [])
     for name, child in node["properties"].items():

@@ -1,6 +1,7 @@
 """Generate the CRD manifests from the pydantic models in ``zimage_operator.types``.
 
-Run ``python -m zimage_operator.crdgen crds/`` after changing a model; tests fail while ``crds/`` is stale.
+Run ``python -m zimage_operator.crdgen crds charts/zimage-operator/crds`` after changing a model; tests fail while
+``crds/`` or the chart's copy is stale.
 The output is a structural schema (no $ref, no anyOf/null) so the API server validates and defaults it.
 """
 
@@ -72,6 +73,13 @@ def schema_of(model: type[BaseModel]) -> dict[str, Any]:
     return _structural(raw, raw.get("$defs", {}))
 
 
+# An admitted ImageJob has been queued with the spec it had then; an edit would change nothing that runs but
+# would make the object lie about it. A transition rule (CEL, Kubernetes >= 1.25) refuses any change to spec;
+# metadata and status stay writable. Without CEL the operator reports an edit it sees (handlers/edits.py).
+IMMUTABLE_SPEC_MESSAGE = "spec is immutable once created; create a new ImageJob"
+IMMUTABLE_SPEC = {"rule": "self == oldSelf", "message": IMMUTABLE_SPEC_MESSAGE}
+
+
 def _without_defaults(node: Any) -> Any:
     """Status is written by the operator, never defaulted by the API server."""
     if isinstance(node, dict):
@@ -89,7 +97,11 @@ def _crd(
     status: type[BaseModel],
     columns: list[dict[str, Any]],
     scale: bool,
+    spec_rules: list[dict[str, str]] | None = None,
 ) -> dict[str, Any]:
+    spec_schema = schema_of(spec)
+    if spec_rules:
+        spec_schema["x-kubernetes-validations"] = spec_rules
     status_schema = _without_defaults(schema_of(status))
     # kopf keeps its handler progress here rather than in annotations, so user objects never drift.
     status_schema["properties"]["kopf"] = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
@@ -130,7 +142,7 @@ def _crd(
                                 "apiVersion": {"type": "string"},
                                 "kind": {"type": "string"},
                                 "metadata": {"type": "object"},
-                                "spec": schema_of(spec),
+                                "spec": spec_schema,
                                 "status": status_schema,
                             },
                         }
@@ -161,6 +173,7 @@ def crds() -> dict[str, dict[str, Any]]:
                 _age(),
             ],
             scale=False,
+            spec_rules=[IMMUTABLE_SPEC],
         ),
         "modeldeployment.yaml": _crd(
             "ModelDeployment",
@@ -186,10 +199,12 @@ def render(doc: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    out = Path((argv or sys.argv[1:] or ["crds"])[0])
-    out.mkdir(parents=True, exist_ok=True)
-    for name, doc in crds().items():
-        (out / name).write_text(render(doc))
+    """Write the CRDs into each folder named (default ``crds``), e.g. ``crds charts/zimage-operator/crds``."""
+    for folder in argv or sys.argv[1:] or ["crds"]:
+        out = Path(folder)
+        out.mkdir(parents=True, exist_ok=True)
+        for name, doc in crds().items():
+            (out / name).write_text(render(doc))
 
 
 if __name__ == "__main__":

@@ -82,3 +82,16 @@ def test_api_request_bounds_are_the_crd_bounds() -> None:
     for name in set(crd_props) - relaxed:
         assert limits(api_props[name]) == limits(crd_props[name]), name
     assert limits(crd_props["width"]) == {"minimum": 64, "maximum": 2048, "multipleOf": 16}
+
+
+def test_only_the_imagejob_spec_is_immutable() -> None:
+    """A queued job runs with the spec it was admitted with, so the CRD refuses edits (CEL transition rule);
+    a ModelDeployment is edited in place (replicas, scaling), so its spec carries no such rule."""
+    rules = {}
+    for name in ("imagejob.yaml", "modeldeployment.yaml"):
+        crd = yaml.safe_load((REPO / "crds" / name).read_text())
+        spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+        rules[name] = spec.get("x-kubernetes-validations")
+    assert rules == {"imagejob.yaml": [crdgen.IMMUTABLE_SPEC], "modeldeployment.yaml": None}
+    assert crdgen.IMMUTABLE_SPEC == {"rule": "self == oldSelf", "message": crdgen.IMMUTABLE_SPEC_MESSAGE}
+    assert "immutable" in crdgen.IMMUTABLE_SPEC_MESSAGE and "new ImageJob" in crdgen.IMMUTABLE_SPEC_MESSAGE
