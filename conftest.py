@@ -54,6 +54,16 @@ def json_log_lines(text: str) -> list[dict[str, Any]]:
     return out
 
 
+def entries_added(r: redis.Redis, streams: list[str]) -> int:
+    """How many entries were ever added to these streams (acked job entries are deleted, so XLEN no longer
+    counts enqueues)."""
+    total = 0
+    for s in streams:
+        if r.exists(s):
+            total += int(r.xinfo_stream(s)["entries-added"])
+    return total
+
+
 @pytest.fixture
 def captured_logs() -> Iterator[io.StringIO]:
     """Logging as the entry points configure it (``zimage_queue.logs.configure``), into a buffer."""

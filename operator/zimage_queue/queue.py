@@ -448,7 +448,7 @@ class JobQueue:
             name = _s(_get(g, "name"))
             keep_from = min(keep_from, _after(_s(_get(g, "last-delivered-id") or "0-0")))
             keep_from = min(keep_from, self._oldest_pending(keys.EVENTS_STREAM, name) or keep_from)
-        return int(self.r.xtrim(keys.EVENTS_STREAM, minid=f"{keep_from[0]}-{keep_from[1]}"))
+        return int(self.r.xtrim(keys.EVENTS_STREAM, minid=f"{keep_from[0]}-{keep_from[1]}", approximate=False))
 
     def trim_queue(self, queue: str) -> int:
         """Drop acked entries a job stream still holds (written by a release that did not delete on ack)."""
@@ -461,7 +461,7 @@ class JobQueue:
                 keep_from = last if keep_from is None else min(keep_from, last)
                 keep_from = min(keep_from, self._oldest_pending(stream, _s(_get(g, "name"))) or keep_from)
             if keep_from is not None:
-                removed += int(self.r.xtrim(stream, minid=f"{keep_from[0]}-{keep_from[1]}"))
+                removed += int(self.r.xtrim(stream, minid=f"{keep_from[0]}-{keep_from[1]}", approximate=False))
         return removed
 
     def _oldest_pending(self, stream: str, group: str) -> tuple[int, int] | None:

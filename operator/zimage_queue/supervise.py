@@ -104,6 +104,7 @@ async def run_async(
     *,
     stall_seconds: float = STALL_SECONDS,
     clock: Callable[[], float] = time.monotonic,
+    backoff_base: float = BACKOFF_BASE_SECONDS,
 ) -> None:
     """Run ``one_pass`` forever in this task: ``interval()`` seconds apart, backing off after failures."""
     health.register(name, clock(), stall_seconds)
@@ -114,7 +115,7 @@ async def run_async(
             raise
         except Exception as e:
             failures = health.failed(name, clock(), f"{type(e).__name__}: {e}")
-            delay = backoff_seconds(failures, jitter=random.random())
+            delay = backoff_seconds(failures, base=backoff_base, jitter=random.random())
             log.exception("%s failed (%d in a row); next try in %.1fs", name, failures, delay)
             await asyncio.sleep(delay)
             continue

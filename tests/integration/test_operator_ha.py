@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from conftest import REPO, Kube, operator_stack, start_operator, start_worker, wait_for
+from conftest import REPO, Kube, entries_added, operator_stack, start_operator, start_worker, wait_for
 from zimage_queue import keys
 
 pytestmark = pytest.mark.kube
@@ -51,7 +51,7 @@ def test_two_replicas_share_the_work_and_fail_over(crds: Kube, tmp_path: Path) -
         names = [f"job-{i}" for i in range(8)]
         submit(kube, names)
         wait_succeeded(kube, names)
-        entries = sum(r.xlen(s) for s in keys.streams(keys.queue_name(NS, MODEL)))
+        entries = entries_added(r, keys.streams(keys.queue_name(NS, MODEL)))
         assert entries == len(names)  # both replicas admitted each job; the queue kept one entry each
         for n in names:
             uid = json.loads(kube.kubectl("get", "ij", n, "-n", NS, "-o", "json").stdout)["metadata"]["uid"]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, Kube, Processes, start_operator, start_worker, wait_for
+from conftest import REPO, Kube, Processes, entries_added, start_operator, start_worker, wait_for
 from zimage_queue import JobQueue, keys
 
 pytestmark = pytest.mark.kube
@@ -43,6 +43,7 @@ def test_operator_sigkill_and_restart_converges_without_duplicates(
 
     q = JobQueue.from_url(redis_url)
     stream = keys.stream(keys.queue_name(namespace, "z-image-turbo"), "normal")
-    assert q.r.xlen(stream) == 1  # enqueued exactly once across both operators
+    assert entries_added(q.r, [stream]) == 1  # enqueued exactly once across both operators
+    assert q.r.xlen(stream) == 0  # and the acked entry left the stream
     status = json.loads(kube.kubectl("get", "ij", "survivor", "-n", namespace, "-o", "json").stdout)["status"]
     assert status["attempts"] == 1 and len(status["results"]) == 1
