@@ -60,6 +60,7 @@ class Reason:
     DELETED = "Deleted"
     FALLBACK = "FallbackModel"
     CANCELLED = "Cancelled"
+    SPEC_CHANGED = "SpecChanged"
 
 
 class ImageJobSpec(GenerationParams):
