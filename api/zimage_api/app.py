@@ -16,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from zimage_api import errors, routes_jobs, routes_openai
 from zimage_api.apikeys import KeyRing
+from zimage_api.bodylimit import BodyLimit
 from zimage_api.deps import Parts
 from zimage_api.events import EventHub
 from zimage_api.images import ImageAccess
@@ -79,18 +80,13 @@ def create_app(
     app.include_router(routes_jobs.router)
     app.include_router(routes_openai.router)
 
+    # Inside ``measure``, so its refusals are counted too.
+    app.add_middleware(BodyLimit, max_bytes=settings.request_limit)
+
     @app.middleware("http")
     async def measure(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         t0 = time.perf_counter()
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > 3 * settings.max_upload_bytes:
-            # Refuse before reading: an edit carries at most an image and a mask.
-            response: Response = JSONResponse(
-                errors.error_body(413, f"request body over {3 * settings.max_upload_bytes} bytes", code="too_large"),
-                413,
-            )
-        else:
-            response = await call_next(request)
+        response = await call_next(request)
         route = getattr(request.scope.get("route"), "path", "unmatched")
         REQUESTS.labels(request.method, route, str(response.status_code)).inc()
         REQUEST_SECONDS.labels(request.method, route).observe(time.perf_counter() - t0)

@@ -25,6 +25,9 @@ class ApiSettings(BaseSettings):
     default_model: str = ""  # for OpenAI requests without `model` (else: the only ModelDeployment there is)
     sync_timeout_seconds: float = 300.0  # how long /v1/images/* wait for the images
     max_upload_bytes: int = 20 * 1024 * 1024
+    # The whole request body, however it is sent (Content-Length or chunked); 0: three uploads' worth (an edit
+    # carries at most an image and a mask, and the form around them).
+    max_request_bytes: int = Field(0, ge=0)
     max_upload_pixels: int = 4096 * 4096  # decompression-bomb guard, checked before any pixel is decoded
     rate_per_second: float = 10.0  # per API key, token bucket in Redis
     rate_burst: int = 20
@@ -36,3 +39,7 @@ class ApiSettings(BaseSettings):
     page_size: int = 50
     host: str = "0.0.0.0"
     port: int = 8080
+
+    @property
+    def request_limit(self) -> int:
+        return self.max_request_bytes or 3 * self.max_upload_bytes
