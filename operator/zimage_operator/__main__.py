@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -36,6 +37,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.networking.connect_timeout = 10
     settings.networking.request_timeout = 60
     cfg = OperatorSettings()
+    # With --peering, a standby replica resumes the handlers this long after the active one stopped renewing.
+    settings.peering.lifetime = cfg.peering_lifetime_seconds
     queue = JobQueue.from_url(cfg.redis_url, result_ttl_seconds=cfg.job_retention_seconds)
     rt = Runtime(settings=cfg, kube=Kube(), queue=queue)
     memo.runtime = rt
@@ -80,7 +83,13 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="kopf peering object for HA replicas (needs kopf's peering CRDs); without it: standalone",
     )
-    p.add_argument("--priority", type=int, default=0, help="peering priority of this replica")
+    p.add_argument(
+        "--priority",
+        type=int,
+        default=None,
+        help="peering priority of this replica (default: random, so replicas of one Deployment differ: kopf pauses "
+        "every replica that sees a peer of the same or a higher priority)",
+    )
     p.add_argument("--liveness", default=None, help="e.g. http://0.0.0.0:8080/healthz")
     p.add_argument("--metrics-port", type=int, default=8000, help="Prometheus /metrics port (0: off)")
     p.add_argument("--verbose", action="store_true")
@@ -91,6 +100,13 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.metrics_port:
         prometheus_client.start_http_server(args.metrics_port)
+    priority = args.priority
+    if priority is None:
+        priority = random.SystemRandom().randint(1, 2**31 - 1) if args.peering else 0
+    if args.peering and not args.standalone:
+        log.info(
+            "peering %r with priority %d: the highest-priority live replica runs the handlers", args.peering, priority
+        )
     if not args.namespace and not args.all_namespaces:
         args.namespace = ["default"]
     asyncio.run(
@@ -99,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
             namespaces=args.namespace if not args.all_namespaces else [],
             standalone=args.standalone or not args.peering,
             peering_name=args.peering if args.peering and not args.standalone else None,
-            priority=args.priority,
+            priority=priority,
             liveness_endpoint=args.liveness,
         )
     )

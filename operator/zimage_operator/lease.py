@@ -7,6 +7,8 @@ Redis also loses the lease.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
 from zimage_queue import keys
@@ -24,13 +26,39 @@ return 1
 """
 
 
+# Of the lease's term, the share this replica trusts: the rest covers clock drift between it and Redis.
+FENCE_SHARE = 0.8
+
+
+class LeaseLost(Exception):
+    """This replica can no longer be sure it holds the lease: it must stop writing (fencing)."""
+
+
 class Lease:
-    def __init__(self, client: Any, holder: str, ttl_seconds: float = 5.0, key: str = keys.OPERATOR_LEASE) -> None:
+    def __init__(
+        self,
+        client: Any,
+        holder: str,
+        ttl_seconds: float = 5.0,
+        key: str = keys.OPERATOR_LEASE,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.key = key
         self.holder = holder
         self.ttl_ms = int(ttl_seconds * 1000)
         self._acquire = client.register_script(_ACQUIRE)
+        self.clock = clock
+        self.valid_until = 0.0
 
     def held(self) -> bool:
         """Take or renew the lease; call at least every ttl/2 while working."""
-        return bool(int(self._acquire(keys=[self.key], args=[self.holder, self.ttl_ms])))
+        asked = self.clock()  # the lease runs from before the request: a slow reply only shortens it here
+        ok = bool(int(self._acquire(keys=[self.key], args=[self.holder, self.ttl_ms])))
+        self.valid_until = asked + self.ttl_ms / 1000 * FENCE_SHARE if ok else 0.0
+        return ok
+
+    def check(self) -> None:
+        """Before each write of a leader's pass: a lease that may have lapsed mid-pass stops the pass, since
+        another replica may hold it by now."""
+        if self.clock() >= self.valid_until:
+            raise LeaseLost(f"lease {self.key} not renewed within its term; stopping this pass")

@@ -16,6 +16,7 @@ from typing import Any
 
 from zimage_operator import reconcile, scaling, workload
 from zimage_operator.conditions import iso, set_condition
+from zimage_operator.lease import LeaseLost
 from zimage_operator.metrics import DESIRED_REPLICAS, INFLIGHT, QUEUE_LENGTH, READY_REPLICAS, SCALE_DECISIONS
 from zimage_operator.runtime import Runtime
 from zimage_operator.types import ModelDeploymentSpec
@@ -88,9 +89,11 @@ def sync(rt: Runtime, pool: Pool, now: datetime) -> None:
             continue
         if live is None:
             log.info("creating %s %s/%s", obj["kind"], ns, obj["metadata"]["name"])
+            rt.lease.check()  # fencing: no write once the lease may have passed to another replica
             rt.kube.create_object(obj)
         elif key != "job" and workload.drifted(obj, live):  # a Job's template is immutable
             log.info("reverting drift of %s %s/%s", obj["kind"], ns, obj["metadata"]["name"])
+            rt.lease.check()  # fencing: no write once the lease may have passed to another replica
             rt.kube.patch_object(obj)
     if drift_check:
         pool.next_drift_check = time.monotonic() + rt.settings.drift_check_seconds
@@ -99,6 +102,7 @@ def sync(rt: Runtime, pool: Pool, now: datetime) -> None:
     status.pop("kopf", None)
     if desired != current and actual is not None:
         SCALE_DECISIONS.labels(model=queue, reason=reason).inc()
+        rt.lease.check()  # fencing: no write once the lease may have passed to another replica
         rt.kube.post_event(
             md,
             "Normal",
@@ -153,6 +157,7 @@ def sync(rt: Runtime, pool: Pool, now: datetime) -> None:
         observedGeneration=gen,
     )
     if status != pool.last_status:
+        rt.lease.check()  # fencing: no write once the lease may have passed to another replica
         rt.kube.patch_model_status(ns, name, status)
         pool.last_status = status
     if spec.fallback:
@@ -160,6 +165,7 @@ def sync(rt: Runtime, pool: Pool, now: datetime) -> None:
             spec.fallback.after_seconds, ready, stats.queued, pool.no_capacity_since, now
         )
         if due:
+            rt.lease.check()  # fencing: no write once the lease may have passed to another replica
             moved = rt.queue.reroute(queue, keys.queue_name(ns, spec.fallback.model), spec.fallback.model)
             if moved:
                 log.info("moved %d job(s) from %s to fallback %s", moved, name, spec.fallback.model)
@@ -176,6 +182,7 @@ def sync(rt: Runtime, pool: Pool, now: datetime) -> None:
         )
         for pod, cost in costs.items():
             if pool.costs.get(pod) != cost:
+                rt.lease.check()  # fencing: no write once the lease may have passed to another replica
                 rt.kube.annotate_pod(ns, pod, {scaling.DELETION_COST_ANNOTATION: str(cost)})
         pool.costs = costs
 
@@ -190,7 +197,9 @@ def _invalid(rt: Runtime, pool: Pool, now: datetime, message: str) -> None:
     )
     if changed:
         status.update(conditions=conditions, observedGeneration=md["metadata"].get("generation"))
+        rt.lease.check()  # fencing: no write once the lease may have passed to another replica
         rt.kube.patch_model_status(ns, name, status)
+        rt.lease.check()  # fencing: no write once the lease may have passed to another replica
         rt.kube.post_event(md, "Warning", "InvalidSpec", message)
         pool.last_status = status
 
@@ -205,6 +214,9 @@ async def run_once(rt: Runtime) -> None:
     for pool in pools:
         try:
             await asyncio.to_thread(sync, rt, pool, datetime.now(UTC))
+        except LeaseLost as e:
+            log.warning("%s", e)  # the next pass renews it, or the replica that took it over carries on
+            return
         except Exception as e:
             log.exception("sync of ModelDeployment %s/%s failed; retrying", *_ns_name(pool.body))
             failed.append(e)

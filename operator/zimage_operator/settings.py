@@ -7,7 +7,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class OperatorSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="ZIMAGE_")
+    model_config = SettingsConfigDict(env_prefix="ZIMAGE_", env_parse_none_str="null")
 
     redis_url: str = "redis://localhost:6379/0"
     # Where an unknown model is re-checked, and how often timeouts and TTLs are looked at.
@@ -22,6 +22,7 @@ class OperatorSettings(BaseSettings):
     # Worker pods get at least this long to finish the job in hand when stopped (terminationGracePeriodSeconds).
     max_job_seconds: int = 900
     pool_tick_seconds: float = 0.5
+    peering_lifetime_seconds: int = Field(15, ge=5)  # kopf peering (--peering): how long a replica's claim lasts
     lease_seconds: float = 5.0  # a standby replica takes over the loops this long after the leader stops
     drift_check_seconds: float = 5.0
     # Unfinished ImageJobs are compared with the outcomes Redis keeps: this long after becoming leader, then

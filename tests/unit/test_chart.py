@@ -142,3 +142,41 @@ def test_chart_crds_and_dashboard_are_the_repos() -> None:
     ):
         assert metric in exprs
     assert (REPO / "docs" / "grafana-dashboard.json").read_text() == (CHART / "dashboards" / "zimage.json").read_text()
+
+
+def _operator_settings(env: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch) -> Any:
+    from zimage_operator.settings import OperatorSettings
+
+    for e in env:
+        if e["name"].startswith("ZIMAGE_") and "value" in e:
+            monkeypatch.setenv(e["name"], e["value"])
+    return OperatorSettings()
+
+
+def test_operator_retention_and_peering_values_reach_the_operator(
+    helm: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The chart's defaults are the operator's own, and each value lands where the operator's settings read it."""
+    from zimage_operator.settings import OperatorSettings
+
+    values = yaml.safe_load((CHART / "values.yaml").read_text())["operator"]
+    defaults = OperatorSettings()
+    assert values["ttlSecondsAfterFinished"] == defaults.default_ttl_seconds_after_finished
+    assert values["jobRetentionSeconds"] == defaults.job_retention_seconds
+    assert values["peeringLifetimeSeconds"] == defaults.peering_lifetime_seconds
+    keep = tmp_path / "keep.yaml"
+    keep.write_text(yaml.safe_dump({"operator": {"ttlSecondsAfterFinished": None, "jobRetentionSeconds": 3600}}))
+    for extra, ttl, retention in (([], 86400, 604800), ([keep], None, 3600)):
+        docs = render(helm, *extra)
+        [dep] = [
+            d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "rel-zimage-operator-operator"
+        ]
+        container = dep["spec"]["template"]["spec"]["containers"][0]
+        with monkeypatch.context() as m:
+            cfg = _operator_settings(container["env"], m)
+        assert (cfg.default_ttl_seconds_after_finished, cfg.job_retention_seconds) == (ttl, retention)
+        assert "--peering=rel-zimage-operator" in container["args"]
+        [peering] = [d for d in docs if d["kind"] == "KopfPeering"]
+        assert peering["metadata"]["name"] == "rel-zimage-operator"
+    crds = [yaml.safe_load((CHART / "crds" / f).read_text()) for f in ("kopf-peering.yaml", "kopf-clusterpeering.yaml")]
+    assert {c["spec"]["names"]["kind"] for c in crds} == {"KopfPeering", "ClusterKopfPeering"}

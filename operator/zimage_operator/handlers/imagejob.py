@@ -13,6 +13,7 @@ import kopf
 from zimage_operator import reconcile
 from zimage_operator.housekeeping import Due
 from zimage_operator.k8s import StatusConflict
+from zimage_operator.lease import LeaseLost
 from zimage_operator.metrics import JOBS_ENQUEUED, JOBS_FINISHED
 from zimage_operator.runtime import Runtime
 from zimage_operator.types import GROUP, IMAGEJOB_PLURAL, TERMINAL_PHASES, VERSION
@@ -107,10 +108,12 @@ async def act_on(rt: Runtime, due: Due) -> None:
         )
         if remaining is not None and remaining <= 0:
             log.info("deleting %s/%s: ttlSecondsAfterFinished elapsed", due.namespace, due.name)
+            rt.lease.check()
             await asyncio.to_thread(rt.kube.delete_job, due.namespace, due.name)
         return
     patch = reconcile.timeout_patch(obj.get("spec") or {}, obj.get("status") or {}, obj["metadata"], now)
     if patch:
+        rt.lease.check()
         await asyncio.to_thread(rt.queue.cancel, due.uid)
         try:  # only onto the version we decided on: a worker's Succeeded written meanwhile wins
             await asyncio.to_thread(
@@ -137,6 +140,10 @@ class Housekeeping:
         for due in rt.deadlines.due(_now()):
             try:
                 await act_on(rt, due)
+            except LeaseLost as e:
+                log.warning("%s", e)
+                rt.deadlines.retry_later(due, _now())
+                return
             except Exception:
                 log.exception("housekeeping of %s/%s failed; will retry", due.namespace, due.name)
                 rt.deadlines.retry_later(due, _now())
