@@ -8,6 +8,8 @@ import socket
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from zimage_worker.storage import HostList
+
 
 def _default_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
@@ -25,6 +27,11 @@ class WorkerSettings(BaseSettings):
     dtype: str = "auto"
     device: str | None = None
     storage_url: str = "file:///tmp/zimage-images"
+    fetch_allowed_hosts: HostList = Field(
+        default_factory=list,
+        description="Hosts http(s) inputs may come from: comma-separated or JSON, *.domain for its subdomains. "
+        "Empty: http(s) inputs are refused. Private, loopback and link-local addresses are refused regardless.",
+    )
     http_port: int = 8080
     visibility_ms: int = 30_000
     heartbeat_seconds: float = 5.0

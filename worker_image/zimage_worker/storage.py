@@ -8,11 +8,21 @@ objects instead of adding a second set.
 
 from __future__ import annotations
 
+import http.client
+import ipaddress
+import json
 import os
+import socket
+import ssl
 import tempfile
+import time
+from collections.abc import Callable, Collection
 from pathlib import Path
-from typing import Any, Protocol
-from urllib.parse import ParseResult, parse_qs, urlparse
+from typing import Annotated, Any, Protocol
+from urllib.parse import ParseResult, parse_qs, urljoin, urlparse
+
+from pydantic import BeforeValidator
+from pydantic_settings import NoDecode
 
 from zimage_queue import JobMessage
 
@@ -144,17 +154,239 @@ def open_store(url: str) -> ImageStore:
     raise ValueError(f"unsupported storage URL {url!r}: use file:// or s3://")
 
 
-def read_uri(uri: str, store: ImageStore, tenant: str) -> bytes:
-    """Fetch an input image: from the tenant's part of the store, or over http(s)."""
-    u = urlparse(uri)
-    if u.scheme in ("http", "https"):
-        import urllib.request
+# -- inputs ------------------------------------------------------------------------------------------------
+# An ImageJob created with kubectl names its own inputImage/maskImage, and the worker fetches it from inside
+# the cluster: without limits that is a server-side request forgery (the cloud metadata endpoint, the Redis
+# service, another tenant's objects). So an input is read only from the tenant's part of the worker's own
+# store, or over http(s) from a host on the worker's allowlist (ZIMAGE_FETCH_ALLOWED_HOSTS; empty by default)
+# that resolves to public addresses only. The worker connects to the address it vetted (a second DNS answer
+# cannot swap it), vets every redirect the same way, and caps the size and the time of the whole fetch.
+MAX_INPUT_BYTES = 64 * 1024 * 1024
+FETCH_TIMEOUT_SECONDS = 30.0
+MAX_REDIRECTS = 3
+_CHUNK = 64 * 1024
 
-        with urllib.request.urlopen(uri, timeout=30) as resp:
-            data: bytes = resp.read(64 * 1024 * 1024 + 1)
-        if len(data) > 64 * 1024 * 1024:
-            raise ValueError("input image larger than 64 MiB")
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+Resolver = Callable[..., list[tuple[Any, ...]]]
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+
+
+class FetchRefused(PermissionError):
+    """The input is not one the worker may read: refused before (or instead of) reading it."""
+
+
+def _host_entry(entry: str) -> str:
+    host = entry.strip().lower().rstrip(".")
+    name = host.removeprefix("*.")
+    if not name or (any(c in name for c in "/:@?#[]* ") and not _is_ip(name)):
+        raise ValueError(f"fetch allowlist entry {entry!r}: give a host name, *.domain or an IP address")
+    return host
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def allowed_hosts_list(value: Any) -> list[str]:
+    """ZIMAGE_FETCH_ALLOWED_HOSTS: comma-separated (``a.example,*.cdn.example``) or a JSON list; normalised."""
+    if isinstance(value, str):
+        text = value.strip()
+        items = json.loads(text) if text.startswith("[") else text.split(",")
+    else:
+        items = list(value or [])
+    return [_host_entry(str(item)) for item in items if str(item).strip()]
+
+
+# The worker setting's type: pydantic-settings would JSON-decode a list from the environment; this takes both.
+HostList = Annotated[list[str], NoDecode, BeforeValidator(allowed_hosts_list)]
+
+
+def host_allowed(host: str, allowed: Collection[str]) -> bool:
+    """Exact names (or IP addresses), and ``*.domain`` for the names under domain (not domain itself)."""
+    host = host.lower().rstrip(".")
+    return any(host == entry or (entry.startswith("*.") and host.endswith(entry[1:])) for entry in allowed)
+
+
+def public_address(ip: Address) -> bool:
+    """Whether a worker may connect to ``ip``: never private, loopback, link-local, multicast, reserved,
+    unspecified or otherwise non-global, also not when wrapped in IPv6 (IPv4-mapped, NAT64, 6to4, Teredo)."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded: list[Address] = [a for a in (ip.ipv4_mapped, ip.sixtofour) if a is not None]
+        if ip.teredo:
+            embedded += list(ip.teredo)
+        if ip in _NAT64:
+            embedded.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+        if embedded and not all(public_address(a) for a in embedded):
+            return False
+        if ip.ipv4_mapped is not None:
+            return True
+    return ip.is_global and not (
+        ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_reserved or ip.is_unspecified
+    )
+
+
+def vetted_addresses(
+    host: str, port: int, resolve: Resolver = socket.getaddrinfo, address_ok: Callable[[Address], bool] = public_address
+) -> list[str]:
+    """Every address ``host`` resolves to, if every one of them may be connected to; else FetchRefused."""
+    try:
+        infos = resolve(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as e:
+        raise FetchRefused(f"input host {host} does not resolve: {e}") from e
+    addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+    if not addresses:
+        raise FetchRefused(f"input host {host} does not resolve")
+    for a in addresses:
+        ip = ipaddress.ip_address(a.split("%", 1)[0])
+        if not address_ok(ip):
+            raise FetchRefused(f"input host {host} resolves to a private or otherwise non-public address ({ip})")
+    return addresses
+
+
+class _PinnedHTTPConnection(http.client.HTTPConnection):
+    """Sends ``Host: <name>`` but connects to the address that was vetted, never to a fresh DNS answer."""
+
+    def __init__(self, host: str, port: int, address: str, timeout: float) -> None:
+        super().__init__(host, port, timeout=timeout)
+        self.address = address
+
+    def connect(self) -> None:
+        self.sock = socket.create_connection((self.address, self.port), self.timeout)
+
+
+class _PinnedHTTPSConnection(http.client.HTTPSConnection):
+    """As above, with TLS verified against the host name (SNI and certificate), not the address."""
+
+    def __init__(self, host: str, port: int, address: str, timeout: float, context: ssl.SSLContext) -> None:
+        super().__init__(host, port, timeout=timeout, context=context)
+        self.address = address
+        self.tls = context
+
+    def connect(self) -> None:
+        raw = socket.create_connection((self.address, self.port), self.timeout)
+        self.sock = self.tls.wrap_socket(raw, server_hostname=self.host)
+
+
+def fetch_http(
+    url: str,
+    allowed_hosts: Collection[str],
+    *,
+    max_bytes: int = MAX_INPUT_BYTES,
+    timeout: float = FETCH_TIMEOUT_SECONDS,
+    max_redirects: int = MAX_REDIRECTS,
+    resolve: Resolver = socket.getaddrinfo,
+    address_ok: Callable[[Address], bool] = public_address,
+    tls: ssl.SSLContext | None = None,
+) -> bytes:
+    """GET an http(s) input under the rules above. ``resolve``/``address_ok``/``tls`` are for tests."""
+    deadline = time.monotonic() + timeout
+    for _ in range(max_redirects + 1):
+        u = _parse(url)
+        if u is None or u.scheme not in ("http", "https") or not u.hostname:
+            raise FetchRefused(f"input URL {url!r} is not an http(s) URL with a host")
+        if u.username is not None or u.password is not None:
+            raise FetchRefused("input URL carries credentials: not allowed")
+        host = u.hostname.rstrip(".")
+        if not host_allowed(host, allowed_hosts):
+            raise FetchRefused(f"input host {host} not allowed (not in the worker's ZIMAGE_FETCH_ALLOWED_HOSTS)")
+        try:
+            port = u.port or (443 if u.scheme == "https" else 80)
+        except ValueError as e:
+            raise FetchRefused(f"input URL {url!r}: {e}") from e
+        addresses = vetted_addresses(host, port, resolve, address_ok)
+        target = (u.path or "/") + (f"?{u.query}" if u.query else "")
+        status, location, data = _get(u.scheme, host, port, addresses, target, deadline, max_bytes, tls)
+        if status in (301, 302, 303, 307, 308):
+            if not location:
+                raise ValueError(f"HTTP {status} without a Location from {host}")
+            nxt = urljoin(url, location)
+            if u.scheme == "https" and urlparse(nxt).scheme != "https":
+                raise FetchRefused(f"input redirect from https to {urlparse(nxt).scheme or 'nothing'}: not followed")
+            url = nxt
+            continue
+        if status != 200:
+            raise ValueError(f"HTTP {status} from {host}")
         return data
+    raise FetchRefused(f"input URL redirects more than {max_redirects} times")
+
+
+def _get(
+    scheme: str,
+    host: str,
+    port: int,
+    addresses: list[str],
+    target: str,
+    deadline: float,
+    max_bytes: int,
+    tls: ssl.SSLContext | None,
+) -> tuple[int, str | None, bytes]:
+    """One GET, to the first vetted address that answers. Returns (status, Location, body of a 200)."""
+    last: Exception | None = None
+    for address in addresses:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        conn: http.client.HTTPConnection
+        if scheme == "https":
+            conn = _PinnedHTTPSConnection(host, port, address, remaining, tls or ssl.create_default_context())
+        else:
+            conn = _PinnedHTTPConnection(host, port, address, remaining)
+        try:
+            conn.request("GET", target, headers={"User-Agent": "zimage-worker", "Accept": "image/*"})
+            resp = conn.getresponse()
+        except OSError as e:
+            conn.close()
+            last = e
+            continue
+        try:
+            if resp.status != 200:
+                return resp.status, resp.getheader("Location"), b""
+            length = resp.getheader("Content-Length")
+            if length is not None and length.strip().isdigit() and int(length) > max_bytes:
+                raise FetchRefused(f"input image larger than {max_bytes} bytes ({int(length)})")
+            return 200, None, _read_capped(conn, resp, deadline, max_bytes)
+        finally:
+            conn.close()
+    if last is not None:
+        raise ValueError(f"cannot connect to {host}: {last}") from last
+    raise TimeoutError(f"input fetch from {host} took longer than allowed")
+
+
+def _read_capped(
+    conn: http.client.HTTPConnection, resp: http.client.HTTPResponse, deadline: float, max_bytes: int
+) -> bytes:
+    buf = bytearray()
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("input fetch took longer than allowed")
+        if conn.sock is not None:
+            conn.sock.settimeout(remaining)
+        try:
+            chunk = resp.read1(_CHUNK)
+        except TimeoutError as e:
+            raise TimeoutError("input fetch took longer than allowed") from e
+        if not chunk:
+            return bytes(buf)
+        buf += chunk
+        if len(buf) > max_bytes:
+            raise FetchRefused(f"input image larger than {max_bytes} bytes")
+
+
+def read_uri(uri: str, store: ImageStore, tenant: str, allowed_hosts: Collection[str] = ()) -> bytes:
+    """Fetch an input image: from the tenant's part of the worker's store, or over http(s) from an allowed host.
+
+    ``allowed_hosts`` is the worker's ``fetch_allowed_hosts`` setting; empty (the default): no http(s) inputs.
+    """
+    u = _parse(uri)
+    if u is not None and u.scheme in ("http", "https"):
+        return fetch_http(uri, allowed_hosts)
+    if not tenant:  # "tenants/" would hold every tenant's objects
+        raise FetchRefused("no tenant: inputs from the store need one")
     if not store.holds(uri, tenant_root(tenant)):
-        raise PermissionError(f"not in tenant {tenant}'s storage ({tenant_root(tenant)}/ in the worker's store)")
+        raise FetchRefused(f"not in tenant {tenant}'s storage ({tenant_root(tenant)}/ in the worker's store)")
     return store.get(uri)
