@@ -18,8 +18,8 @@ from zimage_operator import crdgen
 DEFAULT_OUTPUT = "docs/reference.md"
 COMMAND = "python -m zimage_operator.crddoc docs/reference.md"
 
-# What a reader needs about a field the schema leaves undocumented, keyed by "<Kind>:<path>". Only facts of the
-# operator's code (zimage_operator.workload, crdgen) that the schema cannot carry.
+# What a reader needs about a field (or a whole object) the schema leaves undocumented, keyed by "<Kind>:<path>".
+# Only facts of the operator's code (zimage_operator.workload, crdgen, handlers) that the schema cannot carry.
 _NOTES = {
     "ModelDeployment:spec.imagePullPolicy": "Of the worker and preload containers.",
     "ModelDeployment:spec.nodeSelector": "Copied into the worker and preload pods.",
@@ -28,6 +28,8 @@ _NOTES = {
     "ModelDeployment:spec.priorityClassName": "Copied into the worker and preload pods.",
     "ModelDeployment:spec.serviceAccountName": "Worker and preload pods run as it; its token is never mounted "
     "(automountServiceAccountToken: false).",
+    "ImageJob:spec": "Before Kubernetes 1.25 (no CEL) the API server stores an edit anyway; the operator then "
+    "records a Warning Event (reason SpecChanged), and the job runs with the spec it was admitted with.",
     "ImageJob:status.kopf": "The operator framework's (kopf) handler bookkeeping.",
     "ModelDeployment:status.kopf": "The operator framework's (kopf) handler bookkeeping.",
 }
@@ -151,6 +153,8 @@ def _table(kind: str, path: str, node: dict[str, Any]) -> list[str]:
             "",
         ]
         lines += [f"- {rule}" for rule in rules] + [""]
+    if note := _NOTES.get(f"{kind}:{path}"):  # about an object as a whole
+        lines += [_escape(note), ""]
     lines += ["| field | type | default | limits | description |", "|---|---|---|---|---|"]
     required = set(node.get("required") or [])
     for name, child in node["properties"].items():
