@@ -130,7 +130,7 @@ async def get_image(
             raise ApiError(404, f"no job {id!r}", param="id", code="job_not_found")
     else:
         job = await app.service.get(await principal(key, app), id)
-    results = (job.get("status") or {}).get("results") or []
+    results = await app.service.results(job)
     if index >= len(results):
         raise ApiError(404, f"job {id!r} has no image {index}", param="index", code="image_not_found")
     uri = results[index]["uri"]

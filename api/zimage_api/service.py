@@ -184,6 +184,19 @@ class JobService:
             raise ApiError(404, f"no job {name!r}", param="id", code="job_not_found")
         return job
 
+    async def results(self, job: dict[str, Any]) -> list[dict[str, Any]]:
+        """The job's images, as its status lists them.
+
+        Until the operator has written them there (it writes from the same worker event a moment later), they
+        come from the queue's record of the job, which the worker writes before it reports: the images a job's
+        response or event stream has shown are readable from the moment they are shown.
+        """
+        results = (job.get("status") or {}).get("results")
+        if results:
+            return list(results)
+        stored = await asyncio.to_thread(self.queue.result, job["metadata"]["uid"])
+        return [r.wire() for r in stored or []]
+
     async def list(
         self, p: Principal, phase: str | None, model: str | None, limit: int, token: str | None
     ) -> tuple[list[dict[str, Any]], str | None]:

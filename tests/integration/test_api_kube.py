@@ -6,16 +6,20 @@ watch: the queue must drop the second enqueue, and the status the operator write
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import secrets
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import pytest
 import redis
 from fastapi.testclient import TestClient
 from kubernetes import config as kube_config
+from PIL import Image
 
 from conftest import REPO, Kube, Processes, operator_stack, start_worker, wait_for
 from zimage_api.app import create_app
@@ -139,3 +143,52 @@ def scenario(kube: Kube, ps: Processes, client: TestClient, r: redis.Redis, url:
     assert st["phase"] == "Cancelled" and "startedAt" not in st and not st.get("results"), st
     [model] = client.get("/v1/models").json()["data"]
     assert (model["queue_length"], model["in_flight"]) == (0, 0)
+
+
+GENERATIONS = 30
+
+
+def test_generated_image_urls_are_servable_at_once(crds: Kube, tmp_path: Path) -> None:
+    """Every URL POST /v1/images/generations returns answers at once: the API answers on the worker's event,
+    often before the operator has written the job's status.results, and serves the image all the same."""
+    kube, ns = crds, f"{NS}-urls"
+    images = tmp_path / "images"
+    with operator_stack(kube, tmp_path, ns) as (ps, url):
+        kube.kubectl("apply", "-n", ns, "-f", str(REPO / "docs" / "examples" / "modeldeployment.yaml"))
+        start_worker(ps, url, keys.queue_name(ns, MODEL), images)
+        dev_key = f"zk_test_{secrets.token_urlsafe(24)}"
+        settings = ApiSettings(
+            redis_url=url, namespace=ns, dev_key=dev_key, dev_tenant=TENANT, rate_per_second=1000, rate_burst=1000,
+            storage_url=images.as_uri(),
+        )  # fmt: skip
+        api_client = kube_config.new_client_from_config(config_file=kube.env["KUBECONFIG"])
+        served: dict[str, list[str]] = {}  # job -> sha256 of each image, as fetched
+        try:
+            with TestClient(create_app(settings, KubeJobStore(ns, api_client))) as client:
+                for i in range(GENERATIONS):
+                    n = 1 + i % 2
+                    body = {"model": MODEL, "prompt": f"a red fox {i}", "size": "64x64", "steps": 2, "n": n}
+                    r = client.post("/v1/images/generations", json=body, headers={"Authorization": f"Bearer {dev_key}"})
+                    assert r.status_code == 200, r.text
+                    links = [d["url"] for d in r.json()["data"]]
+                    assert len(links) == n
+                    for link in links:  # at once, and without the key: the signed link is all a client has
+                        img = client.get(link)
+                        assert img.status_code == 200, (i, link, img.text)
+                        assert Image.open(io.BytesIO(img.content)).size == (64, 64)
+                        name = urlparse(link).path.split("/")[3]
+                        served.setdefault(name, []).append(hashlib.sha256(img.content).hexdigest())
+        except BaseException:
+            print(ps.logs())
+            raise
+        finally:
+            api_client.close()
+
+        # What was served is what the operator then wrote into each job's status.
+        def written(name: str) -> list[str]:
+            obj = json.loads(kube.kubectl("get", "ij", name, "-n", ns, "-o", "json").stdout)
+            return [r["sha256"] for r in (obj.get("status") or {}).get("results") or []]
+
+        assert len(served) == GENERATIONS
+        for name, digests in served.items():
+            wait_for(lambda name=name, digests=digests: written(name) == digests, what=f"{name}'s status.results")
