@@ -16,6 +16,7 @@ import prometheus_client
 from zimage_operator import events, pools, resync
 from zimage_operator.handlers import imagejob, modeldeployment  # noqa: F401  (registers handlers)
 from zimage_operator.k8s import Kube
+from zimage_operator.peering import PeeringGate
 from zimage_operator.runtime import Runtime
 from zimage_operator.settings import OperatorSettings
 from zimage_queue import JobQueue, logs, supervise
@@ -42,6 +43,10 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     queue = JobQueue.from_url(cfg.redis_url, result_ttl_seconds=cfg.job_retention_seconds)
     rt = Runtime(settings=cfg, kube=Kube(), queue=queue)
     memo.runtime = rt
+    if not settings.peering.standalone:
+        namespace = None if settings.peering.clusterwide else memo.get("peering_namespace")
+        name, kube = settings.peering.name, rt.kube
+        rt.lease.gate = PeeringGate(lambda: kube.get_peering(namespace, name), settings.peering.priority)
     applier = events.EventApplier(rt)
     loops: list[tuple[str, Callable[[], Awaitable[None]], Callable[[], float]]] = [
         ("worker-events", lambda: events.consume_once(rt, applier), lambda: 0.0),
@@ -117,6 +122,8 @@ def main(argv: list[str] | None = None) -> None:
             peering_name=args.peering if args.peering and not args.standalone else None,
             priority=priority,
             liveness_endpoint=args.liveness,
+            # Where the peering object lives when watching namespaces (kopf keeps one per namespace).
+            memo=kopf.Memo(peering_namespace=(args.namespace or [None])[0]),
         )
     )
 

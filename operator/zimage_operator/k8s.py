@@ -81,6 +81,21 @@ class Kube:
     def get_model(self, namespace: str, name: str) -> dict[str, Any] | None:
         return self._get(MODELDEPLOYMENT_PLURAL, namespace, name)
 
+    def get_peering(self, namespace: str | None, name: str) -> dict[str, Any] | None:
+        """kopf's peering object (KopfPeering in ``namespace``, or the cluster-wide ClusterKopfPeering)."""
+        try:
+            if namespace is None:
+                obj: dict[str, Any] = self.custom.get_cluster_custom_object(
+                    "kopf.dev", "v1", "clusterkopfpeerings", name
+                )
+            else:
+                obj = self.custom.get_namespaced_custom_object("kopf.dev", "v1", namespace, "kopfpeerings", name)
+            return obj
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+
     def _patch_status(
         self, plural: str, namespace: str, name: str, status: dict[str, Any], resource_version: str | None = None
     ) -> bool:

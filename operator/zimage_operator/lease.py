@@ -42,8 +42,11 @@ class Lease:
         ttl_seconds: float = 5.0,
         key: str = keys.OPERATOR_LEASE,
         clock: Callable[[], float] = time.monotonic,
+        gate: Callable[[], bool] | None = None,
     ) -> None:
         self.key = key
+        # Whether this replica may lead at all (kopf peering: only while its handlers run); None: always.
+        self.gate = gate
         self.holder = holder
         self.ttl_ms = int(ttl_seconds * 1000)
         self._acquire = client.register_script(_ACQUIRE)
@@ -53,6 +56,9 @@ class Lease:
     def held(self) -> bool:
         """Take or renew the lease; call at least every ttl/2 while working."""
         asked = self.clock()  # the lease runs from before the request: a slow reply only shortens it here
+        if self.gate is not None and not self.gate():
+            self.valid_until = 0.0
+            return False  # not released: it lapses, and the active replica takes it then
         ok = bool(int(self._acquire(keys=[self.key], args=[self.holder, self.ttl_ms])))
         self.valid_until = asked + self.ttl_ms / 1000 * FENCE_SHARE if ok else 0.0
         return ok

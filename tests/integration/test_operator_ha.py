@@ -6,13 +6,28 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import threading
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 
-from conftest import REPO, Kube, entries_added, operator_stack, start_operator, start_worker, wait_for
+from conftest import (
+    BIN,
+    REPO,
+    Kube,
+    Processes,
+    entries_added,
+    operator_stack,
+    start_operator,
+    start_worker,
+    wait_for,
+)
 from zimage_queue import keys
+from zimage_queue.server import RedisServer
 
 pytestmark = pytest.mark.kube
 NS = f"zimage-ha-{os.getpid()}"
@@ -67,3 +82,118 @@ def test_two_replicas_share_the_work_and_fail_over(crds: Kube, tmp_path: Path) -
         more = [f"after-{i}" for i in range(3)]
         submit(kube, more)
         wait_succeeded(kube, more)
+
+
+PHASE_RANK = {"": 0, "Pending": 0, "Queued": 1, "Running": 2, "Succeeded": 3, "Failed": 3, "Cancelled": 3}
+
+
+class StatusLog:
+    """Every status the API server shows for the namespace's ImageJobs, in resourceVersion order (a watch)."""
+
+    def __init__(self, kube: Kube, ns: str) -> None:
+        self.proc = subprocess.Popen(
+            ["kubectl", "get", "ij", "-n", ns, "--watch", "--output-watch-events", "-o", "json"],
+            env=kube.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        self.seen: dict[str, list[dict[str, Any]]] = {}
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout
+        decoder, buf = json.JSONDecoder(), ""
+        for line in self.proc.stdout:
+            buf += line
+            try:
+                doc, end = decoder.raw_decode(buf.lstrip())
+            except ValueError:
+                continue
+            buf = buf.lstrip()[end:]
+            obj = doc["object"]
+            self.seen.setdefault(obj["metadata"]["name"], []).append(obj.get("status") or {})
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def test_peered_replicas_one_killed_midway_conditions_only_move_forward(crds: Kube, tmp_path: Path) -> None:
+    """Two replicas with kopf peering (as the chart runs them), 300 jobs, the active one SIGKILLed midway."""
+    kube, ns, count = crds, f"zimage-peer-{os.getpid()}", 300
+    kube.kubectl("apply", "-f", str(REPO / "charts" / "zimage-operator" / "crds" / "kopf-peering.yaml"))
+    kube.kubectl("wait", "--for=condition=Established", "crd/kopfpeerings.kopf.dev", "--timeout=60s")
+    kube.kubectl("create", "namespace", ns)
+    peering = {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": "zimage", "namespace": ns}}
+    kube.kubectl("apply", "-f", "-", input=json.dumps(peering))
+    ps = Processes(tmp_path)
+    log = StatusLog(kube, ns)
+    try:
+        with RedisServer() as srv:
+            env = {
+                **kube.env,
+                "ZIMAGE_REDIS_URL": srv.url,
+                "ZIMAGE_LEASE_SECONDS": "2",
+                "ZIMAGE_PEERING_LIFETIME_SECONDS": "5",
+                "ZIMAGE_RESYNC_FIRST_SECONDS": "1",
+            }
+            argv = [str(BIN / "zimage-operator"), "--peering", "zimage", "-n", ns, "--metrics-port", "0"]
+            active = ps.start("operator", [*argv, "--priority", "200"], {**env, "ZIMAGE_CONSUMER_NAME": "active"})
+            r = redis.Redis.from_url(srv.url)
+            wait_for(lambda: (r.get(keys.OPERATOR_LEASE) or b"").startswith(b"active-"), 30, what="active leads")
+            ps.start("operator", [*argv, "--priority", "100"], {**env, "ZIMAGE_CONSUMER_NAME": "standby"})
+            kube.kubectl("apply", "-n", ns, "-f", str(REPO / "docs" / "examples" / "modeldeployment.yaml"))
+            for i in range(2):
+                start_worker(
+                    ps,
+                    srv.url,
+                    keys.queue_name(ns, MODEL),
+                    tmp_path / "images",
+                    ZIMAGE_MODEL_SOURCE="noop",
+                    ZIMAGE_WORKER_NAME=f"w{i}",
+                )
+            names = [f"job-{i}" for i in range(count)]
+            half = count // 2
+            submit_to(kube, ns, names[:half])
+            wait_for(lambda: done(kube, ns) >= half // 3, 120, what="some jobs done")
+            active.send_signal(signal.SIGKILL)  # mid-run, without a goodbye
+            active.wait(10)
+            submit_to(kube, ns, names[half:])
+            wait_for(lambda: (r.get(keys.OPERATOR_LEASE) or b"").startswith(b"standby-"), 30, what="takeover")
+            wait_for(lambda: done(kube, ns) == count, 240, interval=1.0, what="every job finished")
+    finally:
+        log.stop()
+        ps.stop_all()
+        kube.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+    phases = {n: (h[-1].get("phase") or "") for n, h in log.seen.items()}
+    assert set(phases.values()) == {"Succeeded"} and len(phases) == count, ps.logs()
+    for name, history in log.seen.items():
+        ranks = [PHASE_RANK[s.get("phase") or ""] for s in history]
+        assert ranks == sorted(ranks), f"{name} moved backwards: {[s.get('phase') for s in history]}"
+        final = [s for s in history if s.get("phase") == "Succeeded"]
+        assert all(s.get("results") == final[0].get("results") for s in final), f"{name}: results rewritten"
+    events = json.loads(kube.kubectl("get", "events", "-n", ns, "-o", "json").stdout)["items"]
+    completed = Counter(e["involvedObject"]["name"] for e in events if e.get("reason") == "Completed")
+    assert completed == Counter(dict.fromkeys(names, 1)), {n: c for n, c in completed.items() if c != 1}
+
+
+def submit_to(kube: Kube, ns: str, names: list[str]) -> None:
+    for i in range(0, len(names), 50):
+        docs = [
+            {
+                "apiVersion": "zimage.dev/v1alpha1",
+                "kind": "ImageJob",
+                "metadata": {"name": n},
+                "spec": {"model": MODEL, "prompt": n, "width": 64, "height": 64, "steps": 2},
+            }
+            for n in names[i : i + 50]
+        ]
+        items = {"apiVersion": "v1", "kind": "List", "items": docs}
+        kube.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(items))
+
+
+def done(kube: Kube, ns: str) -> int:
+    out = kube.kubectl("get", "ij", "-n", ns, "-o", "jsonpath={.items[*].status.phase}").stdout.split()
+    return sum(p in ("Succeeded", "Failed", "Cancelled") for p in out)
