@@ -355,3 +355,20 @@ def test_a_worker_fails_a_job_whose_input_is_refused_without_fetching_it(
     [(dead, error)] = q.dead_letters()
     assert dead.uid == m.uid and "InvalidInput" in error and "input host 127.0.0.1 not allowed" in error, error
     assert server.requests == []
+
+
+def test_the_worker_applies_its_allowlist_and_still_refuses_a_private_address(
+    server: Server, redis_url: str, tmp_path: Path
+) -> None:
+    """Allowlisted by the worker's setting, the host passes the name check; loopback is refused after DNS."""
+    store = LocalStore(tmp_path / "store")
+    q = JobQueue.from_url(redis_url)
+    params = GenerationParams(
+        prompt="x", task="image-to-image", input_image=server.url("/img.png"), width=64, height=64, steps=1, seed=1
+    )
+    m = JobMessage(uid=str(uuid.uuid4()), namespace="ns", name="ssrf2", queue="ns/m", params=params, max_retries=3)
+    q.enqueue(m)
+    Worker(q, NoopEngine(), store, "ns/m", "w", fetch_allowed_hosts=["127.0.0.1"]).run(max_jobs=1, block_ms=0)
+    [(dead, error)] = q.dead_letters()
+    assert dead.uid == m.uid and "not allowed" not in error and "non-public address" in error, error
+    assert server.requests == []

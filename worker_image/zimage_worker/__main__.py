@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         max_wait_ms=cfg.max_wait_milliseconds,
         stuck_base_seconds=cfg.stuck_base_seconds,
         stuck_step_seconds=cfg.stuck_step_seconds,
+        fetch_allowed_hosts=cfg.fetch_allowed_hosts,
     )
     ready = True
     worker.run(max_jobs=args.max_jobs)

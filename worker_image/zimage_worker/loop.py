@@ -10,7 +10,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, cast
 
@@ -77,6 +77,7 @@ class Worker:
         progress_interval_seconds: float = PROGRESS_INTERVAL_SECONDS,
         stuck_base_seconds: float = 300.0,
         stuck_step_seconds: float = 30.0,
+        fetch_allowed_hosts: Collection[str] = (),
     ) -> None:
         self.queue = queue
         self.engine = engine
@@ -89,6 +90,7 @@ class Worker:
         self.finisher_threads = finisher_threads
         self.cancel_poll_seconds = cancel_poll_seconds
         self.progress_interval_seconds = progress_interval_seconds
+        self.fetch_allowed_hosts = tuple(fetch_allowed_hosts)  # http(s) inputs only from these (default: none)
         self.stopping = threading.Event()  # take no new job
         self.hand_back = threading.Event()  # give the current job back now
         self._finished = threading.Event()
@@ -431,7 +433,7 @@ class Worker:
     def _loader(self, m: JobMessage) -> Callable[[str], bytes]:
         def load(uri: str) -> bytes:
             try:
-                return read_uri(uri, self.store, m.tenant or m.namespace)
+                return read_uri(uri, self.store, m.tenant or m.namespace, self.fetch_allowed_hosts)
             except Exception as e:
                 raise InputError(f"cannot read {uri}: {e}") from e
 
