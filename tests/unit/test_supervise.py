@@ -119,3 +119,25 @@ def test_a_settling_event_carries_the_results_kept_beside_it() -> None:
     assert settling_event(Final(ev, [img])).results == [img]
     failed = JobEvent(type="failed", uid="u", namespace="ns", name="a", reason="Timeout")
     assert settling_event(Final(failed, None)) == failed
+
+
+def test_the_worker_health_endpoint_reports_a_stuck_call() -> None:
+    import urllib.error
+    import urllib.request
+
+    from zimage_worker.health import serve
+
+    t = [0.0]
+    wd = Watchdog(Health(), base_seconds=10, step_seconds=1, clock=lambda: t[0])
+    server = serve(0, live=wd.live, ready=lambda: True)
+    url = f"http://127.0.0.1:{server.server_address[1]}/healthz"
+    try:
+        wd.call_started(total_steps=4)
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            assert resp.status == 200
+        t[0] = 15.0
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(url, timeout=5)
+        assert err.value.code == 503
+    finally:
+        server.shutdown()
