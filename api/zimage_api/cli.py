@@ -239,7 +239,11 @@ def main(argv: list[str] | None = None) -> int:
     kc.set_defaults(func=create_key)
     args = p.parse_args(argv)
     exit_on_sigterm()
-    code: int = args.func(args)
+    try:
+        code: int = args.func(args)
+    except KeyboardInterrupt:  # Ctrl-C: the cleanup ran on the way here; no traceback for it
+        sys.stderr.write("\n")
+        return 128 + signal.SIGINT
     return code
 
 

@@ -1,4 +1,4 @@
-"""`zimage serve` and `zimage generate` stopped from outside (SIGTERM, as `kill %1` sends; or SIGKILL) leave no
+"""`zimage serve` and `zimage generate` stopped from outside (SIGTERM as `kill %1` sends, SIGINT, SIGKILL) leave no
 redis-server and no temporary directory behind. Each runs with its own TMPDIR, so what it leaves is visible."""
 
 from __future__ import annotations
@@ -102,13 +102,17 @@ def serving(cli: Cli) -> str:
     return url
 
 
-def test_serve_stopped_with_sigterm_leaves_nothing(cli: Cli) -> None:
+# SIGTERM: what a shell reports for a process the signal ended. SIGINT (Ctrl-C): uvicorn's own convention,
+# a server stopped by hand exits cleanly.
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 128 + signal.SIGTERM), (signal.SIGINT, 0)])
+def test_serve_stopped_with_a_signal_leaves_nothing(cli: Cli, sig: signal.Signals, code: int) -> None:
     serving(cli)
     redis_pid = cli.redis_child()
     assert [n.rsplit("-", 1)[0] for n in ours(cli.tmp)] == ["zimage-redis", "zimage-serve"]
     assert cli.proc is not None
-    cli.proc.send_signal(signal.SIGTERM)
-    assert cli.proc.wait(60) == 128 + signal.SIGTERM  # what a shell reports for a process SIGTERM ended
+    cli.proc.send_signal(sig)
+    assert cli.proc.wait(60) == code
+    assert "Traceback" not in cli.log.read_text()
     assert not alive(redis_pid), "redis-server outlived zimage serve"
     assert ours(cli.tmp) == []
 

@@ -21,7 +21,7 @@ from fastapi.testclient import TestClient
 from kubernetes import config as kube_config
 from PIL import Image
 
-from conftest import REPO, Kube, Processes, operator_stack, start_worker, wait_for
+from conftest import REPO, Kube, Processes, entries_added, operator_stack, start_worker, wait_for
 from zimage_api.app import create_app
 from zimage_api.kube_store import KubeJobStore
 from zimage_api.settings import ApiSettings
@@ -90,7 +90,7 @@ def scenario(kube: Kube, ps: Processes, client: TestClient, r: redis.Redis, url:
     victim_uid = cr(kube, victim)["metadata"]["uid"]
     # The operator admits the same CR from its watch and enqueues it again: the queue keeps one entry.
     wait_for(lambda: operator_done(kube, victim), what="the operator's admission of the API's job")
-    assert enqueue_calls(r) == 2 and sum(r.xlen(s) for s in keys.streams(queue)) == 1
+    assert enqueue_calls(r) == 2 and entries_added(r, keys.streams(queue)) == 1
     # GET /v1/models: the ModelDeployment with its queue (no worker has taken the job).
     [model] = client.get("/v1/models").json()["data"]
     assert (model["id"], model["queue_length"], model["in_flight"]) == (MODEL, 1, 0)
@@ -130,8 +130,8 @@ def scenario(kube: Kube, ps: Processes, client: TestClient, r: redis.Redis, url:
         view = client.get(f"/v1/jobs/{name}").json()
         assert (view["phase"], view["attempts"], len(view["images"])) == ("Succeeded", 1, 1)
 
-    # One stream entry per API job (acked entries stay in the stream): no second XADD by the operator.
-    assert sum(r.xlen(s) for s in keys.streams(queue)) == JOBS + 1
+    # One stream entry ever added per API job: no second XADD by the operator.
+    assert entries_added(r, keys.streams(queue)) == JOBS + 1
     listing = client.get("/v1/jobs", params={"phase": "Succeeded"}).json()["data"]
     assert sorted(j["id"] for j in listing) == sorted(names)
 
