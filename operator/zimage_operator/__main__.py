@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import random
 import time
@@ -40,13 +41,22 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     cfg = OperatorSettings()
     # With --peering, a standby replica resumes the handlers this long after the active one stopped renewing.
     settings.peering.lifetime = cfg.peering_lifetime_seconds
-    queue = JobQueue.from_url(cfg.redis_url, result_ttl_seconds=cfg.job_retention_seconds)
+    queue = JobQueue.from_url(
+        cfg.redis_url,
+        result_ttl_seconds=cfg.job_retention_seconds,
+        visibility_ms=int(cfg.events_reclaim_seconds * 1000),
+    )
     rt = Runtime(settings=cfg, kube=Kube(), queue=queue)
     memo.runtime = rt
     if not settings.peering.standalone:
         namespace = None if settings.peering.clusterwide else memo.get("peering_namespace")
-        name, kube = settings.peering.name, rt.kube
-        rt.lease.gate = PeeringGate(lambda: kube.get_peering(namespace, name), settings.peering.priority)
+        read = functools.partial(rt.kube.get_peering, namespace, settings.peering.name)
+        rt.lease.gate = PeeringGate(read, settings.peering.priority)
+        log.info(
+            "the loops lead only while peering %s/%s lets this replica run",
+            namespace or "(cluster)",
+            settings.peering.name,
+        )
     applier = events.EventApplier(rt)
     loops: list[tuple[str, Callable[[], Awaitable[None]], Callable[[], float]]] = [
         ("worker-events", lambda: events.consume_once(rt, applier), lambda: 0.0),

@@ -20,7 +20,7 @@ from kubernetes.client.rest import ApiException
 
 from zimage_operator.k8s import StatusConflict
 from zimage_operator.metrics import EVENTS_DEAD_LETTERED, JOBS_FINISHED, STATUS_CONFLICTS, STATUS_PATCHES
-from zimage_operator.reconcile import event_patch, progress_throttled
+from zimage_operator.reconcile import event_key, event_patch, progress_throttled, replayed_event
 from zimage_operator.runtime import Runtime
 from zimage_operator.types import TERMINAL_PHASES
 from zimage_queue import JobEvent
@@ -69,13 +69,9 @@ class EventApplier:
 
     async def _apply_to(self, obj: dict[str, Any], ev: JobEvent, last: float | None, interval: float) -> None:
         meta = obj["metadata"]
+        status, now = obj.get("status") or {}, datetime.now(UTC)
         patch, k8s_event = event_patch(
-            obj.get("status") or {},
-            ev,
-            datetime.now(UTC),
-            last_progress_at=last,
-            min_interval=interval,
-            generation=meta.get("generation"),
+            status, ev, now, last_progress_at=last, min_interval=interval, generation=meta.get("generation")
         )
         if patch:
             await asyncio.to_thread(
@@ -86,8 +82,10 @@ class EventApplier:
                 JOBS_FINISHED.labels(phase=patch["phase"], reason=k8s_event[1] if k8s_event else "").inc()
             if ev.type == "progress":
                 self._remember_progress(ev.uid, ev.ts)
-        if k8s_event and patch:  # only the writer that moved the job records it: one Event per transition
-            await asyncio.to_thread(self.rt.kube.post_event, obj, *k8s_event)
+        elif k8s_event is None:  # already final: its writer may have died before recording the Event
+            k8s_event = replayed_event(status, ev, now)
+        if k8s_event:  # named by job and transition: a second recording is refused, one Event per transition
+            await asyncio.to_thread(self.rt.kube.post_event, obj, *k8s_event, event_key(ev))
 
 
 def collapse(batch: list[tuple[str, JobEvent]]) -> list[JobEvent]:

@@ -195,12 +195,21 @@ class Kube:
             if e.status != 404:
                 raise
 
-    def post_event(self, obj: dict[str, Any], type_: str, reason: str, message: str) -> None:
-        """Record a Kubernetes Event on the object; losing one is not worth failing a transition for."""
+    def post_event(self, obj: dict[str, Any], type_: str, reason: str, message: str, key: str | None = None) -> None:
+        """Record a Kubernetes Event on the object; losing one is not worth failing a transition for.
+
+        With ``key`` the Event's name is derived from the object's uid and the key, so recording the same
+        transition again (another replica, a redelivered worker event) is refused by the API server (409)
+        instead of counting twice."""
         meta = obj["metadata"]
         now = datetime.now(UTC)
+        if key:
+            name = f"{meta['name'][:180]}.{(meta.get('uid') or '')[:8]}.{key}".lower()
+            naming = client.V1ObjectMeta(name=name, namespace=meta["namespace"])
+        else:
+            naming = client.V1ObjectMeta(generate_name=f"{meta['name']}.", namespace=meta["namespace"])
         body = client.CoreV1Event(
-            metadata=client.V1ObjectMeta(generate_name=f"{meta['name']}.", namespace=meta["namespace"]),
+            metadata=naming,
             involved_object=client.V1ObjectReference(
                 api_version=obj.get("apiVersion", f"{GROUP}/{VERSION}"),
                 kind=obj.get("kind", "ImageJob"),
@@ -222,4 +231,6 @@ class Kube:
         try:
             self.core.create_namespaced_event(meta["namespace"], body)
         except ApiException as e:
+            if e.status == 409 and key:
+                return  # recorded before
             log.warning("could not record event %s on %s/%s: %s", reason, meta["namespace"], meta["name"], e.reason)

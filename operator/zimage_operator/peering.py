@@ -8,11 +8,14 @@ rule (``active``); the lease then fences its writes.
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+log = logging.getLogger(__name__)
 CACHE_SECONDS = 1.0
 
 
@@ -53,10 +56,20 @@ class PeeringGate:
         self.priority = priority
         self.clock = clock
         self._cached: tuple[float, bool] | None = None
+        self._lock = threading.Lock()  # the loops ask from their threads at once
 
     def __call__(self) -> bool:
+        with self._lock:
+            return self._verdict()
+
+    def _verdict(self) -> bool:
         now = self.clock()
         if self._cached is None or now - self._cached[0] >= CACHE_SECONDS:
             obj = self.read()
-            self._cached = (now, active((obj or {}).get("status"), self.priority, datetime.now(UTC)))
+            verdict = active((obj or {}).get("status"), self.priority, datetime.now(UTC))
+            if self._cached is None or self._cached[1] != verdict:
+                log.info(
+                    "peering: this replica (priority %d) %s", self.priority, "may lead" if verdict else "stands by"
+                )
+            self._cached = (now, verdict)
         return self._cached[1]

@@ -278,6 +278,26 @@ def event_patch(
     return None, None
 
 
+_FINAL_PHASE = {"succeeded": "Succeeded", "failed": "Failed", "cancelled": "Cancelled"}
+
+
+def event_key(event: JobEvent) -> str:
+    """What makes a worker event's Kubernetes Event unique: one per attempt for starts and retries, one final."""
+    if event.type in _FINAL_PHASE:
+        return "final"
+    if event.type in ("started", "retrying"):
+        return f"{event.type}-{event.attempt}"
+    return event.type
+
+
+def replayed_event(status: dict[str, Any], event: JobEvent, now: datetime) -> tuple[str, str, str] | None:
+    """The Kubernetes Event of a final transition already in the status (written by a writer that may have
+    died before recording it): the same one ``event_patch`` gave then, to record under the same key."""
+    if status.get("phase") not in TERMINAL_PHASES or _FINAL_PHASE.get(event.type) != status.get("phase"):
+        return None
+    return event_patch({**status, "phase": "Running"}, event, now)[1]
+
+
 def timeout_patch(
     spec: dict[str, Any], status: dict[str, Any], meta: dict[str, Any], now: datetime
 ) -> dict[str, Any] | None:

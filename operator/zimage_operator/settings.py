@@ -15,6 +15,8 @@ class OperatorSettings(BaseSettings):
     housekeeping_seconds: float = 0.5
     progress_min_interval_seconds: float = 1.0
     events_block_ms: int = 1000
+    # Events a replica read but never acked (it died) move to another replica after this long.
+    events_reclaim_seconds: float = Field(30.0, ge=1)
     consumer_name: str = ""  # defaults to the host name
     # What worker pods get: in a cluster the operator and the workers may reach Redis by different names.
     worker_redis_url: str = ""  # defaults to redis_url

@@ -191,3 +191,17 @@ def test_rerouted_job_records_its_fallback() -> None:
     patch, event = event_patch({"phase": "Queued"}, ev("rerouted", reason="FallbackModel", message="backup"), NOW)
     assert patch and patch["phase"] == "Queued" and patch["routedTo"] == "backup"
     assert cond(patch, "Queued")["reason"] == "FallbackModel" and event and "backup" in event[2]
+
+
+def test_a_final_transition_written_without_its_event_is_recorded_under_the_same_key() -> None:
+    from zimage_operator.reconcile import event_key, replayed_event
+
+    ok = JobEvent(type="succeeded", uid="u", namespace="ns", name="fox", attempt=1, ts=NOW.timestamp())
+    patch, first = event_patch({"phase": "Running"}, ok, NOW)
+    assert patch and first
+    assert replayed_event({**patch}, ok, NOW) == first  # same Event, for the same name
+    assert replayed_event({"phase": "Running"}, ok, NOW) is None  # not written yet: event_patch's job
+    failed = ok.model_copy(update={"type": "failed", "reason": "WorkerError"})
+    assert replayed_event({**patch}, failed, NOW) is None  # a different outcome than the one written
+    started = ok.model_copy(update={"type": "started", "attempt": 2})
+    assert [event_key(e) for e in (ok, failed, started)] == ["final", "final", "started-2"]

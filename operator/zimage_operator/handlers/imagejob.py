@@ -64,7 +64,8 @@ async def admit(
     elif changed_phase or decision.action == "wait":
         await asyncio.to_thread(rt.kube.patch_job_status, meta["namespace"], meta["name"], decision.patch)
     if decision.event and changed_phase:
-        await asyncio.to_thread(rt.kube.post_event, _body(body), *decision.event)
+        key = {"enqueue": "enqueued", "fail": "final"}.get(decision.action)
+        await asyncio.to_thread(rt.kube.post_event, _body(body), *decision.event, key)
     if decision.action == "fail":
         JOBS_FINISHED.labels(phase="Failed", reason=decision.event[1] if decision.event else "").inc()
     if decision.action == "wait":
@@ -122,7 +123,7 @@ async def act_on(rt: Runtime, due: Due) -> None:
         except StatusConflict:
             rt.deadlines.retry_later(due, now, delay=0.0)
             return
-        await asyncio.to_thread(rt.kube.post_event, obj, "Warning", "Timeout", patch["message"])
+        await asyncio.to_thread(rt.kube.post_event, obj, "Warning", "Timeout", patch["message"], "final")
         JOBS_FINISHED.labels(phase="Failed", reason="Timeout").inc()
 
 
