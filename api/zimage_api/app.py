@@ -8,8 +8,6 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
-import redis
-import redis.asyncio as aioredis
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -27,6 +25,7 @@ from zimage_api.settings import ApiSettings
 from zimage_api.signing import UrlSigner
 from zimage_api.store import JobStore
 from zimage_queue import JobEvent, JobQueue
+from zimage_queue.clients import connect, connect_async
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +43,9 @@ def create_app(
     on_event: Callable[[JobEvent], None] | None = None,
 ) -> FastAPI:
     """``on_event`` sees every worker event (local mode uses it to play the operator's part)."""
-    sync_redis = redis.Redis.from_url(settings.redis_url)
+    sync_redis = connect(settings.redis_url)
     queue = JobQueue(sync_redis)
-    async_redis = aioredis.Redis.from_url(settings.redis_url)
+    async_redis = connect_async(settings.redis_url)
     hub = EventHub(async_redis)
     if on_event:
         hub.add_listener(on_event)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -17,6 +18,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from zimage_queue import JobEvent, keys
+from zimage_queue.supervise import backoff_seconds
 
 log = logging.getLogger(__name__)
 TERMINAL_EVENTS = frozenset({"succeeded", "failed", "cancelled"})
@@ -67,6 +69,7 @@ class EventHub:
 
     async def _run(self) -> None:
         last = None
+        failures = 0
         while True:
             try:
                 if last is None:
@@ -76,10 +79,13 @@ class EventHub:
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # Redis restarting: keep trying, subscribers just wait
-                log.warning("events stream unavailable: %s", e)
+                failures += 1
+                delay = backoff_seconds(failures, base=0.2, cap=10.0, jitter=random.random())
+                log.warning("events stream unavailable (%s); retrying in %.1fs", e, delay)
                 self._started.set()
-                await asyncio.sleep(1.0)
+                await asyncio.sleep(delay)
                 continue
+            failures = 0
             entries: list[tuple[Any, dict[Any, Any]]] = [e for _stream, batch in reply or [] for e in batch]
             for entry_id, fields in entries:
                 last = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)

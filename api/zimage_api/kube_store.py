@@ -7,7 +7,7 @@ from typing import Any
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
-from zimage_api.store import JobExists
+from zimage_api.store import JobExists, StaleVersion
 from zimage_operator.k8s import with_timeouts
 from zimage_operator.types import API_VERSION, GROUP, IMAGEJOB_PLURAL, MODELDEPLOYMENT_PLURAL, VERSION
 
@@ -71,14 +71,19 @@ class KubeJobStore:
             raise
         return list(out.get("items", [])), (out.get("metadata") or {}).get("continue") or None
 
-    def patch_job_status(self, name: str, status: dict[str, Any]) -> bool:
+    def patch_job_status(self, name: str, status: dict[str, Any], resource_version: str | None = None) -> bool:
+        body: dict[str, Any] = {"status": status}
+        if resource_version:
+            body["metadata"] = {"resourceVersion": resource_version}
         try:
             self.custom.patch_namespaced_custom_object_status(
-                GROUP, VERSION, self.namespace, IMAGEJOB_PLURAL, name, {"status": status}
+                GROUP, VERSION, self.namespace, IMAGEJOB_PLURAL, name, body
             )
         except ApiException as e:
             if e.status == 404:
                 return False
+            if e.status == 409:
+                raise StaleVersion(f"job {name} changed since version {resource_version}") from e
             raise
         return True
 

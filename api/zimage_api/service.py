@@ -27,7 +27,15 @@ from zimage_api.events import TERMINAL_EVENTS, EventHub
 from zimage_api.limits import ConcurrencyQuota, RateLimiter
 from zimage_api.metrics import JOBS_SUBMITTED, REJECTED
 from zimage_api.settings import ApiSettings
-from zimage_api.store import MODEL_LABEL, REQUEST_HASH_ANNOTATION, TENANT_LABEL, JobExists, JobStore, merge_patch
+from zimage_api.store import (
+    MODEL_LABEL,
+    REQUEST_HASH_ANNOTATION,
+    TENANT_LABEL,
+    JobExists,
+    JobStore,
+    StaleVersion,
+    merge_patch,
+)
 from zimage_operator import reconcile
 from zimage_operator.types import TERMINAL_PHASES, ImageJobSpec, Reason
 from zimage_queue import JobEvent, JobQueue
@@ -154,16 +162,31 @@ class JobService:
             decision = reconcile.admit(spec=job["spec"], status={}, meta=meta, model=model, now=_now())
             if decision.action != "enqueue" or decision.message is None:  # the models above let nothing else through
                 raise RuntimeError(f"admission of {name} said {decision.action}: {decision.patch.get('message')}")
-            await asyncio.to_thread(self.store.patch_job_status, name, decision.patch)
+            written = await self._write_admission(job, decision.patch)
             await asyncio.to_thread(self.queue.enqueue, decision.message, spec.priority)
             await asyncio.to_thread(self.quota.commit, slot, meta["uid"])
         except BaseException:
             await asyncio.to_thread(self.quota.release, slot)
             raise
         JOBS_SUBMITTED.labels(model=spec.model).inc()
-        merge_patch(job.setdefault("status", {}), decision.patch)
+        if written:
+            merge_patch(job.setdefault("status", {}), decision.patch)
         log.info("job %s admitted for tenant %s on %s", name, p.tenant, spec.model)
         return job, True
+
+    async def _write_admission(self, job: dict[str, Any], patch: dict[str, Any]) -> bool:
+        """Queued onto the version just created. If the operator's watch admitted the job first (its worker
+        may be reporting already), that status stands: a late Queued must never replace a Running."""
+        meta = job["metadata"]
+        try:
+            return await asyncio.to_thread(
+                self.store.patch_job_status, meta["name"], patch, meta.get("resourceVersion")
+            )
+        except StaleVersion:
+            current = await asyncio.to_thread(self.store.get_job, meta["name"])
+            if current is not None:
+                job["status"] = current.get("status") or {}
+            return False
 
     @staticmethod
     def _same_request(job: dict[str, Any], request_hash: str) -> dict[str, Any]:

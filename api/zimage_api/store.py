@@ -43,7 +43,10 @@ class JobStore(Protocol):
         """Newest first is not promised (Kubernetes lists by name); the token pages on."""
         ...
 
-    def patch_job_status(self, name: str, status: dict[str, Any]) -> bool: ...
+    def patch_job_status(self, name: str, status: dict[str, Any], resource_version: str | None = None) -> bool:
+        """Merge ``status`` in; False when the job is gone. With ``resource_version`` only onto that version of
+        the object, else StaleVersion."""
+        ...
 
     def get_model(self, name: str) -> dict[str, Any] | None: ...
 
@@ -52,6 +55,10 @@ class JobStore(Protocol):
     def ready(self) -> None:
         """Raise when the backing store cannot be reached."""
         ...
+
+
+class StaleVersion(Exception):
+    """The job changed between our read and our write."""
 
 
 def merge_patch(target: dict[str, Any], patch: dict[str, Any]) -> None:
@@ -128,11 +135,14 @@ class MemoryJobStore:
             page = [_copy(self._jobs[n]) for n in names[:limit]]
         return page, (names[limit - 1] if len(names) > limit else None)
 
-    def patch_job_status(self, name: str, status: dict[str, Any]) -> bool:
+    def patch_job_status(self, name: str, status: dict[str, Any], resource_version: str | None = None) -> bool:
         with self._lock:
             obj = self._jobs.get(name)
             if obj is None:
                 return False
+            current = obj["metadata"].get("resourceVersion")
+            if resource_version and current and current != resource_version:
+                raise StaleVersion(f"job {name} changed since version {resource_version}")
             merge_patch(obj["status"], status)
             return True
 
