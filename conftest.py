@@ -13,6 +13,8 @@ import re
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -52,6 +54,36 @@ def json_log_lines(text: str) -> list[dict[str, Any]]:
         assert {"ts", "level", "logger", "msg"} <= set(rec), line
         out.append(rec)
     return out
+
+
+def imagejobs(names: list[str], model: str = "z-image-turbo", **spec: Any) -> dict[str, Any]:
+    """A List of tiny ImageJobs (64x64, 2 steps unless ``spec`` says otherwise), one per name."""
+    items = [
+        {
+            "apiVersion": "zimage.dev/v1alpha1",
+            "kind": "ImageJob",
+            "metadata": {"name": n},
+            "spec": {"model": model, "prompt": n, "width": 64, "height": 64, "steps": 2, **spec},
+        }
+        for n in names
+    ]
+    return {"apiVersion": "v1", "kind": "List", "items": items}
+
+
+def submit_jobs(kube: Kube, namespace: str, names: list[str], batch: int = 50, **spec: Any) -> None:
+    for i in range(0, len(names), batch):
+        kube.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(imagejobs(names[i : i + batch], **spec)))
+
+
+def healthz(port: int) -> int:
+    """The status a process's /healthz answers with on loopback (0: nothing answers)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as e:
+        return e.code
+    except OSError:
+        return 0
 
 
 def entries_added(r: redis.Redis, streams: list[str]) -> int:

@@ -6,33 +6,29 @@ from __future__ import annotations
 import json
 import os
 import signal
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 
-from conftest import BIN, REPO, Kube, Processes, operator_stack, start_operator, start_worker, wait_for
+from conftest import (
+    BIN,
+    REPO,
+    Kube,
+    Processes,
+    healthz,
+    operator_stack,
+    start_operator,
+    start_worker,
+    submit_jobs,
+    wait_for,
+)
 from zimage_queue import JobQueue, keys
 from zimage_queue.server import RedisServer, free_port
 
 pytestmark = pytest.mark.kube
 MODEL = "z-image-turbo"
-
-
-def submit(kube: Kube, ns: str, names: list[str]) -> None:
-    docs = [
-        {
-            "apiVersion": "zimage.dev/v1alpha1",
-            "kind": "ImageJob",
-            "metadata": {"name": n},
-            "spec": {"model": MODEL, "prompt": n, "width": 64, "height": 64, "steps": 2},
-        }
-        for n in names
-    ]
-    kube.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": docs}))
 
 
 def jobs(kube: Kube, ns: str) -> dict[str, dict[str, Any]]:
@@ -63,11 +59,11 @@ def test_poison_on_both_streams_stops_nothing(crds: Kube, tmp_path: Path) -> Non
         apply_model(crds, ns)
         start_worker(ps, url, queue, tmp_path / "images")
         names = [f"job-{i}" for i in range(5)]
-        submit(crds, ns, names)
+        submit_jobs(crds, ns, names)
         wait_for(lambda: set(phases(crds, ns).values()) == {"Succeeded"}, 120, what="every job Succeeded")
         # A newer worker's event (an unknown field) is applied like any other.
         later = ["after-poison"]
-        submit(crds, ns, later)
+        submit_jobs(crds, ns, later)
         wait_for(lambda: phases(crds, ns).get("after-poison") == "Succeeded", 60, what="the later job")
         assert len(q.poisoned()) == 5
 
@@ -79,7 +75,7 @@ def test_outcomes_finished_while_the_operator_was_down_reach_the_status(crds: Ku
     with operator_stack(crds, tmp_path, ns, ZIMAGE_RESYNC_FIRST_SECONDS="1") as (ps, url):
         apply_model(crds, ns)
         names = [f"job-{i}" for i in range(count)]
-        submit(crds, ns, names)
+        submit_jobs(crds, ns, names)
         wait_for(lambda: list(phases(crds, ns).values()).count("Queued") == count, 120, what="all Queued")
         operator = ps.procs[0][1]
         operator.send_signal(signal.SIGTERM)
@@ -105,16 +101,6 @@ def test_outcomes_finished_while_the_operator_was_down_reach_the_status(crds: Ku
             assert (q.result(uids[name]) or [])[0].sha256 == results[0]["sha256"]
 
 
-def _health(port: int) -> int:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as resp:
-            return int(resp.status)
-    except urllib.error.HTTPError as e:
-        return e.code
-    except OSError:
-        return 0
-
-
 def test_liveness_turns_red_while_redis_is_gone_and_green_when_it_is_back(
     crds: Kube, tmp_path: Path, processes: Processes
 ) -> None:
@@ -128,11 +114,11 @@ def test_liveness_turns_red_while_redis_is_gone_and_green_when_it_is_back(
         env = {**crds.env, "ZIMAGE_REDIS_URL": srv.url, "ZIMAGE_LOOP_MAX_FAILURES": "2"}
         argv = [str(BIN / "zimage-operator"), "--standalone", "-n", ns, "--metrics-port", "0"]
         processes.start("operator", [*argv, f"--liveness=http://127.0.0.1:{port}/healthz"], env)
-        wait_for(lambda: _health(port) == 200, 60, what="live")
+        wait_for(lambda: healthz(port) == 200, 60, what="live")
         srv.stop()
-        wait_for(lambda: _health(port) == 500, 90, interval=1.0, what="liveness red without Redis")
+        wait_for(lambda: healthz(port) == 500, 90, interval=1.0, what="liveness red without Redis")
         srv.start()
-        wait_for(lambda: _health(port) == 200, 90, interval=1.0, what="live again")
+        wait_for(lambda: healthz(port) == 200, 90, interval=1.0, what="live again")
         r = redis.Redis.from_url(srv.url)
         assert r.ping()
     finally:

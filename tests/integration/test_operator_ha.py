@@ -24,6 +24,7 @@ from conftest import (
     operator_stack,
     start_operator,
     start_worker,
+    submit_jobs,
     wait_for,
 )
 from zimage_queue import keys
@@ -35,16 +36,7 @@ MODEL = "z-image-turbo"
 
 
 def submit(kube: Kube, names: list[str]) -> None:
-    docs = [
-        {
-            "apiVersion": "zimage.dev/v1alpha1",
-            "kind": "ImageJob",
-            "metadata": {"name": n},
-            "spec": {"model": MODEL, "prompt": n, "width": 64, "height": 64, "steps": 2},
-        }
-        for n in names
-    ]
-    kube.kubectl("apply", "-n", NS, "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": docs}))
+    submit_jobs(kube, NS, names)
 
 
 def wait_succeeded(kube: Kube, names: list[str]) -> None:
@@ -160,11 +152,11 @@ def test_peered_replicas_one_killed_midway_conditions_only_move_forward(crds: Ku
                 )
             names = [f"job-{i}" for i in range(count)]
             half = count // 2
-            submit_to(kube, ns, names[:half])
+            submit_jobs(kube, ns, names[:half])
             wait_for(lambda: done(kube, ns) >= half // 3, 120, what="some jobs done")
             active.send_signal(signal.SIGKILL)  # mid-run, without a goodbye
             active.wait(10)
-            submit_to(kube, ns, names[half:])
+            submit_jobs(kube, ns, names[half:])
             wait_for(lambda: (r.get(keys.OPERATOR_LEASE) or b"").startswith(b"standby-"), 30, what="takeover")
             wait_for(lambda: done(kube, ns) == count, 240, interval=1.0, what="every job finished")
             # A job the killed replica finished just before dying gets its Event from the survivor, which
@@ -183,21 +175,6 @@ def test_peered_replicas_one_killed_midway_conditions_only_move_forward(crds: Ku
         final = [s for s in history if s.get("phase") == "Succeeded"]
         assert all(s.get("results") == final[0].get("results") for s in final), f"{name}: results rewritten"
     assert final_events == Counter(dict.fromkeys(names, 1)), {n: c for n, c in final_events.items() if c != 1}
-
-
-def submit_to(kube: Kube, ns: str, names: list[str]) -> None:
-    for i in range(0, len(names), 50):
-        docs = [
-            {
-                "apiVersion": "zimage.dev/v1alpha1",
-                "kind": "ImageJob",
-                "metadata": {"name": n},
-                "spec": {"model": MODEL, "prompt": n, "width": 64, "height": 64, "steps": 2},
-            }
-            for n in names[i : i + 50]
-        ]
-        items = {"apiVersion": "v1", "kind": "List", "items": docs}
-        kube.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(items))
 
 
 def done(kube: Kube, ns: str) -> int:
