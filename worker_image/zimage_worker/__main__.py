@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         stuck_base_seconds=cfg.stuck_base_seconds,
         stuck_step_seconds=cfg.stuck_step_seconds,
         fetch_allowed_hosts=cfg.fetch_allowed_hosts,
+        loop_max_failures=cfg.loop_max_failures,
     )
     ready = True
     worker.run(max_jobs=args.max_jobs)

@@ -78,6 +78,7 @@ class Worker:
         stuck_base_seconds: float = 300.0,
         stuck_step_seconds: float = 30.0,
         fetch_allowed_hosts: Collection[str] = (),
+        loop_max_failures: int = 10,
     ) -> None:
         self.queue = queue
         self.engine = engine
@@ -103,7 +104,7 @@ class Worker:
         # Backpressure: the GPU loop waits when this many finished jobs are still being encoded and stored.
         self._finishing = threading.Semaphore(self.max_batch_size * 2)
         # Liveness: the supervised loops (jobs, heartbeat, finisher) and the pipeline call's time budget.
-        self.health = Health()
+        self.health = Health(max_failures=loop_max_failures)
         self.watchdog = Watchdog(self.health, stuck_base_seconds, stuck_step_seconds)
         now = time.monotonic()
         for loop in ("jobs", "finisher"):  # no pass for hours is fine for both: an idle worker waits

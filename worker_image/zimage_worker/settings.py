@@ -40,6 +40,9 @@ class WorkerSettings(BaseSettings):
     max_wait_milliseconds: int = Field(0, ge=0, le=10_000, description="How long to wait to fill a batch")
     # Liveness fails when a pipeline call runs longer than base + step * (its steps over all images).
     stuck_base_seconds: float = Field(300.0, gt=0, description="Time budget of any pipeline call")
+    # Liveness also fails after this many failed passes in a row of a loop (Redis gone for about a minute: a
+    # restart reloads the model, so a blip must not cause one).
+    loop_max_failures: int = Field(10, ge=1, description="Failed passes in a row before /healthz fails")
     stuck_step_seconds: float = Field(30.0, gt=0, description="Extra budget per denoising step of a call")
     warmup: bool = Field(True, description="Run a throwaway generation before /readyz turns true")
     warmup_size: int = Field(0, ge=0, le=2048, description="Warm-up image side; 0: 1024, or 64 for tiny-random")
