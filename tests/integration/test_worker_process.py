@@ -10,7 +10,7 @@ from pathlib import Path
 
 from conftest import Processes, start_worker, wait_for
 from zimage_queue import GenerationParams, JobMessage, JobQueue
-from zimage_queue.server import free_port
+from zimage_queue.server import RedisServer, free_port
 
 Q = "ns/m"
 
@@ -73,3 +73,20 @@ def test_worker_process_batches_as_configured(redis_url: str, tmp_path: Path, pr
     count = [line for line in text.splitlines() if line.startswith("zimage_worker_batch_size_count ")]
     total = [line for line in text.splitlines() if line.startswith("zimage_worker_batch_size_sum ")]
     assert count == ["zimage_worker_batch_size_count 2.0"] and total == ["zimage_worker_batch_size_sum 8.0"], text
+
+
+def test_a_worker_started_before_redis_waits_for_it(tmp_path: Path, processes: Processes) -> None:
+    """Found by the redis-down fault row: a worker whose model finished loading while Redis was down exited."""
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    worker = start_worker(processes, url, Q, tmp_path / "images", ZIMAGE_MODEL_SOURCE="noop")
+    log = processes.procs[-1][2]
+    wait_for(lambda: "Redis unavailable" in log.read_text(), 60, what="the worker to back off")
+    assert worker.poll() is None
+    with RedisServer(port=port) as srv:
+        q = JobQueue.from_url(srv.url)
+        m = job(steps=1)
+        q.enqueue(m)
+        wait_for(lambda: q.result(m.uid), 60, what="the job, once Redis is there")
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(30) == 0

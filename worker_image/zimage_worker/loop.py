@@ -117,7 +117,8 @@ class Worker:
         self.stopping.set()
 
     def run(self, max_jobs: int | None = None, block_ms: int = 1000) -> None:
-        self.queue.ensure_queue(self.queue_name)
+        if not self._connect():
+            return
         run_thread(
             self.health,
             "heartbeat",
@@ -126,7 +127,6 @@ class Worker:
             self._finished,
             stall_seconds=max(60.0, self.heartbeat_seconds * 10),
         )
-        self.queue.worker_heartbeat(self.queue_name, self.name, busy=False)
         self._busy_reported = False
         self._finisher = ThreadPoolExecutor(self.finisher_threads, thread_name_prefix="finisher")
         try:
@@ -139,6 +139,25 @@ class Worker:
                 self.queue.worker_gone(self.queue_name, self.name)
             except redis.RedisError as e:  # its heartbeat entry ages out for the scaler
                 log.warning("could not say goodbye: %s", e)
+
+    def _wait_for_redis(self, e: Exception) -> None:
+        """Redis restarting or unreachable (past the client's own retries): keep the process and its loaded
+        model, back off; liveness turns red if it never comes back."""
+        failures = self.health.failed("jobs", time.monotonic(), f"{type(e).__name__}: {e}")
+        delay = backoff_seconds(failures, base=0.2, cap=10.0, jitter=random.random())
+        log.warning("Redis unavailable (%s); retrying in %.1fs", e, delay)
+        self.stopping.wait(delay)
+
+    def _connect(self) -> bool:
+        """The queue's groups and the first heartbeat, however long Redis takes to come (False: stopped first)."""
+        while not self.stopping.is_set():
+            try:
+                self.queue.ensure_queue(self.queue_name)
+                self.queue.worker_heartbeat(self.queue_name, self.name, busy=False)
+                return True
+            except (redis.ConnectionError, redis.TimeoutError) as e:
+                self._wait_for_redis(e)
+        return False
 
     def _loop(self, max_jobs: int | None, block_ms: int) -> None:
         log.info(
@@ -157,15 +176,11 @@ class Worker:
                     self.max_batch_size if max_jobs is None else min(self.max_batch_size, max_jobs - self.taken),
                 )
             except (redis.ConnectionError, redis.TimeoutError) as e:
-                # Redis restarting or unreachable (past the client's own retries): keep the process (and its
-                # loaded model); a job whose result could not be recorded is still pending and comes back after
-                # the visibility timeout. Back off; liveness turns red if it never comes back.
-                failures = self.health.failed("jobs", time.monotonic(), f"{type(e).__name__}: {e}")
-                delay = backoff_seconds(failures, base=0.2, cap=10.0, jitter=random.random())
-                log.warning("Redis unavailable (%s); retrying in %.1fs", e, delay)
+                # A job whose result could not be recorded is still pending: it comes back after the
+                # visibility timeout.
                 with self._lock:
                     self.held = []
-                self.stopping.wait(delay)
+                self._wait_for_redis(e)
                 continue
             self.health.ok("jobs", time.monotonic())
         log.info("worker %s stopped after %d job(s)", self.name, self.processed)

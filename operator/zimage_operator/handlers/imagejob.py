@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import kopf
+import redis
 
 from zimage_operator import reconcile
 from zimage_operator.housekeeping import Due
@@ -58,7 +59,10 @@ async def admit(
                 )
             except StatusConflict as e:
                 raise kopf.TemporaryError(f"{e}; deciding again", delay=0.2) from e
-        result = await asyncio.to_thread(rt.queue.enqueue, decision.message, spec.get("priority", "normal"))
+        try:
+            result = await asyncio.to_thread(rt.queue.enqueue, decision.message, spec.get("priority", "normal"))
+        except redis.RedisError as e:  # not kopf's default 60 s: jobs flow again soon after Redis is back
+            raise kopf.TemporaryError(f"Redis unavailable ({e}); enqueueing again", delay=2) from e
         if result.created:
             JOBS_ENQUEUED.labels(model=spec["model"]).inc()
     elif changed_phase or decision.action == "wait":
