@@ -471,8 +471,15 @@ def run(plan: Plan, kube: Kube | None = None) -> Report:
                 )  # fmt: skip
                 queue = keys.queue_name(ns, MODEL)
                 for _ in range(plan.workers):
+                    # With the operator's retention, as the worker Deployment the operator builds sets it.
+                    retention = {"ZIMAGE_JOB_RETENTION_SECONDS": str(plan.job_retention_seconds)}
                     start_worker(
-                        ps, srv.url, queue, state / "images", ZIMAGE_MODEL_SOURCE="noop", **dict(plan.worker_env)
+                        ps,
+                        srv.url,
+                        queue,
+                        state / "images",
+                        ZIMAGE_MODEL_SOURCE="noop",
+                        **{**retention, **dict(plan.worker_env)},
                     )
                 q = JobQueue.from_url(srv.url)
                 wait_for(lambda: len(q.workers(queue)) >= plan.workers, 120, what=f"{plan.workers} workers up")

@@ -76,6 +76,7 @@ def sync(rt: Runtime, pool: Pool, now: datetime) -> None:
         replicas=desired,
         storage_url=rt.settings.worker_storage_url or None,
         longest_timeout_seconds=rt.settings.max_job_seconds,
+        job_retention_seconds=rt.settings.job_retention_seconds,
     )
 
     drift_check = time.monotonic() >= pool.next_drift_check

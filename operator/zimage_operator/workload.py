@@ -110,6 +110,7 @@ def desired_objects(
     longest_timeout_seconds: int = 0,
     operator_namespace: str | None = None,
     storage_url: str | None = None,
+    job_retention_seconds: int | None = None,
 ) -> dict[str, dict[str, Any]]:
     """The children a ModelDeployment should have, keyed by lower-case kind (``deployment``, ``service``,
     ``poddisruptionbudget``, and ``persistentvolumeclaim`` and ``job`` when the cache asks for them).
@@ -117,7 +118,8 @@ def desired_objects(
     ``replicas`` is the scaler's decision (or spec.replicas in external mode); ``longest_timeout_seconds`` the
     longest ImageJob timeout the pool may run, so a draining worker is not killed mid-job; ``operator_namespace``
     qualifies a bare Redis host name, which would not resolve from the ModelDeployment's namespace;
-    ``storage_url`` is the operator's default for workers whose spec has no ``storage``.
+    ``storage_url`` is the operator's default for workers whose spec has no ``storage``;
+    ``job_retention_seconds`` how long workers keep a finished job's Redis record (the operator's retention).
     Raises pydantic's ValidationError or ValueError for a spec the operator must reject.
     """
     meta = md["metadata"]
@@ -136,6 +138,7 @@ def desired_objects(
         namespace,
         _worker_redis_url(redis_url, namespace, operator_namespace),
         spec.storage.url if spec.storage else storage_url,
+        job_retention_seconds,
     )
     cache_volume: dict[str, Any] = (
         {"name": CACHE_VOLUME, "persistentVolumeClaim": {"claimName": claim}}
@@ -287,7 +290,12 @@ def _model_env(spec: ModelDeploymentSpec) -> list[dict[str, Any]]:
 
 
 def _worker_env(
-    spec: ModelDeploymentSpec, name: str, namespace: str, redis_url: str, storage_url: str | None
+    spec: ModelDeploymentSpec,
+    name: str,
+    namespace: str,
+    redis_url: str,
+    storage_url: str | None,
+    job_retention_seconds: int | None = None,
 ) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [
         {"name": "ZIMAGE_REDIS_URL", "value": redis_url},
@@ -304,6 +312,8 @@ def _worker_env(
         env.append({"name": "ZIMAGE_ATTENTION_BACKEND", "value": spec.acceleration.attention_backend})
     if storage_url:
         env.append({"name": "ZIMAGE_STORAGE_URL", "value": storage_url})
+    if job_retention_seconds is not None:  # the records a worker finishes expire after the operator's retention
+        env.append({"name": "ZIMAGE_JOB_RETENTION_SECONDS", "value": str(job_retention_seconds)})
     if spec.cache.preload:
         # The cache is read-only: a worker must use what the preload Job put there, not start a download.
         env.append({"name": "HF_HUB_OFFLINE", "value": "1"})

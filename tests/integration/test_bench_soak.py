@@ -11,15 +11,6 @@ from conftest import Kube
 
 pytestmark = pytest.mark.kube
 
-# Measured on this code: the worker builds its JobQueue without the operator's retention, so every record a
-# worker finishes (COMPLETE/FAIL scripts) expires after JobQueue's default 7 days, not after
-# ZIMAGE_JOB_RETENTION_SECONDS: one key (~1.7 KB of used_memory) per job stays for a week. With the workers'
-# records expiring after 60 s both checks pass (see docs/performance.md). Drop the marks once that is fixed.
-WORKER_RETENTION = pytest.mark.xfail(
-    strict=True,
-    reason="worker records expire after JobQueue's default 7 days, not ZIMAGE_JOB_RETENTION_SECONDS",
-)
-
 
 @pytest.fixture(scope="module")
 def report(crds: Kube, tmp_path_factory: pytest.TempPathFactory) -> soak.Report:
@@ -55,13 +46,11 @@ def test_events_are_trimmed_once_acked_and_past_their_retention(report: soak.Rep
     assert report.end.events == 0
 
 
-@WORKER_RETENTION
 def test_deleted_imagejobs_leave_no_job_records_after_the_retention(report: soak.Report) -> None:
     assert report.leftover_deleted_job_records == 0, report.leftover_ttl_range
     assert report.leftover_queue_job_records == 0
 
 
-@WORKER_RETENTION
 def test_key_count_returns_to_the_baseline(report: soak.Report) -> None:
     assert report.baseline is not None and report.end is not None
     assert report.end.job_records == 0

@@ -199,6 +199,21 @@ def test_storage_url_from_the_spec_or_the_operator() -> None:
     assert env_of(worker(render(storage_url="s3://default/")))["ZIMAGE_STORAGE_URL"] == "s3://default/"
 
 
+def test_workers_keep_job_records_for_the_operators_retention() -> None:
+    """The records a worker finishes expire after the operator's retention, not the worker's default."""
+    from zimage_worker.settings import WorkerSettings
+
+    env = env_of(worker(render(job_retention_seconds=3600)))
+    assert env["ZIMAGE_JOB_RETENTION_SECONDS"] == "3600"
+    assert (
+        WorkerSettings.model_validate(
+            {"job_retention_seconds": env["ZIMAGE_JOB_RETENTION_SECONDS"]}
+        ).job_retention_seconds
+        == 3600
+    )
+    assert "ZIMAGE_JOB_RETENTION_SECONDS" not in env_of(worker(render()))
+
+
 def test_optional_env_left_out_and_user_env_overrides() -> None:
     body = md(env=[{"name": "HF_HOME", "value": "/elsewhere"}, {"name": "EXTRA", "value": "1"}])
     c = worker(render(body))

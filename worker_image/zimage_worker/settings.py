@@ -34,6 +34,8 @@ class WorkerSettings(BaseSettings):
     )
     http_port: int = 8080
     visibility_ms: int = 30_000
+    # How long the Redis record of a job this worker finishes is kept (the operator sets its own retention here).
+    job_retention_seconds: int = Field(7 * 24 * 3600, ge=60)
     heartbeat_seconds: float = 5.0
     worker_name: str = Field(default_factory=_default_name)
     max_batch_size: int = Field(1, ge=1, le=64, description="Compatible jobs run as one pipeline call")
