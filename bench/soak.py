@@ -63,6 +63,10 @@ FIGURES = {
 }
 
 
+# What operator/Dockerfile sets for the operator process beyond the chart's ZIMAGE_* settings.
+OPERATOR_IMAGE_ENV = {"MALLOC_ARENA_MAX": "2"}
+
+
 @dataclass(frozen=True)
 class Plan:
     jobs: int = 20_000
@@ -468,6 +472,7 @@ def run(plan: Plan, kube: Kube | None = None) -> Report:
                     ZIMAGE_EVENTS_RETENTION_SECONDS=str(plan.events_retention_seconds),
                     ZIMAGE_EVENTS_TRIM_SECONDS=str(plan.events_trim_seconds),
                     ZIMAGE_DEFAULT_TTL_SECONDS_AFTER_FINISHED=str(plan.ttl_seconds_after_finished),
+                    MALLOC_ARENA_MAX=os.environ.get("MALLOC_ARENA_MAX", OPERATOR_IMAGE_ENV["MALLOC_ARENA_MAX"]),
                 )  # fmt: skip
                 queue = keys.queue_name(ns, MODEL)
                 for _ in range(plan.workers):

@@ -231,3 +231,12 @@ def test_entry_point_help(helps: dict[str, subprocess.CompletedProcess[str]], sc
     result = helps[script]
     assert result.returncode == 0, result.stderr
     assert f"usage: {script}" in result.stdout
+
+
+def test_the_soak_runs_the_operator_with_the_images_malloc_settings() -> None:
+    """bench/soak.py measures the operator process as operator/Dockerfile starts it."""
+    from bench.soak import OPERATOR_IMAGE_ENV
+
+    text = (Path(__file__).resolve().parents[2] / "operator" / "Dockerfile").read_text()
+    for name, value in OPERATOR_IMAGE_ENV.items():
+        assert re.search(rf"^\s*{name}={value}\s*$", text, flags=re.M), f"operator/Dockerfile must set {name}={value}"
