@@ -249,7 +249,8 @@ def test_preload_holds_workers_until_the_model_is_cached(env: dict[str, Any]) ->
         "patch", "pod", pod, "-n", NS, "--subresource=status", "--type=merge", "-p", '{"status":{"phase":"Succeeded"}}'
     )
     wait_for(lambda: replicas(kube, "cached") == 1, timeout=10, what="workers after the preload")
-    assert condition("ModelCached")["status"] == "True"  # type: ignore[index]
+    # The same pass writes the status just after the replicas: wait for it rather than race it.
+    wait_for(lambda: (c := condition("ModelCached")) and c["status"] == "True", timeout=10, what="ModelCached")
 
 
 def test_jobs_move_to_the_fallback_pool_without_capacity(env: dict[str, Any], tmp_path_factory: Any) -> None:
