@@ -19,8 +19,6 @@ import sys
 import tarfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -28,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from conftest import BIN, REPO, Kube, Processes, start_operator, start_worker, wait_for, worker_env
+from conftest import BIN, REPO, Kube, Processes, healthz, start_operator, start_worker, wait_for, worker_env
 from zimage_queue import GenerationParams, JobEvent, JobMessage, JobQueue, keys
 from zimage_queue.server import RedisServer, free_port
 from zimage_worker.engine import Engine, NoopEngine
@@ -348,17 +346,6 @@ def poison_job(kube: Kube, tmp: Path, jobs: int) -> Row:
         msg = (st.jobs()["poison-0"].get("status") or {}).get("message", "")
         row.note = f"dead-lettered: {len(dead)}; status: {msg[:60]}"
         return row
-
-
-def healthz(port: int) -> int:
-    """The status a process's /healthz answers with (0: nothing answers)."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as resp:
-            return int(resp.status)
-    except urllib.error.HTTPError as e:
-        return e.code
-    except OSError:
-        return 0
 
 
 def redis_down(kube: Kube, tmp: Path, jobs: int, seconds: float = 60.0) -> Row:
