@@ -7,7 +7,9 @@ time against the one stored for the presented id.
 
 An entry (JSON)::
 
-    {"tenant": "team-a", "sha256": "<hex>", "ratePerSecond": 5, "burst": 10, "maxConcurrentJobs": 8}
+    {"tenant": "team-a", "sha256": "<hex>", "ratePerSecond": 5, "burst": 10, "maxConcurrentJobs": 8, "bulk": true}
+
+``bulk``: the key's jobs are bulk jobs unless a request asks otherwise (no ImageJob; see zimage_api.redis_store).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class Principal:
     rate_per_second: float | None = None
     burst: int | None = None
     max_concurrent_jobs: int | None = None
+    bulk: bool = False  # the key's default mode: bulk jobs (no ImageJob)
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,7 @@ def parse_entry(kid: str, raw: str) -> KeyEntry:
             rate_per_second=data.get("ratePerSecond"),
             burst=data.get("burst"),
             max_concurrent_jobs=data.get("maxConcurrentJobs"),
+            bulk=data.get("bulk") is True,
         ),
         str(data["sha256"]).lower(),
     )

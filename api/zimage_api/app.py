@@ -20,6 +20,7 @@ from zimage_api.events import EventHub
 from zimage_api.images import ImageAccess
 from zimage_api.limits import ConcurrencyQuota, RateLimiter
 from zimage_api.metrics import REQUEST_SECONDS, REQUESTS
+from zimage_api.redis_store import RedisJobStore
 from zimage_api.service import JobService
 from zimage_api.settings import ApiSettings
 from zimage_api.signing import UrlSigner
@@ -49,7 +50,15 @@ def create_app(
     hub = EventHub(async_redis)
     if on_event:
         hub.add_listener(on_event)
-    service = JobService(settings, store, queue, hub, RateLimiter(sync_redis), ConcurrencyQuota(sync_redis))
+    bulk = RedisJobStore(
+        sync_redis,
+        queue,
+        store.namespace,
+        store,
+        retention_seconds=settings.job_retention_seconds,
+        max_listed=settings.bulk_list_max,
+    )
+    service = JobService(settings, store, queue, hub, RateLimiter(sync_redis), ConcurrencyQuota(sync_redis), bulk)
     parts = Parts(
         settings,
         service,

@@ -10,10 +10,14 @@ import sys
 import tempfile
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
 from zimage_queue import GenerationParams, JobEvent, logs
+
+if TYPE_CHECKING:
+    import httpx
 
 
 def exit_on_sigterm() -> None:
@@ -62,6 +66,7 @@ def generate_remote(args: argparse.Namespace) -> int:
         "numImages": args.n,
         "outputFormat": args.format,
         "model": args.remote_model,
+        "mode": "bulk" if args.bulk else None,
     }
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     with httpx.Client(base_url=args.api, headers=headers, timeout=60) as client:
@@ -163,6 +168,68 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _api_client(args: argparse.Namespace) -> httpx.Client:
+    import httpx
+
+    if not args.api:
+        raise SystemExit("error: --api (or $ZIMAGE_API_URL): the API to ask")
+    key = args.api_key or os.environ.get("ZIMAGE_API_KEY", "")
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.Client(base_url=args.api, headers=headers, timeout=60)
+
+
+def _failed(r: httpx.Response) -> int | None:
+    if r.status_code < 400:
+        return None
+    try:
+        message = r.json().get("error", {}).get("message", r.text)
+    except ValueError:
+        message = r.text
+    print(f"error: {r.status_code}: {message}", file=sys.stderr)
+    return 2 if r.status_code < 500 else 1
+
+
+def jobs_list(args: argparse.Namespace) -> int:
+    """One line per job (bulk jobs and ImageJobs alike), or the API's JSON with --json; all pages."""
+    import json
+
+    params: dict[str, str | int] = {"limit": args.limit}
+    if args.phase:
+        params["phase"] = args.phase
+    jobs: list[dict[str, object]] = []
+    with _api_client(args) as client:
+        while True:
+            r = client.get("/v1/jobs", params=params)
+            if (code := _failed(r)) is not None:
+                return code
+            page = r.json()
+            jobs.extend(page["data"])
+            token = page.get("nextPageToken")
+            if not token or not args.all or len(jobs) >= args.max:
+                break
+            params["page_token"] = token
+    if args.json:
+        print(json.dumps(jobs[: args.max], indent=2))
+        return 0
+    print(f"{'ID':<40} {'MODE':<9} {'PHASE':<10} {'MODEL':<20} CREATED")
+    for j in jobs[: args.max]:
+        print(
+            f"{j['id']!s:<40} {j.get('mode', 'imagejob')!s:<9} {j['phase']!s:<10} {j['model']!s:<20} {j['createdAt']}"
+        )
+    return 0
+
+
+def jobs_get(args: argparse.Namespace) -> int:
+    import json
+
+    with _api_client(args) as client:
+        r = client.delete(f"/v1/jobs/{args.id}") if args.cancel else client.get(f"/v1/jobs/{args.id}")
+        if (code := _failed(r)) is not None:
+            return code
+        print(json.dumps(r.json(), indent=2))
+    return 0
+
+
 def create_key(args: argparse.Namespace) -> int:
     from zimage_api.apikeys import entry_json, key_id, new_key
 
@@ -177,6 +244,7 @@ def create_key(args: argparse.Namespace) -> int:
             ratePerSecond=args.rate_per_second,
             burst=args.burst,
             maxConcurrentJobs=args.max_concurrent_jobs,
+            bulk=args.bulk,
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -217,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     g.add_argument("--api-key", default=None, help="default: $ZIMAGE_API_KEY")
     g.add_argument("--remote-model", default=None, help="with --api: a ModelDeployment name (default: the API's)")
+    g.add_argument("--bulk", action="store_true", help="with --api: a bulk job (no ImageJob; see docs/api.md)")
     g.set_defaults(func=generate)
 
     s = sub.add_parser("serve", help="run the REST API locally: private Redis, a worker, an in-memory job store")
@@ -235,8 +304,29 @@ def main(argv: list[str] | None = None) -> int:
     kc.add_argument("--rate-per-second", type=float, default=None)
     kc.add_argument("--burst", type=int, default=None)
     kc.add_argument("--max-concurrent-jobs", type=int, default=None)
+    kc.add_argument("--bulk", action="store_true", help="the key's jobs are bulk jobs (no ImageJob) by default")
     kc.add_argument("--secret", default="zimage-api-keys", help="Secret name in the printed kubectl command")
     kc.set_defaults(func=create_key)
+
+    j = sub.add_parser("jobs", help="jobs on a running API (bulk jobs and ImageJobs)")
+    j.add_argument("--api", default=os.environ.get("ZIMAGE_API_URL"), help="the API (default: $ZIMAGE_API_URL)")
+    j.add_argument("--api-key", default=None, help="default: $ZIMAGE_API_KEY")
+    js = j.add_subparsers(dest="jobs_command", required=True)
+    jl = js.add_parser("list", help="your tenant's jobs: bulk jobs (newest first), then ImageJobs")
+    jl.add_argument(
+        "--phase", default=None, choices=["Pending", "Queued", "Running", "Succeeded", "Failed", "Cancelled"]
+    )
+    jl.add_argument("--limit", type=int, default=50, help="page size")
+    jl.add_argument("--all", action="store_true", help="follow the pages (up to --max jobs)")
+    jl.add_argument("--max", type=int, default=1000)
+    jl.add_argument("--json", action="store_true", help="the API's job objects")
+    jl.set_defaults(func=jobs_list)
+    jg = js.add_parser("get", help="one job, as the API shows it (JSON)")
+    jg.add_argument("id")
+    jg.set_defaults(func=jobs_get, cancel=False)
+    jc = js.add_parser("cancel", help="cancel a job (a finished one is left as is)")
+    jc.add_argument("id")
+    jc.set_defaults(func=jobs_get, cancel=True)
     args = p.parse_args(argv)
     exit_on_sigterm()
     try:

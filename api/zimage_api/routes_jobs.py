@@ -33,6 +33,9 @@ async def create_job(
 ) -> JobView:
     """Submit a job (202). Repeating a request with the same Idempotency-Key returns the same job (200).
 
+    ``mode``: ``imagejob`` (an ImageJob, visible to kubectl) or ``bulk`` (no ImageJob: its state in Redis for
+    the job retention); left out, the API key's default (``imagejob`` unless its entry says ``bulk``).
+
     ``inputImage``/``maskImage`` must lie in the caller's part of this API's storage (an upload through
     /v1/images/edits, or an earlier result): workers fetch what they are given, and an HTTP client must not
     point them anywhere else.
@@ -45,7 +48,8 @@ async def create_job(
                 param=field,
                 code="invalid_value",
             )
-    job, created = await app.service.submit(caller, body.model_dump(by_alias=True), idempotency_key)
+    fields = body.model_dump(by_alias=True, exclude={"mode"})
+    job, created = await app.service.submit(caller, fields, idempotency_key, body.mode)
     if not created:
         response.status_code = 200
     response.headers["Location"] = f"/v1/jobs/{job['metadata']['name']}"
@@ -62,7 +66,7 @@ async def list_jobs(
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     page_token: Annotated[str | None, Query(max_length=4096)] = None,
 ) -> JobList:
-    """The caller's tenant's jobs, a page at a time."""
+    """The caller's tenant's jobs, a page at a time: bulk jobs (newest first), then ImageJobs (by name)."""
     jobs, token = await app.service.list(caller, phase, model, limit, page_token)
     return JobList(data=[job_view(j, app.signer, base) for j in jobs], next_page_token=token)
 
@@ -125,7 +129,7 @@ async def get_image(
 ) -> Response:
     """One image: with the API key, or with the signed link from the job (``expires`` and ``signature``)."""
     if app.signer.verify(image_path(id, index), expires, signature):
-        job = await asyncio.to_thread(app.service.store.get_job, id)
+        job = await asyncio.to_thread(app.service.find, id)
         if job is None:
             raise ApiError(404, f"no job {id!r}", param="id", code="job_not_found")
     else:

@@ -9,12 +9,19 @@ from pydantic import BaseModel, ConfigDict, Field
 from zimage_operator.types import ImageJobSpec, Phase
 from zimage_queue.message import CamelModel, OutputFormat
 
+JobMode = Literal["imagejob", "bulk"]
+
 
 class JobRequest(ImageJobSpec):
     """``POST /v1/jobs``: an ImageJob spec. ``model`` may be left out when the API has a default."""
 
     model: str = Field("", max_length=253, description="A ModelDeployment name (GET /v1/models).")
     ttl_seconds_after_finished: int | None = Field(None, ge=0, le=30 * 86400)
+    mode: JobMode | None = Field(
+        None,
+        description="imagejob: an ImageJob (kubectl sees it); bulk: no ImageJob, its state in Redis for the job "
+        "retention. Default: the API key's (imagejob unless the key is a bulk key).",
+    )
 
 
 class Progress(CamelModel):
@@ -42,6 +49,7 @@ class JobView(CamelModel):
 
     id: str
     object: Literal["image.job"] = "image.job"
+    mode: JobMode = Field("imagejob", description="imagejob: an ImageJob stands behind it; bulk: none does.")
     model: str
     phase: Phase
     reason: str | None = None

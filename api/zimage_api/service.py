@@ -3,6 +3,10 @@
 A job is admitted exactly as the operator admits an ImageJob (``zimage_operator.reconcile.admit``): the API
 creates the CR, writes the same Queued status the operator would, and enqueues the same message at once to
 save the operator's round trip. The queue drops the operator's own enqueue of that uid.
+
+A bulk job (``mode: bulk``, or a key whose entry says ``bulk``) is admitted the same way into the bulk store
+(``zimage_api.redis_store``) instead of an ImageJob: same queue, events and results, no ImageJob. Reads look
+in the bulk store first, then at the ImageJobs; lists show the bulk jobs (newest first), then the ImageJobs.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from zimage_api.errors import ApiError, validation_message
 from zimage_api.events import TERMINAL_EVENTS, EventHub
 from zimage_api.limits import ConcurrencyQuota, RateLimiter
 from zimage_api.metrics import JOBS_SUBMITTED, REJECTED
+from zimage_api.redis_store import TOKEN_PREFIX, RedisJobStore, is_bulk
 from zimage_api.settings import ApiSettings
 from zimage_api.store import (
     MODEL_LABEL,
@@ -41,6 +46,8 @@ from zimage_operator.types import TERMINAL_PHASES, ImageJobSpec, Reason
 from zimage_queue import JobEvent, JobQueue
 
 log = logging.getLogger(__name__)
+# A page token that starts the ImageJob part of a list (after the bulk jobs).
+IMAGEJOBS_START = "imagejobs."
 _PHASE_EVENT = {"Succeeded": "succeeded", "Failed": "failed", "Cancelled": "cancelled"}
 
 
@@ -66,9 +73,11 @@ class JobService:
         hub: EventHub,
         limiter: RateLimiter,
         quota: ConcurrencyQuota,
+        bulk: RedisJobStore | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
+        self.bulk = bulk
         self.queue = queue
         self.hub = hub
         self.limiter = limiter
@@ -98,10 +107,30 @@ class JobService:
             return str(models[0]["metadata"]["name"])
         raise ApiError(400, "model: required (GET /v1/models lists them)", param="model", code="missing_model")
 
+    def store_of(self, job: dict[str, Any]) -> JobStore:
+        return self.bulk if self.bulk is not None and is_bulk(job) else self.store
+
+    def find(self, name: str) -> dict[str, Any] | None:
+        """The job of that name, bulk or ImageJob, whoever's it is (sync: call from a thread)."""
+        job = self.bulk.get_job(name) if self.bulk is not None else None
+        return job if job is not None else self.store.get_job(name)
+
+    def _bulk_target(self, p: Principal, mode: str | None) -> RedisJobStore | None:
+        """The bulk store when this request's job is a bulk job (``mode``, else the key's default)."""
+        if (mode or ("bulk" if p.bulk else "imagejob")) != "bulk":
+            return None
+        if self.bulk is None:
+            raise ApiError(400, "mode: bulk jobs are not available on this API", param="mode", code="invalid_value")
+        return self.bulk
+
     async def submit(
-        self, p: Principal, fields: dict[str, Any], idempotency_key: str | None = None
+        self, p: Principal, fields: dict[str, Any], idempotency_key: str | None = None, mode: str | None = None
     ) -> tuple[dict[str, Any], bool]:
-        """Create (or, for a repeated Idempotency-Key, find) the job. Returns (job, created)."""
+        """Create (or, for a repeated Idempotency-Key, find) the job. Returns (job, created).
+
+        ``mode``: ``bulk`` or ``imagejob``; None: the key's default."""
+        bulk = self._bulk_target(p, mode)
+        store: JobStore = bulk or self.store
         fields = {k: v for k, v in fields.items() if v is not None}
         if not fields.get("model"):
             fields["model"] = await asyncio.to_thread(self.default_model)
@@ -120,7 +149,7 @@ class JobService:
         if idempotency_key is not None:
             digest = hashlib.sha256(f"{p.tenant}:{idempotency_key}".encode()).hexdigest()
             name = f"{p.tenant}-{digest[:16]}"
-            existing = await asyncio.to_thread(self.store.get_job, name)
+            existing = await asyncio.to_thread(self.find, name)
             if existing is not None:
                 return self._same_request(existing, request_hash), False
         else:
@@ -148,11 +177,11 @@ class JobService:
             labels = {TENANT_LABEL: p.tenant, MODEL_LABEL: spec.model}
             try:
                 job = await asyncio.to_thread(
-                    self.store.create_job, name, spec.wire(), labels, {REQUEST_HASH_ANNOTATION: request_hash}
+                    store.create_job, name, spec.wire(), labels, {REQUEST_HASH_ANNOTATION: request_hash}
                 )
             except JobExists:  # a concurrent retry with the same Idempotency-Key won
                 await asyncio.to_thread(self.quota.release, slot)
-                existing = await asyncio.to_thread(self.store.get_job, name)
+                existing = await asyncio.to_thread(store.get_job, name)
                 if existing is None:
                     raise ApiError(
                         409, "a job with this Idempotency-Key was just deleted; retry", code="conflict"
@@ -162,8 +191,18 @@ class JobService:
             decision = reconcile.admit(spec=job["spec"], status={}, meta=meta, model=model, now=_now())
             if decision.action != "enqueue" or decision.message is None:  # the models above let nothing else through
                 raise RuntimeError(f"admission of {name} said {decision.action}: {decision.patch.get('message')}")
-            written = await self._write_admission(job, decision.patch)
-            await asyncio.to_thread(self.queue.enqueue, decision.message, spec.priority)
+            job_message = decision.message
+            if bulk is not None:  # workers copy the marker into their events: the operator leaves them alone
+                job_message = job_message.model_copy(update={"bulk": True})
+            written = await self._write_admission(store, job, decision.patch)
+            try:
+                await asyncio.to_thread(self.queue.enqueue, job_message, spec.priority)
+            except BaseException:
+                if bulk is not None:  # never queued, and no operator will ever admit it: as if never created
+                    await asyncio.to_thread(bulk.discard, name)
+                raise
+            if bulk is not None:
+                await asyncio.to_thread(bulk.enqueued, meta["uid"])
             await asyncio.to_thread(self.quota.commit, slot, meta["uid"])
         except BaseException:
             await asyncio.to_thread(self.quota.release, slot)
@@ -171,19 +210,17 @@ class JobService:
         JOBS_SUBMITTED.labels(model=spec.model).inc()
         if written:
             merge_patch(job.setdefault("status", {}), decision.patch)
-        log.info("job %s admitted for tenant %s on %s", name, p.tenant, spec.model)
+        log.info("job %s admitted for tenant %s on %s%s", name, p.tenant, spec.model, " (bulk)" if bulk else "")
         return job, True
 
-    async def _write_admission(self, job: dict[str, Any], patch: dict[str, Any]) -> bool:
+    async def _write_admission(self, store: JobStore, job: dict[str, Any], patch: dict[str, Any]) -> bool:
         """Queued onto the version just created. If the operator's watch admitted the job first (its worker
         may be reporting already), that status stands: a late Queued must never replace a Running."""
         meta = job["metadata"]
         try:
-            return await asyncio.to_thread(
-                self.store.patch_job_status, meta["name"], patch, meta.get("resourceVersion")
-            )
+            return await asyncio.to_thread(store.patch_job_status, meta["name"], patch, meta.get("resourceVersion"))
         except StaleVersion:
-            current = await asyncio.to_thread(self.store.get_job, meta["name"])
+            current = await asyncio.to_thread(store.get_job, meta["name"])
             if current is not None:
                 job["status"] = current.get("status") or {}
             return False
@@ -201,7 +238,7 @@ class JobService:
         return job
 
     async def get(self, p: Principal, name: str) -> dict[str, Any]:
-        job = await asyncio.to_thread(self.store.get_job, name)
+        job = await asyncio.to_thread(self.find, name)
         # Another tenant's job is indistinguishable from a missing one.
         if job is None or (job["metadata"].get("labels") or {}).get(TENANT_LABEL) != p.tenant:
             raise ApiError(404, f"no job {name!r}", param="id", code="job_not_found")
@@ -220,6 +257,18 @@ class JobService:
         stored = await asyncio.to_thread(self.queue.result, job["metadata"]["uid"])
         return [r.wire() for r in stored or []]
 
+    def _list_page(
+        self, labels: dict[str, str], limit: int, token: str | None
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """One page of the whole list: the bulk jobs' pages (tokens ``bulk.``), then the ImageJobs' (their
+        store's own tokens; ``imagejobs.`` starts them)."""
+        if self.bulk is not None and (token is None or token.startswith(TOKEN_PREFIX)):
+            items, token = self.bulk.list_jobs(labels, limit, token)
+            return items, token or IMAGEJOBS_START
+        if token == IMAGEJOBS_START:
+            token = None
+        return self.store.list_jobs(labels, limit, token)
+
     async def list(
         self, p: Principal, phase: str | None, model: str | None, limit: int, token: str | None
     ) -> tuple[list[dict[str, Any]], str | None]:
@@ -230,7 +279,7 @@ class JobService:
         # Phase is status, not a label: filter here, reading pages until this one is full or the list ends.
         while True:
             try:
-                items, token = await asyncio.to_thread(self.store.list_jobs, labels, limit, token)
+                items, token = await asyncio.to_thread(self._list_page, labels, limit - len(out), token)
             except ValueError as e:
                 raise ApiError(400, f"page_token: {e}", param="page_token", code="invalid_page_token") from e
             out.extend(j for j in items if not phase or (j.get("status") or {}).get("phase", "Pending") == phase)
@@ -247,7 +296,7 @@ class JobService:
             status, _now(), job["metadata"].get("generation"), Reason.CANCELLED, "cancelled through the API"
         )
         if patch:
-            await asyncio.to_thread(self.store.patch_job_status, name, patch)
+            await asyncio.to_thread(self.store_of(job).patch_job_status, name, patch)
             merge_patch(status, patch)
             job["status"] = status
         return job
@@ -262,7 +311,7 @@ class JobService:
         meta = job["metadata"]
         uid = meta["uid"]
         async with self.hub.subscribe(uid) as events:
-            fresh = await asyncio.to_thread(self.store.get_job, meta["name"])
+            fresh = await asyncio.to_thread(self.store_of(job).get_job, meta["name"])
             status: dict[str, Any] = dict((fresh or job).get("status") or {})
             yield Tracked("queued", status)
             phase = status.get("phase")
@@ -300,7 +349,7 @@ class JobService:
         if self.queue.state(uid) == "failed":
             # The reason is in the failure event the operator is writing into the status now: read it back.
             for _ in range(50):
-                fresh = self.store.get_job(meta["name"])
+                fresh = self.store_of(job).get_job(meta["name"])
                 fresh_status = (fresh or {}).get("status") or {}
                 if fresh_status.get("phase") in TERMINAL_PHASES:
                     return fresh_status

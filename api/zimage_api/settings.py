@@ -33,6 +33,14 @@ class ApiSettings(BaseSettings):
     rate_burst: int = 20
     max_concurrent_jobs: int = 32  # per tenant: queued + running
     job_ttl_seconds: int = 86400  # ttlSecondsAfterFinished of the ImageJobs the API creates
+    # Bulk jobs (no ImageJob; see zimage_api.redis_store) live in Redis this long from their creation: the
+    # operator's retention of job records (ZIMAGE_JOB_RETENTION_SECONDS, shared with the operator and workers).
+    job_retention_seconds: int = Field(
+        7 * 24 * 3600,
+        ge=1,
+        validation_alias=AliasChoices("ZIMAGE_API_JOB_RETENTION_SECONDS", "ZIMAGE_JOB_RETENTION_SECONDS"),
+    )
+    bulk_list_max: int = Field(10_000, ge=1)  # per tenant: the newest bulk jobs GET /v1/jobs can list
     url_signing_key: str = ""  # HMAC key of image URLs handed out (random per process when empty)
     url_ttl_seconds: int = 900
     public_url: str = ""  # base of absolute URLs in responses (default: the request's)

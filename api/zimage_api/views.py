@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from zimage_api.redis_store import is_bulk
 from zimage_api.schemas import ImageLink, JobView, Links, ModelView, Progress
 from zimage_api.signing import UrlSigner
 from zimage_operator.types import TERMINAL_PHASES
@@ -48,6 +49,7 @@ def job_view(
     ]
     return JobView(
         id=name,
+        mode="bulk" if is_bulk(job) else "imagejob",
         model=spec.get("model", ""),
         phase=phase,
         reason=_reason(status) if phase in TERMINAL_PHASES else None,

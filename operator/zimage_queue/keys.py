@@ -60,5 +60,15 @@ def workers(queue: str) -> str:
     return f"{PREFIX}:workers:{queue}"
 
 
+def bulk_job(namespace: str, name: str) -> str:
+    """Hash of one bulk job (the API's jobs without an ImageJob): its metadata, spec and the status the API wrote."""
+    return f"{PREFIX}:bulk:{namespace}:job:{name}"
+
+
+def bulk_index(namespace: str, tenant: str) -> str:
+    """Sorted set of a tenant's bulk job names by creation time (ms), trimmed by retention and count."""
+    return f"{PREFIX}:bulk:{namespace}:index:{tenant}"
+
+
 # Held by the one operator replica that runs the pool and deadline loops.
 OPERATOR_LEASE = f"{PREFIX}:operator-lease"

@@ -109,6 +109,9 @@ class JobMessage(WireModel):
     max_retries: int = Field(DEFAULT_MAX_RETRIES, ge=0, le=20)
     timeout_seconds: int | None = Field(None, ge=1)
     enqueued_at: float = Field(default_factory=time.time)
+    # A bulk job (the API's bulk mode): no ImageJob behind it, its state lives in Redis only. Workers copy it
+    # into their events, so the operator can skip them without asking the API server for a job that is not there.
+    bulk: bool = False
 
     @model_validator(mode="after")
     def _resolved(self) -> JobMessage:
@@ -143,3 +146,4 @@ class JobEvent(WireModel):
     message: str | None = None
     run_seconds: float | None = None
     ts: float = Field(default_factory=time.time)
+    bulk: bool = False  # copied from the JobMessage: no ImageJob to write this event into

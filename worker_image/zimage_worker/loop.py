@@ -243,6 +243,7 @@ class Worker:
                 "name": m.name,
                 "worker": self.name,
                 "attempt": d.attempt,
+                "bulk": m.bulk,
                 **kw,
             }
         )
