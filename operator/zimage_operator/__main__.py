@@ -13,6 +13,7 @@ from typing import Any
 
 import kopf
 import prometheus_client
+from pydantic import ValidationError
 
 from zimage_operator import events, pools, resync
 from zimage_operator.handlers import imagejob, modeldeployment  # noqa: F401  (registers handlers)
@@ -20,6 +21,8 @@ from zimage_operator.k8s import Kube
 from zimage_operator.peering import PeeringGate
 from zimage_operator.runtime import Runtime
 from zimage_operator.settings import OperatorSettings
+from zimage_operator.shards import SelectorError, parse_selector, peering_name
+from zimage_operator.types import GROUP, IMAGEJOB_PLURAL, MODELDEPLOYMENT_PLURAL
 from zimage_queue import JobQueue, logs, supervise
 
 log = logging.getLogger("zimage_operator")
@@ -38,7 +41,11 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.watching.connect_timeout = 10
     settings.networking.connect_timeout = 10
     settings.networking.request_timeout = 60
-    cfg = OperatorSettings()
+    cfg: OperatorSettings = memo.get("settings") or OperatorSettings()
+    if cfg.shard_selector:
+        # Server-side: the API server sends this shard's watches only its own objects.
+        for plural in (IMAGEJOB_PLURAL, MODELDEPLOYMENT_PLURAL):
+            settings.watching.label_selectors[GROUP, plural] = cfg.shard_selector
     # With --peering, a standby replica resumes the handlers this long after the active one stopped renewing.
     settings.peering.lifetime = cfg.peering_lifetime_seconds
     queue = JobQueue.from_url(
@@ -46,8 +53,17 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
         result_ttl_seconds=cfg.job_retention_seconds,
         visibility_ms=int(cfg.events_reclaim_seconds * 1000),
     )
-    rt = Runtime(settings=cfg, kube=Kube(), queue=queue)
+    rt = Runtime(settings=cfg, kube=Kube(), queue=queue, namespaces=list(memo.get("namespaces") or []))
     memo.runtime = rt
+    if cfg.shard:
+        log.info(
+            "shard %s: namespaces %s, selector %r; events group %s, lease %s",
+            cfg.shard,
+            ", ".join(rt.namespaces) or "(all)",
+            cfg.shard_selector,
+            rt.events_group,
+            rt.lease.key,
+        )
     if not settings.peering.standalone:
         namespace = None if settings.peering.clusterwide else memo.get("peering_namespace")
         read = functools.partial(rt.kube.get_peering, namespace, settings.peering.name)
@@ -105,10 +121,39 @@ def main(argv: list[str] | None = None) -> None:
         help="peering priority of this replica (default: random, so replicas of one Deployment differ: kopf pauses "
         "every replica that sees a peer of the same or a higher priority)",
     )
+    p.add_argument(
+        "--shard",
+        default=None,
+        help="this operator's shard (default: ZIMAGE_SHARD): its own events consumer group, Redis lease and "
+        "peering object (--peering NAME becomes NAME-SHARD), so several operators split the namespaces "
+        "(-n) or the labels (--selector) between them",
+    )
+    p.add_argument(
+        "--selector",
+        default=None,
+        help="label selector of the ImageJobs and ModelDeployments this shard owns, e.g. zimage.dev/shard=a "
+        "(default: ZIMAGE_SHARD_SELECTOR; needs a shard)",
+    )
     p.add_argument("--liveness", default=None, help="e.g. http://0.0.0.0:8080/healthz")
     p.add_argument("--metrics-port", type=int, default=8000, help="Prometheus /metrics port (0: off)")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
+    overrides = {k: v for k, v in (("shard", args.shard), ("shard_selector", args.selector)) if v is not None}
+    try:
+        cfg = OperatorSettings(**overrides)
+        parse_selector(cfg.shard_selector)
+    except (ValidationError, SelectorError) as e:
+        p.error(str(e))
+    if cfg.shard_selector and not cfg.shard:
+        p.error("--selector needs --shard (or ZIMAGE_SHARD): a shard's events group and lease are named by it")
+    if not args.namespace and not args.all_namespaces:
+        args.namespace = ["default"]
+    peering = peering_name(args.peering, cfg.shard) if args.peering and not args.standalone else None
+    # The loops' leader follows the peering object of the first namespace named literally (kopf keeps one in
+    # each namespace it serves; patterns it resolves itself).
+    literal = [n for n in args.namespace if not any(c in n for c in "*?!,")]
+    if peering and not args.all_namespaces and not literal:
+        p.error("--peering with only namespace patterns: name one namespace literally too (its peering object)")
     logs.configure(logging.DEBUG if args.verbose else logging.INFO)
     if not args.verbose:  # kopf logs every timer run at INFO: thousands of jobs would drown the log
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
@@ -118,22 +163,22 @@ def main(argv: list[str] | None = None) -> None:
     priority = args.priority
     if priority is None:
         priority = random.SystemRandom().randint(1, 2**31 - 1) if args.peering else 0
-    if args.peering and not args.standalone:
-        log.info(
-            "peering %r with priority %d: the highest-priority live replica runs the handlers", args.peering, priority
-        )
-    if not args.namespace and not args.all_namespaces:
-        args.namespace = ["default"]
+    if peering:
+        log.info("peering %r with priority %d: the highest-priority live replica runs the handlers", peering, priority)
     asyncio.run(
         kopf.operator(
             clusterwide=args.all_namespaces,
             namespaces=args.namespace if not args.all_namespaces else [],
-            standalone=args.standalone or not args.peering,
-            peering_name=args.peering if args.peering and not args.standalone else None,
+            standalone=not peering,
+            peering_name=peering,
             priority=priority,
             liveness_endpoint=args.liveness,
             # Where the peering object lives when watching namespaces (kopf keeps one per namespace).
-            memo=kopf.Memo(peering_namespace=(args.namespace or [None])[0]),
+            memo=kopf.Memo(
+                peering_namespace=(literal or [None])[0],
+                settings=cfg,
+                namespaces=[] if args.all_namespaces else args.namespace,
+            ),
         )
     )
 

@@ -112,18 +112,20 @@ async def consume_once(rt: Runtime, applier: EventApplier) -> None:
     When an event cannot be applied for now (the API server is down), the events before it are acked and it
     comes back first on the next pass; progress events dropped by ``collapse`` before it are covered by a later
     event of their job, which is still pending."""
-    batch = await asyncio.to_thread(rt.queue.read_events, rt.consumer, 500, rt.settings.events_block_ms)
+    group = rt.events_group  # one per shard (keys.operator_group); every shard reads every event
+    batch = await asyncio.to_thread(rt.queue.read_events, rt.consumer, 500, rt.settings.events_block_ms, group)
     settled = 0
     try:
         for i, ev in _collapse_indexed(batch):
             try:
-                await applier.apply(ev)
+                if await rt.owns(ev):  # another shard's job: acked here, applied by that shard through its group
+                    await applier.apply(ev)
             except Exception as e:
                 if not permanent(e):
                     raise
                 EVENTS_DEAD_LETTERED.inc()
-                await asyncio.to_thread(rt.queue.dead_letter_event, batch[i][0], ev, f"{type(e).__name__}: {e}")
+                await asyncio.to_thread(rt.queue.dead_letter_event, batch[i][0], ev, f"{type(e).__name__}: {e}", group)
             settled = i + 1
         settled = len(batch)
     finally:
-        await asyncio.to_thread(rt.queue.ack_events, [entry_id for entry_id, _ in batch[:settled]])
+        await asyncio.to_thread(rt.queue.ack_events, [entry_id for entry_id, _ in batch[:settled]], group)

@@ -41,3 +41,8 @@ class OperatorSettings(BaseSettings):
     # Liveness turns red when a background loop fails this many passes in a row, or finishes none for this long.
     loop_max_failures: int = Field(5, ge=1)
     loop_stall_seconds: float = Field(300.0, gt=0)
+    # Sharded operators (docs/scaling.md): this process's shard, which names its events consumer group, its
+    # Redis lease and its peering object; and the label selector of the ImageJobs and ModelDeployments it owns
+    # within its namespaces. Both empty: one operator (with its replicas) for everything.
+    shard: str = Field("", pattern=r"^([a-z0-9]([-a-z0-9]{0,38}[a-z0-9])?)?$")
+    shard_selector: str = ""

@@ -72,3 +72,15 @@ def bulk_index(namespace: str, tenant: str) -> str:
 
 # Held by the one operator replica that runs the pool and deadline loops.
 OPERATOR_LEASE = f"{PREFIX}:operator-lease"
+
+
+def operator_lease(shard: str = "") -> str:
+    """The lease of one operator shard's leader (its pool, deadline and resync loops); no shard: the one lease
+    of an unsharded install."""
+    return f"{OPERATOR_LEASE}:{shard}" if shard else OPERATOR_LEASE
+
+
+def operator_group(shard: str = "") -> str:
+    """The events stream's consumer group of one operator shard: every shard reads every event through its own
+    group and applies those of its own jobs. No shard: the group of an unsharded install."""
+    return f"{OPERATOR_GROUP}-{shard}" if shard else OPERATOR_GROUP

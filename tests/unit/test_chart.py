@@ -19,6 +19,7 @@ from conftest import BIN, TESTBED
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "zimage-operator"
 ALL_OPTIONS = CHART / "ci" / "all-options-values.yaml"
+SHARDS = CHART / "ci" / "shards-values.yaml"
 # Kinds Kubernetes' schemas do not cover: ours (checked against our CRD below) and the Prometheus operator's.
 CUSTOM_GROUPS = ("zimage.dev/", "monitoring.coreos.com/")
 
@@ -51,7 +52,11 @@ def render(helm: list[str], *values: Path, namespace: str = "zimage") -> list[di
     return [d for d in yaml.safe_load_all(out) if d]
 
 
-@pytest.mark.parametrize("values", [[], [ALL_OPTIONS]], ids=["defaults", "all-options"])
+@pytest.mark.parametrize(
+    "values",
+    [[], [ALL_OPTIONS], [SHARDS], [ALL_OPTIONS, SHARDS]],
+    ids=["defaults", "all-options", "shards", "all+shards"],
+)
 def test_lint_and_validate_every_manifest(helm: list[str], values: list[Path], tmp_path: Path) -> None:
     run([*helm, "lint", "--strict", str(CHART), *[a for v in values for a in ("-f", str(v))]])
     docs = render(helm, *values)
@@ -78,7 +83,7 @@ def pods(docs: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
 
 
 def test_every_pod_is_locked_down(helm: list[str]) -> None:
-    for values in ([], [ALL_OPTIONS]):
+    for values in ([], [ALL_OPTIONS], [SHARDS]):
         found = list(pods(render(helm, *values)))
         assert found
         for name, spec in found:
@@ -180,3 +185,166 @@ def test_operator_retention_and_peering_values_reach_the_operator(
         assert peering["metadata"]["name"] == "rel-zimage-operator"
     crds = [yaml.safe_load((CHART / "crds" / f).read_text()) for f in ("kopf-peering.yaml", "kopf-clusterpeering.yaml")]
     assert {c["spec"]["names"]["kind"] for c in crds} == {"KopfPeering", "ClusterKopfPeering"}
+
+
+def _write(tmp_path: Path, name: str, values: dict[str, Any]) -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def _operators(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {
+        d["metadata"]["name"]: d
+        for d in docs
+        if d["kind"] == "Deployment" and d["metadata"]["labels"]["app.kubernetes.io/component"] == "operator"
+    }
+
+
+def _parse_operator_args(args: list[str]) -> Any:
+    """The container's args through the operator's own parser (not run): every flag the chart passes exists."""
+    import argparse
+
+    from zimage_operator import __main__ as entry
+
+    seen: dict[str, Any] = {}
+
+    def capture(self: argparse.ArgumentParser, argv: list[str] | None = None, *_: Any) -> argparse.Namespace:
+        seen["ns"] = original(self, argv)
+        raise SystemExit(0)
+
+    original = argparse.ArgumentParser.parse_args
+    argparse.ArgumentParser.parse_args = capture  # type: ignore[assignment,method-assign]
+    try:
+        with pytest.raises(SystemExit):
+            entry.main(args)
+    finally:
+        argparse.ArgumentParser.parse_args = original  # type: ignore[method-assign]
+    return seen["ns"]
+
+
+def test_no_shards_render_the_one_operator_of_before(helm: list[str], tmp_path: Path) -> None:
+    """An empty shard list is today's install: one Deployment, its Role, its peering object, no shard flags."""
+    docs = render(helm, _write(tmp_path, "empty.yaml", {"operator": {"shards": []}}))
+
+    def same(ds: list[dict[str, Any]]) -> list[str]:  # the URL-signing Secret holds a random key per render
+        return [json.dumps(d, sort_keys=True) for d in ds if d["kind"] != "Secret"]
+
+    assert same(docs) == same(render(helm))
+    [(name, dep)] = _operators(docs).items()
+    assert name == "rel-zimage-operator-operator"
+    args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert not any(a.startswith(("--shard", "--selector")) for a in args)
+
+
+def test_each_shard_gets_its_operator_peering_and_rbac(helm: list[str]) -> None:
+    from zimage_operator.shards import parse_selector, peering_name
+
+    docs = render(helm, SHARDS)
+    ops = _operators(docs)
+    assert set(ops) == {f"rel-zimage-operator-operator-{s}" for s in ("a", "b", "gold")}
+    flags = {}
+    for name, dep in ops.items():
+        shard = name.rsplit("-", 1)[1]
+        spec = dep["spec"]
+        pod = spec["template"]["spec"]
+        assert spec["selector"]["matchLabels"]["zimage.dev/shard"] == shard  # the Deployments' pods never mix
+        assert pod["serviceAccountName"] == f"rel-zimage-operator-operator-{shard}"
+        ns = _parse_operator_args(pod["containers"][0]["args"])
+        assert ns.shard == shard and ns.peering == "rel-zimage-operator"
+        parse_selector(ns.selector or "")
+        flags[shard] = (ns.namespace, ns.selector, spec["replicas"])
+    assert flags == {
+        "a": (["team-a", "team-b"], "zimage.dev/shard notin (gold)", 2),
+        "b": (["team-c"], None, 1),
+        "gold": (["team-b"], "zimage.dev/shard=gold", 2),
+    }
+    assert ops["rel-zimage-operator-operator-b"]["spec"]["template"]["spec"]["containers"][0]["resources"] == {
+        "requests": {"cpu": "50m", "memory": "128Mi"}
+    }
+    metrics = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service" and "metrics" in d["metadata"]["name"]}
+    assert {n: m["spec"]["selector"]["zimage.dev/shard"] for n, m in metrics.items()} == {
+        f"rel-zimage-operator-operator-{s}-metrics": s for s in ("a", "b", "gold")
+    }
+    # The operator meets its replicas in peering_name(--peering, --shard), in every namespace it names.
+    peerings = {(d["metadata"]["namespace"], d["metadata"]["name"]) for d in docs if d["kind"] == "KopfPeering"}
+    assert peerings == {
+        ("team-a", peering_name("rel-zimage-operator", "a")),
+        ("team-b", peering_name("rel-zimage-operator", "a")),
+        ("team-c", peering_name("rel-zimage-operator", "b")),
+        ("team-b", peering_name("rel-zimage-operator", "gold")),
+    }
+    # A Role in each namespace a shard serves, bound to the shards serving it and to no other.
+    bindings = {
+        d["metadata"]["namespace"]: sorted(s["name"].rsplit("-", 1)[1] for s in d["subjects"])
+        for d in docs
+        if d["kind"] == "RoleBinding" and d["metadata"]["name"] == "rel-zimage-operator-operator"
+    }
+    assert bindings == {"team-a": ["a"], "team-b": ["a", "gold"], "team-c": ["b"]}
+    roles = {d["metadata"]["namespace"] for d in docs if d["kind"] == "Role" and "operator-operator" in str(d)}
+    assert roles == {"team-a", "team-b", "team-c"}
+    assert not [
+        d for d in docs if d["kind"] == "ClusterRole" and d["metadata"]["name"] == "rel-zimage-operator-operator"
+    ]
+    [observer] = [d for d in docs if d["kind"] == "ClusterRoleBinding"]
+    assert len(observer["subjects"]) == 3
+
+
+def test_cluster_wide_label_shards(helm: list[str], tmp_path: Path) -> None:
+    values = {
+        "rbac": {"clusterWide": True},
+        "operator": {
+            "shards": [
+                {"name": "a", "selector": "zimage.dev/shard=a"},
+                {"name": "rest", "selector": "zimage.dev/shard!=a"},
+                {"name": "teams", "namespaces": ["team-*", "ops"], "selector": "tier=gold"},
+            ]
+        },
+    }
+    docs = render(helm, _write(tmp_path, "cw.yaml", values))
+    args = {
+        n: _parse_operator_args(d["spec"]["template"]["spec"]["containers"][0]["args"])
+        for n, d in _operators(docs).items()
+    }
+    assert args["rel-zimage-operator-operator-a"].all_namespaces
+    assert args["rel-zimage-operator-operator-teams"].namespace == ["team-*", "ops"]
+    peerings = {
+        (d["kind"], d["metadata"].get("namespace"), d["metadata"]["name"]) for d in docs if "Peering" in d["kind"]
+    }
+    assert peerings == {
+        ("ClusterKopfPeering", None, "rel-zimage-operator-a"),
+        ("ClusterKopfPeering", None, "rel-zimage-operator-rest"),
+        ("KopfPeering", "ops", "rel-zimage-operator-teams"),  # a pattern's namespaces get theirs by hand
+    }
+    [role] = [d for d in docs if d["kind"] == "ClusterRole" and d["metadata"]["name"] == "rel-zimage-operator-operator"]
+    assert {"clusterkopfpeerings", "kopfpeerings"} <= {r for rule in role["rules"] for r in rule["resources"]}
+    [binding] = [
+        d for d in docs if d["kind"] == "ClusterRoleBinding" and d["metadata"]["name"] == "rel-zimage-operator-operator"
+    ]
+    assert [s["name"] for s in binding["subjects"]] == [
+        f"rel-zimage-operator-operator-{s}" for s in ("a", "rest", "teams")
+    ]
+
+
+@pytest.mark.parametrize(
+    ("shards", "cluster_wide", "complaint"),
+    [
+        ([{"name": "Team_A"}], False, "/operator/shards/0/name"),  # the schema
+        ([{"name": "a", "zone": "x"}], False, "zone"),
+        ([{"name": "a", "namespaces": []}], False, "/operator/shards/0/namespaces"),
+        ([{"name": "a", "namespaces": ["ns-x"]}, {"name": "a", "namespaces": ["ns-y"]}], False, "used twice"),
+        ([{"name": "a", "namespaces": ["x"]}, {"name": "b"}], True, "needs namespaces or a selector"),
+        ([{"name": "a", "namespaces": ["team-*"]}], False, "needs rbac.clusterWide"),
+        (
+            [{"name": "a", "namespaces": ["x"]}, {"name": "b", "namespaces": ["x"], "selector": "s=b"}],
+            False,
+            'owns all of namespace "x"',
+        ),
+    ],
+)
+def test_shards_that_cannot_work_are_refused(
+    helm: list[str], tmp_path: Path, shards: list[dict[str, Any]], cluster_wide: bool, complaint: str
+) -> None:
+    values = _write(tmp_path, "bad.yaml", {"rbac": {"clusterWide": cluster_wide}, "operator": {"shards": shards}})
+    out = run([*helm, "template", "rel", str(CHART), "-f", str(values)], check=False)
+    assert out.returncode != 0 and complaint in out.stderr, out.stderr
