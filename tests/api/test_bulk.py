@@ -354,3 +354,27 @@ def test_derive_status(stored: dict[str, Any], record: QueueRecord, spec: dict[s
 def test_unreadable_queue_record_reads_as_unfinished() -> None:
     rec = parse_record([b"succeeded", b"1", b"w1", b"{not json", b"[]", None])
     assert rec == QueueRecord(state="succeeded", attempts=1, worker="w1")
+
+
+# -- the CLI ---------------------------------------------------------------------------------------------------
+def test_cli_lists_gets_and_cancels_bulk_jobs(bulk: Bulk) -> None:
+    from tests.api.test_cli import zimage
+
+    env = {"ZIMAGE_API_KEY": bulk.keys["bulk"], "ZIMAGE_API_URL": bulk.url}
+    with bulk.client("bulk") as client:
+        queued = client.post("/v1/jobs", json={**REQUEST, "model": IDLE}).raise_for_status().json()["id"]
+    out = zimage("jobs", "list", "--limit", "2", "--all", env=env)
+    assert out.returncode == 0, out.stderr
+    rows = [line.split() for line in out.stdout.splitlines()[1:]]
+    assert rows[0][:3] == [queued, "bulk", "Queued"]  # newest first
+    modes = [r[1] for r in rows]
+    assert len(rows) > 2 and modes == sorted(modes), modes  # followed the pages: bulk jobs, then the ImageJobs
+    got = zimage("jobs", "get", queued, env=env)
+    assert got.returncode == 0 and json.loads(got.stdout)["mode"] == "bulk"
+    cancelled = zimage("jobs", "cancel", queued, env=env)
+    assert cancelled.returncode == 0 and json.loads(cancelled.stdout)["phase"] == "Cancelled"
+    other = zimage("jobs", "get", queued, env={**env, "ZIMAGE_API_KEY": bulk.keys["plain"]})
+    assert other.returncode == 2 and "404" in other.stderr
+    key = zimage("keys", "create", "--tenant", "team-x", "--id", "kb", "--bulk")
+    entry = json.loads(key.stderr.split("--from-literal=kb=", 1)[1].strip().strip("'"))
+    assert entry["bulk"] is True
