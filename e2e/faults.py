@@ -549,6 +549,7 @@ def leader_failover(kube: Kube, tmp: Path, jobs: int) -> Row:
                 "POD_ID": name,
                 "ZIMAGE_LEASE_SECONDS": "2",
                 "ZIMAGE_EVENTS_RECLAIM_SECONDS": "3",
+                "ZIMAGE_NORMAL_EVENTS": "true",  # the row counts Completed Events: exactly one per job
             }
             proc = st.start_operator(
                 "--peering", peering, "--priority", str(priority), ZIMAGE_PEERING_LIFETIME_SECONDS="5", **env

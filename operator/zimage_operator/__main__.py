@@ -8,17 +8,21 @@ import functools
 import logging
 import random
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import kopf
 import prometheus_client
+from kubernetes.client import ApiClient
 from pydantic import ValidationError
 
 from zimage_operator import events, pools, resync
+from zimage_operator.admission import Admitter
 from zimage_operator.handlers import imagejob, modeldeployment  # noqa: F401  (registers handlers)
-from zimage_operator.k8s import Kube
+from zimage_operator.k8s import AsyncKube, Kube, load_configuration
 from zimage_operator.peering import PeeringGate
+from zimage_operator.recorder import Recorder
 from zimage_operator.runtime import Runtime
 from zimage_operator.settings import OperatorSettings
 from zimage_operator.shards import SelectorError, parse_selector, peering_name
@@ -53,8 +57,19 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
         result_ttl_seconds=cfg.job_retention_seconds,
         visibility_ms=int(cfg.events_reclaim_seconds * 1000),
     )
-    rt = Runtime(settings=cfg, kube=Kube(), queue=queue, namespaces=list(memo.get("namespaces") or []))
+    kube_cfg = load_configuration()
+    akube = AsyncKube(kube_cfg, max_connections=cfg.events_concurrency + cfg.admission_concurrency)
+    rt = Runtime(
+        settings=cfg,
+        kube=Kube(ApiClient(kube_cfg)),
+        queue=queue,
+        akube=akube,
+        recorder=Recorder(akube, normal=cfg.normal_events),
+        namespaces=list(memo.get("namespaces") or []),
+    )
     memo.runtime = rt
+    memo.admitter = admitter = Admitter(rt)
+    memo.edits_reported = OrderedDict()
     if cfg.shard:
         log.info(
             "shard %s: namespaces %s, selector %r; events group %s, lease %s",
@@ -76,6 +91,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     applier = events.EventApplier(rt)
     loops: list[tuple[str, Callable[[], Awaitable[None]], Callable[[], float]]] = [
         ("worker-events", lambda: events.consume_once(rt, applier), lambda: 0.0),
+        ("admission", admitter.once, lambda: 0.0),
+        ("kube-events", rt.recorder.once, lambda: 0.0),
         ("housekeeping", imagejob.Housekeeping(rt).once, lambda: cfg.housekeeping_seconds),
         ("model-pools", lambda: pools.run_once(rt), lambda: cfg.pool_tick_seconds),
         ("resync", resync.Resync(rt, applier).once, lambda: 1.0),
@@ -102,6 +119,8 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     rt: Runtime | None = memo.get("runtime")
     for task in rt.tasks if rt else []:
         task.cancel()
+    if rt is not None:
+        await rt.akube.close()
 
 
 def main(argv: list[str] | None = None) -> None:

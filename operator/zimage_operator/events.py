@@ -6,6 +6,11 @@ that crashed before acking them are read again on restart. Entries that do not p
 dead-letters them); an event the API server refuses for good (a 4xx other than a conflict) is dead-lettered
 too, so nothing stalls the stream. Every status write is made on the version it was computed from and is
 recomputed on a conflict, so a stale write never replaces newer conditions.
+
+A batch is applied as one write per job, many jobs at once (``events_concurrency``): a job's events are folded
+in order into one status patch (``reconcile.fold_events``), computed on the view of the job the watch and our
+own writes keep (``Runtime.unfinished``), so the usual cost of a worker event is one PATCH and no GET; the job
+is read only when that view is missing or stale (a conflict). Kubernetes Events go to the ``Recorder``.
 """
 
 from __future__ import annotations
@@ -14,13 +19,12 @@ import asyncio
 import logging
 from collections import OrderedDict
 from datetime import UTC, datetime
-from typing import Any
 
 from kubernetes.client.rest import ApiException
 
-from zimage_operator.k8s import StatusConflict
+from zimage_operator.k8s import KubeError, StatusConflict
 from zimage_operator.metrics import EVENTS_DEAD_LETTERED, JOBS_FINISHED, STATUS_CONFLICTS, STATUS_PATCHES
-from zimage_operator.reconcile import event_key, event_patch, progress_throttled, replayed_event
+from zimage_operator.reconcile import fold_events
 from zimage_operator.runtime import Runtime
 from zimage_operator.types import TERMINAL_PHASES
 from zimage_queue import JobEvent
@@ -30,11 +34,12 @@ log = logging.getLogger(__name__)
 MAX_CONFLICT_RETRIES = 5
 # Progress timestamps of jobs whose final event never came (deleted mid-run): the oldest go first.
 MAX_TRACKED_JOBS = 50_000
+FINAL = ("succeeded", "failed", "cancelled")
 
 
 def permanent(e: Exception) -> bool:
     """An API error no retry can fix: the write itself is refused (not a conflict, a throttle or an outage)."""
-    return isinstance(e, ApiException) and e.status in (400, 403, 404, 413, 422)
+    return isinstance(e, ApiException | KubeError) and e.status in (400, 403, 404, 413, 422)
 
 
 class EventApplier:
@@ -49,43 +54,58 @@ class EventApplier:
             self.last_progress.popitem(last=False)
 
     async def apply(self, ev: JobEvent) -> None:
-        interval = self.rt.settings.progress_min_interval_seconds
-        last = self.last_progress.get(ev.uid)
-        if progress_throttled(ev, last, interval):
-            return  # before any API call
-        if ev.type in ("succeeded", "failed", "cancelled"):
-            self.last_progress.pop(ev.uid, None)
-        for _ in range(MAX_CONFLICT_RETRIES):
-            obj = await asyncio.to_thread(self.rt.kube.get_job, ev.namespace, ev.name)
-            if obj is None or obj["metadata"].get("uid") != ev.uid:
-                self.last_progress.pop(ev.uid, None)
-                return
-            try:
-                await self._apply_to(obj, ev, last, interval)
-                return
-            except StatusConflict:
-                STATUS_CONFLICTS.inc()  # another writer got there first: decide again on what it wrote
-        raise StatusConflict(f"ImageJob {ev.namespace}/{ev.name} kept changing under {MAX_CONFLICT_RETRIES} writes")
+        await self.apply_job([ev])
 
-    async def _apply_to(self, obj: dict[str, Any], ev: JobEvent, last: float | None, interval: float) -> None:
-        meta = obj["metadata"]
-        status, now = obj.get("status") or {}, datetime.now(UTC)
-        patch, k8s_event = event_patch(
-            status, ev, now, last_progress_at=last, min_interval=interval, generation=meta.get("generation")
-        )
-        if patch:
-            await asyncio.to_thread(
-                self.rt.kube.patch_job_status, ev.namespace, ev.name, patch, meta.get("resourceVersion")
+    async def apply_job(self, evs: list[JobEvent]) -> None:
+        """Apply one job's events (in order) with one status write."""
+        rt, first = self.rt, evs[0]
+        interval = rt.settings.progress_min_interval_seconds
+        last = self.last_progress.get(first.uid)
+        if any(ev.type in FINAL for ev in evs):
+            self.last_progress.pop(first.uid, None)
+        view = rt.unfinished.get(first.uid)
+        obj = view.body(first.uid) if view is not None else None
+        for _ in range(MAX_CONFLICT_RETRIES):
+            if obj is None:
+                obj = await rt.akube.get_job(first.namespace, first.name)
+                if obj is None or obj["metadata"].get("uid") != first.uid:
+                    self.last_progress.pop(first.uid, None)
+                    return
+            meta = obj["metadata"]
+            folded = fold_events(
+                obj.get("status") or {},
+                evs,
+                datetime.now(UTC),
+                last_progress_at=last,
+                min_interval=interval,
+                generation=meta.get("generation"),
             )
-            STATUS_PATCHES.labels(kind=ev.type).inc()
-            if patch.get("phase") in TERMINAL_PHASES:
-                JOBS_FINISHED.labels(phase=patch["phase"], reason=k8s_event[1] if k8s_event else "").inc()
-            if ev.type == "progress":
-                self._remember_progress(ev.uid, ev.ts)
-        elif k8s_event is None:  # already final: its writer may have died before recording the Event
-            k8s_event = replayed_event(status, ev, now)
-        if k8s_event:  # named by job and transition: a second recording is refused, one Event per transition
-            await asyncio.to_thread(self.rt.kube.post_event, obj, *k8s_event, event_key(ev))
+            if folded.patch:
+                try:
+                    written = await rt.akube.patch_job_status(
+                        first.namespace, first.name, folded.patch, meta.get("resourceVersion")
+                    )
+                except StatusConflict:
+                    STATUS_CONFLICTS.inc()  # another writer got there first: decide again on what it wrote
+                    obj = None
+                    continue
+                if written is None:
+                    rt.unfinished.pop(first.uid, None)
+                    return
+                rt.observe_job(written)
+                STATUS_PATCHES.labels(kind=evs[-1].type).inc()
+                phase = folded.patch.get("phase")
+                if phase in TERMINAL_PHASES:
+                    reason = next((e[1] for e, key in folded.events if key == "final"), "")
+                    JOBS_FINISHED.labels(phase=phase, reason=reason).inc()
+                if folded.progress_at is not None and folded.progress_at != last:
+                    self._remember_progress(first.uid, folded.progress_at)
+            for k8s_event, key in folded.events:  # named by job and transition: recorded once per transition
+                rt.recorder.record(obj, *k8s_event, key)
+            return
+        raise StatusConflict(
+            f"ImageJob {first.namespace}/{first.name} kept changing under {MAX_CONFLICT_RETRIES} writes"
+        )
 
 
 def collapse(batch: list[tuple[str, JobEvent]]) -> list[JobEvent]:
@@ -106,26 +126,50 @@ def _collapse_indexed(batch: list[tuple[str, JobEvent]]) -> list[tuple[int, JobE
     return keep
 
 
-async def consume_once(rt: Runtime, applier: EventApplier) -> None:
-    """Read a batch, apply it in order, ack what was applied.
+def by_job(batch: list[tuple[str, JobEvent]]) -> dict[str, list[tuple[int, JobEvent]]]:
+    """The batch's events grouped by job, in stream order within each job (superseded progress dropped)."""
+    jobs: dict[str, list[tuple[int, JobEvent]]] = {}
+    for i, ev in _collapse_indexed(batch):
+        jobs.setdefault(ev.uid, []).append((i, ev))
+    return jobs
 
-    When an event cannot be applied for now (the API server is down), the events before it are acked and it
-    comes back first on the next pass; progress events dropped by ``collapse`` before it are covered by a later
-    event of their job, which is still pending."""
+
+async def consume_once(rt: Runtime, applier: EventApplier) -> None:
+    """Read a batch, apply it (one write per job, jobs concurrently), ack what was applied.
+
+    When a job's events cannot be applied for now (the API server is down), every other job's are acked and the
+    pass fails: that job's entries stay pending and come back first on the next pass, so its events are still
+    applied in order. Events the API server refuses for good are dead-lettered."""
     group = rt.events_group  # one per shard (keys.operator_group); every shard reads every event
     batch = await asyncio.to_thread(rt.queue.read_events, rt.consumer, 500, rt.settings.events_block_ms, group)
-    settled = 0
-    try:
-        for i, ev in _collapse_indexed(batch):
-            try:
-                if await rt.owns(ev):  # another shard's job: acked here, applied by that shard through its group
-                    await applier.apply(ev)
-            except Exception as e:
-                if not permanent(e):
-                    raise
-                EVENTS_DEAD_LETTERED.inc()
-                await asyncio.to_thread(rt.queue.dead_letter_event, batch[i][0], ev, f"{type(e).__name__}: {e}", group)
-            settled = i + 1
-        settled = len(batch)
-    finally:
-        await asyncio.to_thread(rt.queue.ack_events, [entry_id for entry_id, _ in batch[:settled]], group)
+    if not batch:
+        return
+    ours = [(entry_id, ev) for entry_id, ev in batch if not ev.bulk]  # bulk jobs have no ImageJob: acked
+    jobs = by_job(ours)
+    gate = asyncio.Semaphore(rt.settings.events_concurrency)
+
+    async def one(evs: list[JobEvent]) -> None:
+        async with gate:
+            if await rt.owns(evs[0]):  # another shard's job: acked here, applied by that shard through its group
+                await applier.apply_job(evs)
+
+    outcomes = await asyncio.gather(
+        *(one([ev for _, ev in group_]) for group_ in jobs.values()), return_exceptions=True
+    )
+    retry: set[str] = set()
+    failure: BaseException | None = None
+    for (uid, group_), outcome in zip(jobs.items(), outcomes, strict=True):
+        if not isinstance(outcome, BaseException):
+            continue
+        if isinstance(outcome, Exception) and permanent(outcome):
+            EVENTS_DEAD_LETTERED.inc(len(group_))
+            for i, ev in group_:
+                await asyncio.to_thread(
+                    rt.queue.dead_letter_event, ours[i][0], ev, f"{type(outcome).__name__}: {outcome}", group
+                )
+            continue
+        retry.add(uid)
+        failure = failure or outcome
+    await asyncio.to_thread(rt.queue.ack_events, [entry_id for entry_id, ev in batch if ev.uid not in retry], group)
+    if failure is not None:
+        raise failure

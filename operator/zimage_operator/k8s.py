@@ -1,12 +1,22 @@
-"""The only module that talks to the Kubernetes API server (official client; sync, so call via to_thread)."""
+"""The only module that talks to the Kubernetes API server.
+
+``Kube`` is the official client (sync, so called through ``asyncio.to_thread``), for the low-rate calls: pools,
+children, housekeeping. ``AsyncKube`` is the per-job hot path (admission and worker events: read a job, write its
+status, record an Event): raw JSON over one pooled aiohttp session, no model classes and no threads, so a burst of
+thousands of jobs costs one request per write and no deserialisation.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
+import ssl
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote
 
+import aiohttp
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 from kubernetes.dynamic import DynamicClient
@@ -51,14 +61,28 @@ class StatusConflict(Exception):
     """The object changed between our read and our write."""
 
 
+class KubeError(Exception):
+    """The API server refused a request of the async client (``status`` is its HTTP status; 0: no answer)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"{status}: {message}")
+        self.status = status
+
+
+def load_configuration() -> client.Configuration:
+    """In-cluster credentials (the pod's ServiceAccount), else the kubeconfig (``KUBECONFIG``)."""
+    cfg = client.Configuration()
+    try:
+        config.load_incluster_config(client_configuration=cfg)
+    except config.ConfigException:
+        config.load_kube_config(client_configuration=cfg)
+    return cfg
+
+
 class Kube:
     def __init__(self, api_client: client.ApiClient | None = None) -> None:
         if api_client is None:
-            try:
-                config.load_incluster_config()
-            except config.ConfigException:
-                config.load_kube_config()
-            api_client = client.ApiClient()
+            api_client = client.ApiClient(load_configuration())
         self.api_client = with_timeouts(api_client)
         self.custom = client.CustomObjectsApi(api_client)
         self.core = client.CoreV1Api(api_client)
@@ -196,41 +220,166 @@ class Kube:
                 raise
 
     def post_event(self, obj: dict[str, Any], type_: str, reason: str, message: str, key: str | None = None) -> None:
-        """Record a Kubernetes Event on the object; losing one is not worth failing a transition for.
-
-        With ``key`` the Event's name is derived from the object's uid and the key, so recording the same
-        transition again (another replica, a redelivered worker event) is refused by the API server (409)
-        instead of counting twice."""
-        meta = obj["metadata"]
-        now = datetime.now(UTC)
-        if key:
-            name = f"{meta['name'][:180]}.{(meta.get('uid') or '')[:8]}.{key}".lower()
-            naming = client.V1ObjectMeta(name=name, namespace=meta["namespace"])
-        else:
-            naming = client.V1ObjectMeta(generate_name=f"{meta['name']}.", namespace=meta["namespace"])
-        body = client.CoreV1Event(
-            metadata=naming,
-            involved_object=client.V1ObjectReference(
-                api_version=obj.get("apiVersion", f"{GROUP}/{VERSION}"),
-                kind=obj.get("kind", "ImageJob"),
-                name=meta["name"],
-                namespace=meta["namespace"],
-                uid=meta.get("uid"),
-                resource_version=meta.get("resourceVersion"),
-            ),
-            type=type_,
-            reason=reason,
-            message=message[:1024],
-            count=1,
-            first_timestamp=now,
-            last_timestamp=now,
-            source=client.V1EventSource(component=COMPONENT, host=self.host),
-            reporting_component=COMPONENT,
-            reporting_instance=self.host,
-        )
+        """Record a Kubernetes Event on the object (see ``event_body``); losing one is not worth failing a
+        transition for."""
+        body = event_body(obj, type_, reason, message, key, self.host, datetime.now(UTC))
         try:
-            self.core.create_namespaced_event(meta["namespace"], body)
+            self.core.create_namespaced_event(body["metadata"]["namespace"], body)
         except ApiException as e:
             if e.status == 409 and key:
                 return  # recorded before
+            meta = obj["metadata"]
             log.warning("could not record event %s on %s/%s: %s", reason, meta["namespace"], meta["name"], e.reason)
+
+
+def event_body(
+    obj: dict[str, Any], type_: str, reason: str, message: str, key: str | None, host: str, now: datetime
+) -> dict[str, Any]:
+    """A core/v1 Event on ``obj``. With ``key`` its name derives from the object's uid and the key, so recording
+    the same transition again (another replica, a redelivered worker event) is refused (409), not counted twice."""
+    meta = obj["metadata"]
+    naming: dict[str, Any] = {"namespace": meta["namespace"]}
+    if key:
+        naming["name"] = f"{meta['name'][:180]}.{(meta.get('uid') or '')[:8]}.{key}".lower()
+    else:
+        naming["generateName"] = f"{meta['name']}."
+    stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": naming,
+        "involvedObject": {
+            "apiVersion": obj.get("apiVersion") or f"{GROUP}/{VERSION}",
+            "kind": obj.get("kind") or "ImageJob",
+            "name": meta["name"],
+            "namespace": meta["namespace"],
+            "uid": meta.get("uid"),
+            "resourceVersion": meta.get("resourceVersion"),
+        },
+        "type": type_,
+        "reason": reason,
+        "message": message[:1024],
+        "count": 1,
+        "firstTimestamp": stamp,
+        "lastTimestamp": stamp,
+        "source": {"component": COMPONENT, "host": host},
+        "reportingComponent": COMPONENT,
+        "reportingInstance": host,
+    }
+
+
+class AsyncKube:
+    """ImageJob reads and status writes, and Event posts, as raw JSON on a pooled keep-alive session."""
+
+    def __init__(self, cfg: client.Configuration, max_connections: int = 32) -> None:
+        self.cfg = cfg
+        self.host = socket.gethostname()
+        self.max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None
+
+    def _ssl(self) -> ssl.SSLContext | bool:
+        if not self.cfg.host.startswith("https"):
+            return False
+        if not self.cfg.verify_ssl:
+            return False
+        ctx = ssl.create_default_context(cafile=self.cfg.ssl_ca_cert or None)
+        if self.cfg.cert_file:
+            ctx.load_cert_chain(self.cfg.cert_file, self.cfg.key_file or None)
+        return ctx
+
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(limit=self.max_connections, ssl=self._ssl(), keepalive_timeout=60)
+            timeout = aiohttp.ClientTimeout(
+                total=READ_TIMEOUT_SECONDS + CONNECT_TIMEOUT_SECONDS, sock_connect=CONNECT_TIMEOUT_SECONDS
+            )
+            self._session = aiohttp.ClientSession(connector=connector, timeout=timeout)
+        return self._session
+
+    def _headers(self, content_type: str | None = None) -> dict[str, str]:
+        headers = {"Accept": "application/json"}
+        # What the official client sends (a bearer token; rotated ServiceAccount tokens and exec plugins refreshed).
+        for auth in self.cfg.auth_settings().values():
+            if auth.get("in") == "header" and auth.get("value"):
+                headers[auth["key"]] = auth["value"]
+        if content_type:
+            headers["Content-Type"] = content_type
+        return headers
+
+    async def _request(
+        self, method: str, path: str, body: dict[str, Any] | None = None, content_type: str | None = None
+    ) -> tuple[int, dict[str, Any]]:
+        data = None if body is None else json.dumps(body, separators=(",", ":"))
+        if data is not None and content_type is None:
+            content_type = "application/json"
+        try:
+            async with self.session().request(
+                method, self.cfg.host + path, data=data, headers=self._headers(content_type)
+            ) as resp:
+                raw = await resp.read()
+                try:
+                    answer = json.loads(raw) if raw else {}
+                except ValueError:
+                    answer = {"message": raw[:200].decode(errors="replace")}
+                return resp.status, answer if isinstance(answer, dict) else {}
+        except (TimeoutError, aiohttp.ClientError) as e:
+            raise KubeError(0, f"{type(e).__name__}: {e}") from e
+
+    @staticmethod
+    def _job_path(namespace: str, name: str, sub: str = "") -> str:
+        path = f"/apis/{GROUP}/{VERSION}/namespaces/{quote(namespace)}/{IMAGEJOB_PLURAL}/{quote(name)}"
+        return path + (f"/{sub}" if sub else "")
+
+    async def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+        status, obj = await self._request("GET", self._job_path(namespace, name))
+        if status == 404:
+            return None
+        if status >= 300:
+            raise KubeError(status, str(obj.get("message", "")))
+        return obj
+
+    async def patch_job_status(
+        self, namespace: str, name: str, status: dict[str, Any], resource_version: str | None = None
+    ) -> dict[str, Any] | None:
+        """Merge-patch the status subresource; the object as written, or None when it is gone.
+
+        With ``resource_version`` the patch applies only to that version, else StatusConflict."""
+        body: dict[str, Any] = {"status": status}
+        if resource_version:
+            body["metadata"] = {"resourceVersion": resource_version}
+        code, obj = await self._request(
+            "PATCH", self._job_path(namespace, name, "status"), body, "application/merge-patch+json"
+        )
+        if code == 404:
+            return None
+        if code == 409:
+            raise StatusConflict(f"{IMAGEJOB_PLURAL} {namespace}/{name} changed since version {resource_version}")
+        if code >= 300:
+            raise KubeError(code, str(obj.get("message", "")))
+        return obj
+
+    async def post_event(
+        self, obj: dict[str, Any], type_: str, reason: str, message: str, key: str | None = None
+    ) -> bool:
+        """Record an Event; False when it was not (refused, or recorded before under ``key``)."""
+        body = event_body(obj, type_, reason, message, key, self.host, datetime.now(UTC))
+        code, answer = await self._request(
+            "POST", f"/api/v1/namespaces/{quote(body['metadata']['namespace'])}/events", body
+        )
+        if code == 409 and key:
+            return False
+        if code >= 300:
+            log.warning(
+                "could not record event %s on %s/%s: %s %s",
+                reason,
+                body["metadata"]["namespace"],
+                obj["metadata"]["name"],
+                code,
+                answer.get("message", ""),
+            )
+            return False
+        return True
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()

@@ -15,6 +15,14 @@ EVENTS_DEAD_LETTERED = Counter(
 RESYNCED = Counter(
     "zimage_operator_jobs_resynced_total", "Unfinished ImageJobs finished from the outcome kept in Redis", ["phase"]
 )
+EVENTS_RECORDED = Counter(
+    "zimage_operator_kube_events_recorded_total", "Kubernetes Events recorded on ImageJobs", ["reason"]
+)
+EVENTS_DROPPED = Counter(
+    "zimage_operator_kube_events_dropped_total", "Kubernetes Events not recorded (queue full, or refused)"
+)
+ADMISSIONS = Counter("zimage_operator_admissions_total", "ImageJob admission decisions", ["action"])
+ADMISSION_BACKLOG = Gauge("zimage_operator_admission_backlog", "ImageJobs seen and waiting for admission")
 STATUS_PATCHES = Counter("zimage_operator_status_patches_total", "ImageJob status patches from worker events", ["kind"])
 
 QUEUE_LENGTH = Gauge("zimage_queue_length", "Jobs waiting in a model's queue", ["model"])

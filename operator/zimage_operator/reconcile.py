@@ -10,6 +10,7 @@ from typing import Any, Literal
 from pydantic import ValidationError
 
 from zimage_operator.conditions import iso, parse_iso, set_condition
+from zimage_operator.edits import spec_digest
 from zimage_operator.housekeeping import ttl_after_finished
 from zimage_operator.types import (
     TENANT_LABEL,
@@ -132,6 +133,7 @@ def admit(
         steps=steps,
         message=msg,
         progress=_progress(0, steps),
+        specDigest=spec_digest(spec),
     )
     return Admission("enqueue", patch, message, event=("Normal", Reason.ENQUEUED, msg))
 
@@ -296,6 +298,49 @@ def replayed_event(status: dict[str, Any], event: JobEvent, now: datetime) -> tu
     if status.get("phase") not in TERMINAL_PHASES or _FINAL_PHASE.get(event.type) != status.get("phase"):
         return None
     return event_patch({**status, "phase": "Running"}, event, now)[1]
+
+
+@dataclass
+class Folded:
+    """What a run of one job's worker events comes to: one status patch (None: nothing to write), the status
+    it leaves, the Kubernetes Events to record with their keys, and the time of the last progress written."""
+
+    patch: dict[str, Any] | None
+    status: dict[str, Any]
+    events: list[tuple[tuple[str, str, str], str]]
+    progress_at: float | None
+
+
+def fold_events(
+    status: dict[str, Any],
+    events: list[JobEvent],
+    now: datetime,
+    *,
+    last_progress_at: float | None = None,
+    min_interval: float = PROGRESS_MIN_INTERVAL,
+    generation: int | None = None,
+) -> Folded:
+    """Apply a job's events in order to its status in memory, for one write: a job that started and finished
+    within one batch gets a single status patch (merge-patch of every field any of the events set)."""
+    current, total, k8s_events = dict(status), {}, []
+    keys: set[str] = set()
+    progress_at = last_progress_at
+    for ev in events:
+        patch, k8s_event = event_patch(
+            current, ev, now, last_progress_at=progress_at, min_interval=min_interval, generation=generation
+        )
+        if patch:
+            current.update(patch)
+            total.update(patch)
+            if ev.type == "progress":
+                progress_at = ev.ts
+        elif k8s_event is None and not total:  # already final: its writer may have died before the Event
+            k8s_event = replayed_event(current, ev, now)
+        key = event_key(ev)
+        if k8s_event and key not in keys:
+            keys.add(key)
+            k8s_events.append((k8s_event, key))
+    return Folded(total or None, current, k8s_events, progress_at)
 
 
 def timeout_patch(

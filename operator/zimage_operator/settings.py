@@ -46,3 +46,8 @@ class OperatorSettings(BaseSettings):
     # within its namespaces. Both empty: one operator (with its replicas) for everything.
     shard: str = Field("", pattern=r"^([a-z0-9]([-a-z0-9]{0,38}[a-z0-9])?)?$")
     shard_selector: str = ""
+    # Throughput: ImageJobs admitted at once, and jobs whose worker events are applied at once (one status write
+    # each); Normal Kubernetes Events (Enqueued, Started, Completed) besides the Warnings.
+    admission_concurrency: int = Field(32, ge=1, le=512)
+    events_concurrency: int = Field(32, ge=1, le=512)
+    normal_events: bool = False

@@ -116,6 +116,9 @@ class ImageJobStatus(CamelModel):
     results: list[ResultImage] | None = None
     routed_to: str | None = Field(None, description="The fallback ModelDeployment the job was moved to, if any.")
     message: str | None = Field(None, max_length=32768)
+    spec_digest: dict[str, str] | None = Field(
+        None, description="A short hash per spec field as admitted: a later spec edit is reported by field."
+    )
 
 
 # A DNS-1123 name, as Kubernetes requires for object references (PVCs, ServiceAccounts, PriorityClasses).

@@ -41,11 +41,6 @@ def cr(kube: Kube, name: str) -> dict[str, Any]:
     return out
 
 
-def operator_done(kube: Kube, name: str) -> bool:
-    """The operator's own admission (kopf's create handler) ran to completion on this job."""
-    return "last-handled-configuration" in (cr(kube, name).get("status") or {}).get("kopf", {})
-
-
 def enqueue_calls(r: redis.Redis) -> int:
     """JobQueue.enqueue calls so far, by anyone: its script's HSETNX (the only other one records results)."""
     stats: dict[str, Any] = r.info("commandstats")
@@ -89,7 +84,7 @@ def scenario(kube: Kube, ps: Processes, client: TestClient, r: redis.Redis, url:
     assert resp.json()["phase"] == "Queued"
     victim_uid = cr(kube, victim)["metadata"]["uid"]
     # The operator admits the same CR from its watch and enqueues it again: the queue keeps one entry.
-    wait_for(lambda: operator_done(kube, victim), what="the operator's admission of the API's job")
+    wait_for(lambda: enqueue_calls(r) >= 2, what="the operator's admission of the API's job")
     assert enqueue_calls(r) == 2 and entries_added(r, keys.streams(queue)) == 1
     # GET /v1/models: the ModelDeployment with its queue (no worker has taken the job).
     [model] = client.get("/v1/models").json()["data"]
@@ -113,7 +108,8 @@ def scenario(kube: Kube, ps: Processes, client: TestClient, r: redis.Redis, url:
     kube.kubectl(
         "wait", "-n", NS, "--for=condition=Succeeded", *(f"ij/{n}" for n in names), "--timeout=50s", timeout=55
     )
-    wait_for(lambda: all(operator_done(kube, n) for n in names), what="the operator's admissions")
+    # The operator's own admissions of these jobs write only onto the version they decided on, so whatever it
+    # still does with them cannot move a finished status back.
 
     listed = kube.kubectl("get", "ij", "-n", NS, "-l", f"{TENANT_LABEL}={TENANT}", "-o", "name").stdout.split()
     assert sorted(listed) == sorted(f"imagejob.zimage.dev/{n}" for n in [victim, *names])

@@ -131,6 +131,7 @@ def test_peered_replicas_one_killed_midway_conditions_only_move_forward(crds: Ku
                 "ZIMAGE_PEERING_LIFETIME_SECONDS": "5",
                 "ZIMAGE_RESYNC_FIRST_SECONDS": "1",
                 "ZIMAGE_EVENTS_RECLAIM_SECONDS": "3",
+                "ZIMAGE_NORMAL_EVENTS": "true",  # Completed Events are counted: exactly one per job
             }
             argv = [str(BIN / "zimage-operator"), "--peering", "zimage", "-n", ns, "--metrics-port", "0"]
             r = redis.Redis.from_url(srv.url)

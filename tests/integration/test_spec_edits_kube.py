@@ -85,11 +85,11 @@ def test_an_edit_is_reported_and_the_job_runs_as_admitted(stack: tuple[Kube, Pro
     assert apply(kube, md)[0] == 0
     created = job("fox")
     assert apply(kube, created)[0] == 0
-    # admitted: queued, and kopf has recorded the spec it handled (what an update is compared with)
+    # admitted: queued, with the digest of the spec it was admitted with (what an edit is compared with)
     wait_for(
         lambda: (
             (st := get(kube, "fox").get("status") or {}).get("phase") == "Queued"
-            and "last-handled-configuration" in (st.get("kopf") or {})
+            and st.get("specDigest", {}).get("prompt")
         ),
         what="fox admitted",
     )

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
+from collections import OrderedDict
 from types import SimpleNamespace
 from typing import Any
 
-import kopf
 import pytest
 
-import zimage_operator.handlers  # noqa: F401  (the package registers the edits handler)
-from zimage_operator.handlers.edits import MAX_FIELDS_NAMED, changed_fields, spec_changed, spec_edit_event
-from zimage_operator.types import GROUP, IMAGEJOB_PLURAL, VERSION, Reason
+from zimage_operator.edits import MAX_FIELDS_NAMED, changed_fields, edited_fields, spec_digest, spec_edit_event
+from zimage_operator.handlers.imagejob import report_edit
+from zimage_operator.types import GROUP, VERSION, Reason
 
 
 def spec(**kw: Any) -> dict[str, Any]:
@@ -77,14 +76,14 @@ def test_changed_fields(old: dict[str, Any] | None, new: dict[str, Any], fields:
 def test_spec_edit_event(
     old: dict[str, Any] | None, new: dict[str, Any], status: dict[str, Any], expected: str | None
 ) -> None:
-    event = spec_edit_event(old, new, status)
+    event = spec_edit_event(None if old is None else spec_digest(old), new, status)
     assert event == (None if expected is None else (Reason.SPEC_CHANGED, expected))
 
 
 def test_many_changed_fields_are_counted_not_listed() -> None:
     new = spec(prompt="b", negativePrompt="n", width=64, height=64, steps=2, seed=1, numImages=2, strength=0.5,
                guidanceScale=1.0, outputFormat="webp")  # fmt: skip
-    event = spec_edit_event(spec(), new, {})
+    event = spec_edit_event(spec_digest(spec()), new, {})
     assert event is not None
     fields = changed_fields(spec(), new)
     assert len(fields) == 10 > MAX_FIELDS_NAMED
@@ -96,44 +95,50 @@ def test_reason_is_camel_case() -> None:
     assert Reason.SPEC_CHANGED == "SpecChanged"
 
 
-def test_the_handler_is_registered_for_spec_updates_of_imagejobs() -> None:
-    handlers = [h for h in kopf.get_default_registry()._changing.get_all_handlers() if h.fn is spec_changed]
-    assert len(handlers) == 1
-    (h,) = handlers
-    assert h.reason == kopf.Reason.UPDATE and h.field == ("spec",)
-    assert (h.selector.group, h.selector.version, h.selector.any_name) == (GROUP, VERSION, IMAGEJOB_PLURAL)
+def test_a_field_added_to_the_crd_since_admission_is_no_edit() -> None:
+    """The digest admitted before the CRD knew ``width`` lacks it; the defaulted value is no edit."""
+    admitted = {k: v for k, v in spec_digest(spec()).items() if k != "width"}
+    assert edited_fields(admitted, spec(width=1024)) == []
+    assert edited_fields(admitted, spec(width=512)) == ["width"]
 
 
-class RecordingKube:
+class RecordingRecorder:
     def __init__(self) -> None:
-        self.events: list[tuple[dict[str, Any], str, str, str]] = []
+        self.events: list[tuple[dict[str, Any], str, str, str, str | None]] = []
 
-    def post_event(self, obj: dict[str, Any], type_: str, reason: str, message: str) -> None:
-        self.events.append((obj, type_, reason, message))
+    def record(self, obj: dict[str, Any], type_: str, reason: str, message: str, key: str | None = None) -> None:
+        self.events.append((obj, type_, reason, message, key))
 
 
-def call(old: dict[str, Any], new: dict[str, Any], status: dict[str, Any]) -> RecordingKube:
-    kube = RecordingKube()
-    raw = {
+def watched(new: dict[str, Any], generation: int, status: dict[str, Any]) -> dict[str, Any]:
+    return {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "ImageJob",
-        "metadata": {"name": "fox", "namespace": "ns", "uid": "u-1", "resourceVersion": "7"},
+        "metadata": {"name": "fox", "namespace": "ns", "uid": "u-1", "resourceVersion": "7", "generation": generation},
         "spec": new,
-        "status": status,
+        "status": {"specDigest": spec_digest(spec()), **status},
     }
-    body = kopf.Body(raw)
-    memo = SimpleNamespace(runtime=SimpleNamespace(kube=kube))
-    asyncio.run(spec_changed(old=old, new=new, status=body.status, body=body, memo=memo))  # type: ignore[arg-type]
-    return kube
 
 
-def test_the_handler_posts_one_warning_on_the_job_and_changes_nothing() -> None:
-    kube = call(spec(), spec(prompt="b"), {"phase": "Queued"})
-    [(obj, type_, reason, message)] = kube.events
-    assert (type_, reason) == ("Warning", "SpecChanged") and "spec.prompt" in message
+def report(*bodies: dict[str, Any]) -> RecordingRecorder:
+    recorder = RecordingRecorder()
+    rt = SimpleNamespace(recorder=recorder)
+    reported: OrderedDict[str, int] = OrderedDict()
+    for body in bodies:
+        report_edit(rt, reported, body)  # type: ignore[arg-type]
+    return recorder
+
+
+def test_an_edit_is_reported_once_per_generation_as_a_warning_on_the_job() -> None:
+    edited = watched(spec(prompt="b"), 2, {"phase": "Queued"})
+    recorder = report(edited, edited, {**edited, "status": {**edited["status"], "phase": "Running"}})
+    [(obj, type_, reason, message, key)] = recorder.events  # later watch events of the same edit: no repeat
+    assert (type_, reason, key) == ("Warning", "SpecChanged", "specchanged-2") and "spec.prompt" in message
     assert obj["kind"] == "ImageJob" and obj["apiVersion"] == f"{GROUP}/{VERSION}"
     assert obj["metadata"]["uid"] == "u-1" and obj["metadata"]["namespace"] == "ns"
+    again = report(edited, watched(spec(prompt="c"), 3, {"phase": "Queued"}))
+    assert [e[4] for e in again.events] == ["specchanged-2", "specchanged-3"]
 
 
-def test_the_handler_is_quiet_when_only_defaults_appear() -> None:
-    assert call(spec(), spec(width=1024), {"phase": "Queued"}).events == []
+def test_an_edit_that_only_spells_out_defaults_is_not_reported() -> None:
+    assert report(watched(spec(width=1024), 2, {"phase": "Queued"})).events == []

@@ -205,3 +205,45 @@ def test_a_final_transition_written_without_its_event_is_recorded_under_the_same
     assert replayed_event({**patch}, failed, NOW) is None  # a different outcome than the one written
     started = ok.model_copy(update={"type": "started", "attempt": 2})
     assert [event_key(e) for e in (ok, failed, started)] == ["final", "final", "started-2"]
+
+
+def test_a_job_that_started_and_finished_in_one_batch_gets_one_patch_with_both() -> None:
+    from zimage_operator.reconcile import fold_events
+
+    queued = {
+        "phase": "Queued",
+        "queuedAt": "2026-11-23T11:59:00Z",
+        "progress": {"step": 0, "totalSteps": 8},
+        "conditions": [{"type": "Queued", "status": "True", "reason": "Enqueued", "lastTransitionTime": "x"}],
+    }
+    started, done = ev("started", attempt=1, worker="w1"), ev("succeeded", ts=NOW.timestamp() + 2, attempt=1)
+    folded = fold_events(queued, [started, ev("progress", step=4), done], NOW, generation=1)
+    assert folded.patch is not None and folded.patch["phase"] == "Succeeded"
+    # the start's fields survive the fold: one write carries what two wrote before
+    assert folded.patch["startedAt"] and folded.patch["worker"] == "w1" and folded.patch["queueSeconds"] == 60.0
+    assert folded.patch["progress"] == {"step": 8, "totalSteps": 8, "summary": "8/8"}
+    assert {c["type"] for c in folded.patch["conditions"]} >= {"Queued", "Running", "Succeeded"}
+    assert [(e[1], key) for e, key in folded.events] == [("Started", "started-1"), ("Completed", "final")]
+    assert folded.status["phase"] == "Succeeded"
+
+
+def test_folding_a_redelivered_final_event_writes_nothing_and_replays_its_event_once() -> None:
+    from zimage_operator.reconcile import fold_events
+
+    done = ev("succeeded", attempt=1)
+    first = fold_events({"phase": "Running"}, [done], NOW)
+    assert first.patch is not None
+    again = fold_events(first.status, [done, done], NOW)
+    assert again.patch is None and [key for _, key in again.events] == ["final"]
+    assert fold_events({"phase": "Running"}, [], NOW).patch is None
+
+
+def test_folded_progress_is_throttled_per_job_and_remembered() -> None:
+    from zimage_operator.reconcile import fold_events
+
+    t0 = NOW.timestamp()
+    folded = fold_events({"phase": "Running"}, [ev("progress", t0, step=1), ev("progress", t0 + 0.2, step=2)], NOW)
+    assert folded.patch == {"progress": {"step": 1, "totalSteps": 0, "summary": "1/0"}}
+    assert folded.progress_at == t0
+    later = fold_events(folded.status, [ev("progress", t0 + 0.5, step=3)], NOW, last_progress_at=folded.progress_at)
+    assert later.patch is None

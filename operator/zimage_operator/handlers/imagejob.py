@@ -5,17 +5,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from datetime import UTC, datetime
 from typing import Any
 
 import kopf
-import redis
 
 from zimage_operator import reconcile
+from zimage_operator.admission import Admitter
+from zimage_operator.edits import spec_edit_event
 from zimage_operator.housekeeping import Due
 from zimage_operator.k8s import StatusConflict
 from zimage_operator.lease import LeaseLost
-from zimage_operator.metrics import JOBS_ENQUEUED, JOBS_FINISHED
+from zimage_operator.metrics import JOBS_FINISHED
 from zimage_operator.runtime import Runtime
 from zimage_operator.types import GROUP, IMAGEJOB_PLURAL, TERMINAL_PHASES, VERSION
 from zimage_queue.keys import queue_name
@@ -28,77 +30,59 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def _body(body: kopf.Body) -> dict[str, Any]:
-    return {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"), "metadata": dict(body.metadata)}
-
-
-@kopf.on.resume(*RESOURCE)
-@kopf.on.create(*RESOURCE)
-async def admit(
-    spec: kopf.Spec, status: kopf.Status, meta: kopf.Meta, body: kopf.Body, memo: kopf.Memo, **_: Any
-) -> None:
-    rt: Runtime = memo.runtime
-    st = dict(status)
-    model = await asyncio.to_thread(rt.kube.get_model, meta["namespace"], spec.get("model", ""))
-    decision = reconcile.admit(spec=dict(spec), status=st, meta=dict(meta), model=model, now=_now())
-    if decision.action == "skip":
-        return
-    changed_phase = decision.patch.get("phase") != st.get("phase")
-    if decision.action == "enqueue":
-        assert decision.message is not None
-        # Status first: a fast worker's "Running" must never be overwritten by a late "Queued". Only onto the
-        # version we decided on: the API admits its jobs itself, and its worker may be reporting already.
-        if changed_phase:
-            try:
-                await asyncio.to_thread(
-                    rt.kube.patch_job_status,
-                    meta["namespace"],
-                    meta["name"],
-                    decision.patch,
-                    meta.get("resourceVersion"),
-                )
-            except StatusConflict as e:
-                raise kopf.TemporaryError(f"{e}; deciding again", delay=0.2) from e
-        try:
-            result = await asyncio.to_thread(rt.queue.enqueue, decision.message, spec.get("priority", "normal"))
-        except redis.RedisError as e:  # not kopf's default 60 s: jobs flow again soon after Redis is back
-            raise kopf.TemporaryError(f"Redis unavailable ({e}); enqueueing again", delay=2) from e
-        if result.created:
-            JOBS_ENQUEUED.labels(model=spec["model"]).inc()
-    elif changed_phase or decision.action == "wait":
-        await asyncio.to_thread(rt.kube.patch_job_status, meta["namespace"], meta["name"], decision.patch)
-    if decision.event and changed_phase:
-        key = {"enqueue": "enqueued", "fail": "final"}.get(decision.action)
-        await asyncio.to_thread(rt.kube.post_event, _body(body), *decision.event, key)
-    if decision.action == "fail":
-        JOBS_FINISHED.labels(phase="Failed", reason=decision.event[1] if decision.event else "").inc()
-    if decision.action == "wait":
-        raise kopf.TemporaryError(decision.patch.get("message", "waiting"), delay=rt.settings.model_recheck_seconds)
+MAX_EDITS_REMEMBERED = 10_000
 
 
 @kopf.on.event(*RESOURCE)
 async def track(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    """Keep the deadline book and the unfinished index current; a deleted unfinished job is cancelled.
+    """Every ImageJob watch event: admission, the view of unfinished jobs, the deadline book, spec edits, and the
+    cancel of a deleted unfinished job. Nothing here waits on the API server: admission runs in its own loop.
 
-    A watch handler rather than on.delete or timers: those put a finalizer on every ImageJob, so deletes would
-    hang while the operator is down. A delete missed that way costs one wasted run, whose result is dropped.
+    A watch handler rather than kopf's creation/deletion handlers or timers: those write a bookkeeping patch on
+    every job and put a finalizer on it, so deletes would hang while the operator is down. A delete missed that
+    way costs one wasted run, whose result is dropped.
     """
     rt: Runtime = memo.runtime
-    meta = body.get("metadata") or {}
+    admitter: Admitter = memo.admitter
+    raw = dict(body)
+    meta = raw.get("metadata") or {}
     uid = meta.get("uid", "")
-    finished = (body.get("status") or {}).get("phase") in TERMINAL_PHASES
+    status = raw.get("status") or {}
+    finished = status.get("phase") in TERMINAL_PHASES
     if event.get("type") == "DELETED":
         rt.deadlines.forget(uid)
         rt.unfinished.pop(uid, None)
+        admitter.forget(uid)
         if not finished:
             await asyncio.to_thread(rt.queue.cancel, uid)  # the record then expires after the retention
             JOBS_FINISHED.labels(phase="Cancelled", reason="Deleted").inc()
         return
+    first_sight = uid not in rt.unfinished
+    rt.observe_job(raw)
     if finished:
-        rt.unfinished.pop(uid, None)
+        admitter.forget(uid)
     else:
-        rt.unfinished[uid] = (meta["namespace"], meta["name"])
-    rt.deadlines.observe(dict(body))
+        admitter.observe(raw, first_sight)
+    rt.deadlines.observe(raw)
+    if (meta.get("generation") or 1) > 1 and status.get("specDigest"):
+        report_edit(rt, memo.edits_reported, raw)
+
+
+def report_edit(rt: Runtime, reported: OrderedDict[str, int], raw: dict[str, Any]) -> None:
+    """A Warning Event for a spec edit the API server let through (no CEL), once per generation; nothing else
+    changes (the job keeps the spec it was admitted with)."""
+    meta = raw["metadata"]
+    uid, generation = meta["uid"], meta["generation"]
+    if reported.get(uid) == generation:
+        return
+    reported[uid] = generation
+    reported.move_to_end(uid)
+    while len(reported) > MAX_EDITS_REMEMBERED:
+        reported.popitem(last=False)
+    status = raw.get("status") or {}
+    found = spec_edit_event(status.get("specDigest"), raw.get("spec"), status)
+    if found is not None:
+        rt.recorder.record(raw, "Warning", *found, f"specchanged-{generation}")
 
 
 async def act_on(rt: Runtime, due: Due) -> None:
@@ -127,7 +111,7 @@ async def act_on(rt: Runtime, due: Due) -> None:
         except StatusConflict:
             rt.deadlines.retry_later(due, now, delay=0.0)
             return
-        await asyncio.to_thread(rt.kube.post_event, obj, "Warning", "Timeout", patch["message"], "final")
+        rt.recorder.record(obj, "Warning", "Timeout", patch["message"], "final")
         JOBS_FINISHED.labels(phase="Failed", reason="Timeout").inc()
 
 

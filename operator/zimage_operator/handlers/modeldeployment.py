@@ -22,6 +22,9 @@ async def track(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any
     pool = rt.pools.get(uid)
     if pool is None:
         rt.pools[uid] = Pool(body=dict(body))
+        admitter = memo.get("admitter")
+        if admitter is not None:  # jobs that arrived before their model are admitted now, not at the recheck
+            admitter.wake(body["metadata"]["namespace"])
     else:
         pool.body = dict(body)
         pool.next_drift_check = 0.0  # a spec change is applied on the next pass

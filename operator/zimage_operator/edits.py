@@ -3,23 +3,23 @@
 The CRD refuses spec changes (a CEL transition rule, Kubernetes 1.25 and later). A cluster without CEL stores
 the edit; the job already enqueued keeps running with the spec it was admitted with (nothing is re-enqueued),
 and the user learns why from a Warning Event (reason ``SpecChanged``) instead of from a result that ignores
-their change. kopf keeps the last handled spec in ``status.kopf`` (see ``__main__``), so ``old`` is there.
+their change. Admission records a short digest of every spec field in ``status.specDigest`` (not the spec
+itself: the object stays small), so a later spec is compared field by field with what was admitted. Pure.
 """
 
 from __future__ import annotations
 
-import asyncio
+import hashlib
+import json
 from collections.abc import Mapping
 from typing import Any
 
-import kopf
 from pydantic_core import PydanticUndefined
 
-from zimage_operator.runtime import Runtime
-from zimage_operator.types import GROUP, IMAGEJOB_PLURAL, TERMINAL_PHASES, VERSION, ImageJobSpec, Reason
+from zimage_operator.types import TERMINAL_PHASES, ImageJobSpec, Reason
 
-RESOURCE = (GROUP, VERSION, IMAGEJOB_PLURAL)
 MAX_FIELDS_NAMED = 8
+DIGEST_CHARS = 12
 
 
 def _defaults() -> dict[str, Any]:
@@ -35,24 +35,47 @@ _DEFAULTS = _defaults()
 _ORDER = [f.alias or n for n, f in ImageJobSpec.model_fields.items()]
 
 
-def changed_fields(old: Mapping[str, Any] | None, new: Mapping[str, Any] | None) -> list[str]:
-    """The spec fields whose value differs, in the model's field order (unknown ones after, sorted).
+def spec_digest(spec: Mapping[str, Any]) -> dict[str, str]:
+    """A short hash of every spec field's value, defaults filled in (a missing field counts as its default)."""
+    out = {}
+    for k, v in {**_DEFAULTS, **spec}.items():
+        raw = json.dumps(v, sort_keys=True, separators=(",", ":"), default=str).encode()
+        out[k] = hashlib.blake2b(raw, digest_size=DIGEST_CHARS // 2).hexdigest()
+    return out
 
-    A field missing on one side counts as its default: a CRD upgrade that adds a defaulted field is no edit.
-    """
-    before, after = {**_DEFAULTS, **(old or {})}, {**_DEFAULTS, **(new or {})}
+
+_DEFAULT_DIGEST = spec_digest({})
+
+
+def _differ(before: Mapping[str, str], after: Mapping[str, str]) -> list[str]:
     keys = set(before) | set(after)
     differ = {k for k in keys if before.get(k) != after.get(k)}
     return [k for k in _ORDER if k in differ] + sorted(differ - set(_ORDER))
 
 
+def changed_fields(old: Mapping[str, Any] | None, new: Mapping[str, Any] | None) -> list[str]:
+    """The spec fields whose value differs, in the model's field order (unknown ones after, sorted).
+
+    A field missing on one side counts as its default: a CRD upgrade that adds a defaulted field is no edit.
+    """
+    return _differ(spec_digest(old or {}), spec_digest(new or {}))
+
+
+def edited_fields(admitted: Mapping[str, str], new: Mapping[str, Any] | None) -> list[str]:
+    """The fields of spec ``new`` that differ from the admitted spec's digest (a field the digest lacks, added
+    to the CRD since, counts as its default)."""
+    return _differ({**_DEFAULT_DIGEST, **admitted}, spec_digest(new or {}))
+
+
 def spec_edit_event(
     old: Mapping[str, Any] | None, new: Mapping[str, Any] | None, status: Mapping[str, Any]
 ) -> tuple[str, str] | None:
-    """(reason, message) of the Warning to record for a spec edit, or None when there is nothing to report."""
-    if old is None:  # no spec handled before: a creation, which admission handles
+    """(reason, message) of the Warning to record for a spec edit, or None when there is nothing to report.
+
+    ``old`` is the admitted spec's digest (``spec_digest``), ``new`` the spec now."""
+    if old is None:  # not admitted yet: admission takes the spec as it is
         return None
-    fields = changed_fields(old, new)
+    fields = edited_fields(old, new)
     if not fields:
         return None
     named = ", ".join(f"spec.{f}" for f in fields[:MAX_FIELDS_NAMED])
@@ -65,13 +88,3 @@ def spec_edit_event(
         outcome = "the job keeps the spec it was admitted with and is not enqueued again"
     message = f"spec is immutable once created: {named} changed; {outcome}. Create a new ImageJob instead."
     return Reason.SPEC_CHANGED, message
-
-
-@kopf.on.update(*RESOURCE, field="spec")
-async def spec_changed(old: Any, new: Any, status: kopf.Status, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    """Record a Warning Event for an edit the API server let through (no CEL); change nothing else."""
-    rt: Runtime = memo.runtime
-    event = spec_edit_event(old, new, dict(status))
-    if event is not None:
-        involved = {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"), "metadata": dict(body.metadata)}
-        await asyncio.to_thread(rt.kube.post_event, involved, "Warning", *event)
