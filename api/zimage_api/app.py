@@ -58,7 +58,9 @@ def create_app(
         retention_seconds=settings.job_retention_seconds,
         max_listed=settings.bulk_list_max,
     )
-    service = JobService(settings, store, queue, hub, RateLimiter(sync_redis), ConcurrencyQuota(sync_redis), bulk)
+    service = JobService(
+        settings, store, queue, hub, RateLimiter(sync_redis), ConcurrencyQuota(sync_redis, queue), bulk
+    )
     parts = Parts(
         settings,
         service,

@@ -1,15 +1,16 @@
 """Fairness in Redis, shared by every API replica: a token bucket per API key and a concurrent-jobs quota per
-tenant. Both are single Lua scripts, so two replicas never both take the last token or slot."""
+tenant. Both decide in a single Lua script on a single key, so two replicas never both take the last token or
+slot, and each runs on a Redis Cluster (every key a script touches is in its KEYS, and there is one)."""
 
 from __future__ import annotations
 
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
-import redis
-
-from zimage_queue import keys
+from zimage_queue import JobQueue
+from zimage_queue.clients import SyncClient
 from zimage_queue.keys import PREFIX
 
 # KEYS: bucket ; ARGV: rate per second, burst -> {allowed, retry after ms}. Redis's clock, so replicas agree.
@@ -35,33 +36,17 @@ redis.call('PEXPIRE', KEYS[1], math.ceil(burst * 1000 / rate) + 1000)
 return {allowed, retry}
 """
 
-# KEYS: tenant's active set ; ARGV: limit, token, now, reservation ttl, missing-job grace, job key prefix.
-# Members are job uids (or "r:<token>" while a job is being created). A uid leaves the set once its queue
-# record shows it finished or cancelled (or the record is gone); so the quota heals itself even if the API
-# replica that admitted the job is long gone.
+# KEYS: tenant's active set ; ARGV: limit, token, now, then the members that are gone.
+# Members are job uids (or "r:<token>" while a job is being created). Which are gone is read just before
+# (``settled``): a uid whose queue record shows it finished or cancelled (or whose record is gone), a
+# reservation past its time; so the quota heals itself even if the API replica that admitted the job is long
+# gone. The records are not read in the script: on a cluster they live on their queues' slots.
 _RESERVE = """
 local limit = tonumber(ARGV[1])
-local now = tonumber(ARGV[3])
-local members = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
-for i = 1, #members, 2 do
-  local m, score = members[i], tonumber(members[i + 1])
-  local gone = false
-  if string.sub(m, 1, 2) == 'r:' then
-    gone = now - score > tonumber(ARGV[4])
-  else
-    local job = ARGV[6] .. m
-    local state = redis.call('HGET', job, 'state')
-    if state == 'succeeded' or state == 'failed' or redis.call('HEXISTS', job, 'cancel') == 1 then
-      gone = true
-    elseif redis.call('EXISTS', job) == 0 then
-      gone = now - score > tonumber(ARGV[5])
-    end
-  end
-  if gone then redis.call('ZREM', KEYS[1], m) end
-end
+for i = 4, #ARGV do redis.call('ZREM', KEYS[1], ARGV[i]) end
 local n = redis.call('ZCARD', KEYS[1])
 if n >= limit then return {0, n} end
-redis.call('ZADD', KEYS[1], now, 'r:' .. ARGV[2])
+redis.call('ZADD', KEYS[1], tonumber(ARGV[3]), 'r:' .. ARGV[2])
 return {1, n + 1}
 """
 
@@ -79,7 +64,7 @@ class Verdict:
 
 
 class RateLimiter:
-    def __init__(self, r: redis.Redis) -> None:
+    def __init__(self, r: SyncClient) -> None:
         self._script = r.register_script(_BUCKET)
 
     def hit(self, key_id: str, rate_per_second: float, burst: int) -> Verdict:
@@ -98,8 +83,9 @@ class ConcurrencyQuota:
     RESERVATION_TTL = 60.0
     MISSING_GRACE = 300.0
 
-    def __init__(self, r: redis.Redis) -> None:
+    def __init__(self, r: SyncClient, queue: JobQueue | None = None) -> None:
         self.r = r
+        self.queue = queue or JobQueue(r)
         self._reserve = r.register_script(_RESERVE)
         self._commit = r.register_script(_COMMIT)
 
@@ -110,11 +96,30 @@ class ConcurrencyQuota:
     def reserve(self, tenant: str, limit: int) -> Slot | None:
         """A slot for one more job, or None when the tenant has ``limit`` jobs queued or running."""
         token = uuid.uuid4().hex
-        ok, active = self._reserve(
-            keys=[self._key(tenant)],
-            args=[limit, token, time.time(), self.RESERVATION_TTL, self.MISSING_GRACE, keys.job("")],
-        )
+        now = time.time()
+        gone = self.settled(self._key(tenant), now)
+        ok, active = self._reserve(keys=[self._key(tenant)], args=[limit, token, now, *gone])
         return Slot(tenant, token, int(active)) if int(ok) else None
+
+    def settled(self, key: str, now: float) -> list[str]:
+        """Members of an active set that no longer count: finished, cancelled or forgotten jobs, and stale
+        reservations (a missing record gets a grace: the job may be being created)."""
+        raw: Any = self.r.zrange(key, 0, -1, withscores=True)
+        members = [(m.decode() if isinstance(m, bytes) else str(m), float(score)) for m, score in raw]
+        states = self.queue.states([m for m, _ in members if not m.startswith("r:")])
+        gone = []
+        for m, score in members:
+            if m.startswith("r:"):
+                if now - score > self.RESERVATION_TTL:
+                    gone.append(m)
+                continue
+            found = states.get(m)
+            if found is None:
+                if now - score > self.MISSING_GRACE:
+                    gone.append(m)
+            elif found[0] in ("succeeded", "failed") or found[1]:
+                gone.append(m)
+        return gone
 
     def commit(self, slot: Slot, uid: str) -> None:
         self._commit(keys=[self._key(slot.tenant)], args=[slot.token, uid, time.time()])

@@ -32,6 +32,7 @@ from zimage_operator import reconcile
 from zimage_operator.conditions import iso, parse_iso
 from zimage_operator.types import API_VERSION, TERMINAL_PHASES
 from zimage_queue import JobEvent, JobQueue, ResultImage, keys
+from zimage_queue.clients import SyncClient
 from zimage_queue.entries import text
 
 BULK_LABEL = "zimage.dev/bulk"
@@ -137,7 +138,7 @@ class RedisJobStore:
 
     def __init__(
         self,
-        r: redis.Redis,
+        r: SyncClient,
         queue: JobQueue,
         namespace: str,
         models: JobStore,
@@ -237,11 +238,9 @@ class RedisJobStore:
             obj["metadata"]["resourceVersion"] = text(version) if version is not None else "1"
             obj["status"] = json.loads(text(status_raw)) if status_raw else {}
             objs.append(obj)
-        pipe = self.r.pipeline(transaction=False)
-        for obj in objs:
-            pipe.hmget(keys.job(obj["metadata"]["uid"]), *_RECORD_FIELDS)
+        records = self.queue.records([obj["metadata"]["uid"] for obj in objs], list(_RECORD_FIELDS))
         now = datetime.now(UTC)
-        for obj, values in zip(objs, pipe.execute() if objs else [], strict=True):
+        for obj, values in zip(objs, records, strict=True):
             record = parse_record(values)
             obj["status"] = derive_status(obj["status"], record, obj["spec"], obj["metadata"], now)
             if obj["status"].get("phase") == "Failed" and not record.cancel and not record.final:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from zimage_queue import keys
+from zimage_queue.clients import retrying
 from zimage_queue.metrics import POISON_ENTRIES
 
 log = logging.getLogger(__name__)
@@ -39,24 +40,43 @@ class Poisoned:
 
 
 def quarantine(
-    r: Any, *, stream: str, group: str, entry_id: str, fields: dict[str, str], error: str, kind: str, delete: bool
+    r: Any,
+    *,
+    stream: str,
+    group: str,
+    entry_id: str,
+    fields: dict[str, str],
+    error: str,
+    kind: str,
+    delete: bool,
+    dead_letter: str = keys.DEAD_LETTER_STREAM,
 ) -> None:
-    """Dead-letter, ack (and for a job stream delete) one entry, in one transaction."""
+    """Dead-letter, ack (and for a job stream delete) one entry, in one transaction. On a cluster
+    ``dead_letter`` is the stream's queue's own (the same slot)."""
     raw = json.dumps(fields, ensure_ascii=True)[:MAX_RAW_CHARS]
-    pipe = r.pipeline(transaction=True)
-    pipe.xadd(
-        keys.DEAD_LETTER_STREAM,
-        {keys.SOURCE_FIELD: stream, keys.ENTRY_FIELD: entry_id, keys.RAW_FIELD: raw, keys.ERROR_FIELD: error[:2000]},
-        maxlen=keys.DEAD_LETTER_MAXLEN,
-        approximate=True,
-    )
-    pipe.xack(stream, group, entry_id)
-    if delete:
-        pipe.xdel(stream, entry_id)
-    pipe.execute()
+
+    def write() -> None:
+        pipe = r.pipeline(transaction=True)
+        pipe.xadd(
+            dead_letter,
+            {
+                keys.SOURCE_FIELD: stream,
+                keys.ENTRY_FIELD: entry_id,
+                keys.RAW_FIELD: raw,
+                keys.ERROR_FIELD: error[:2000],
+            },
+            maxlen=keys.DEAD_LETTER_MAXLEN,
+            approximate=True,
+        )
+        pipe.xack(stream, group, entry_id)
+        if delete:
+            pipe.xdel(stream, entry_id)
+        pipe.execute()
+
+    retrying(r, write)
     POISON_ENTRIES.labels(stream=kind).inc()
     # One line per entry, ever: it is acked, so no reader sees it again.
-    log.error("moved unreadable %s entry %s of %s to %s: %s", kind, entry_id, stream, keys.DEAD_LETTER_STREAM, error)
+    log.error("moved unreadable %s entry %s of %s to %s: %s", kind, entry_id, stream, dead_letter, error)
 
 
 def error_text(e: Exception) -> str:

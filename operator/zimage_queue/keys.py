@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from zimage_queue.message import Priority
 
 PREFIX = "zimage"
@@ -33,6 +35,8 @@ F_CANCEL = "cancel"
 # The terminal event (succeeded/failed/cancelled), kept with the job so no outcome depends on the capped
 # events stream: the operator resyncs unfinished ImageJobs from it.
 F_FINAL = "final"
+# Cluster only: the queue a reroute is moving the job to (set on the source record until the move is done).
+F_MOVING = "moving"
 
 # Highest first: the order a worker drains its streams in.
 PRIORITY_ORDER: tuple[Priority, ...] = ("high", "normal", "low")
@@ -84,3 +88,56 @@ def operator_group(shard: str = "") -> str:
     """The events stream's consumer group of one operator shard: every shard reads every event through its own
     group and applies those of its own jobs. No shard: the group of an unsharded install."""
     return f"{OPERATOR_GROUP}-{shard}" if shard else OPERATOR_GROUP
+
+
+# -- Redis Cluster ---------------------------------------------------------------------------------------------
+# On a cluster every key of one queue carries the queue's hash tag, so one queue lives on one slot and each of
+# its scripts runs on one node: ``zimage:{ns/model}:q:<priority>``, ``...:job:<uid>``, ``...:events``,
+# ``...:dead-letter``, ``...:workers``. A single server keeps the flat names above (so a worker of the previous
+# release can share it during a rolling upgrade). docs/scaling.md, "Redis Cluster / Sentinel", has the table.
+
+# Every queue a process has set up, so readers of the per-queue events streams find them all (cluster only).
+QUEUES = f"{PREFIX}:queues"
+
+
+def job_queue(uid: str) -> str:
+    """Cluster only: which queue's slot holds the job's record, for the calls that know the uid alone."""
+    return f"{PREFIX}:job-queue:{{{uid}}}"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Key names per deployment: ``FLAT`` on one server (as before), ``TAGGED`` on a Redis Cluster."""
+
+    tagged: bool
+
+    def _q(self, queue: str) -> str:
+        return f"{PREFIX}:{{{queue}}}"
+
+    def stream(self, queue: str, priority: Priority) -> str:
+        return f"{self._q(queue)}:q:{priority}" if self.tagged else stream(queue, priority)
+
+    def streams(self, queue: str) -> list[str]:
+        return [self.stream(queue, p) for p in PRIORITY_ORDER]
+
+    def job(self, queue: str, uid: str) -> str:
+        return f"{self._q(queue)}:job:{uid}" if self.tagged else job(uid)
+
+    def workers(self, queue: str) -> str:
+        return f"{self._q(queue)}:workers" if self.tagged else workers(queue)
+
+    def events(self, queue: str) -> str:
+        return f"{self._q(queue)}:events" if self.tagged else EVENTS_STREAM
+
+    def dead_letter(self, queue: str) -> str:
+        return f"{self._q(queue)}:dead-letter" if self.tagged else DEAD_LETTER_STREAM
+
+    def queue_of(self, key: str) -> str | None:
+        """The queue a tagged key belongs to (None for a flat or untagged key)."""
+        if not self.tagged or "{" not in key:
+            return None
+        return key.partition("{")[2].partition("}")[0] or None
+
+
+FLAT = Layout(tagged=False)
+TAGGED = Layout(tagged=True)

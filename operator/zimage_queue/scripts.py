@@ -26,9 +26,11 @@ redis.call('HSET', KEYS[1], ARGV[3], id, ARGV[4], KEYS[2])
 return {1, id}
 """
 
-# KEYS: job ; ARGV: worker, max attempts -> {outcome, attempts}
+# KEYS: job ; ARGV: worker, max attempts -> {outcome, attempts}. ``moving``: a cluster reroute stopped half-way
+# (``MOVE_OUT`` ran, ``MOVE_DONE`` did not); the caller finishes it.
 BEGIN = f"""
 if redis.call('HEXISTS', KEYS[1], '{keys.F_RESULT}') == 1 then return {{'done', 0}} end
+if redis.call('HEXISTS', KEYS[1], '{keys.F_MOVING}') == 1 then return {{'moving', 0}} end
 if redis.call('HEXISTS', KEYS[1], '{keys.F_FINAL}') == 1 then return {{'done', 0}} end
 if redis.call('HEXISTS', KEYS[1], '{keys.F_CANCEL}') == 1 then return {{'cancelled', 0}} end
 local a = redis.call('HINCRBY', KEYS[1], '{keys.F_ATTEMPTS}', 1)
@@ -118,4 +120,36 @@ ACK = """
 local acked = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[1], ARGV[2])
 return acked
+"""
+
+
+# A reroute on a cluster, where the two queues live on two slots: three steps, each safe to repeat, in order.
+# 1. KEYS: source job ; ARGV: target queue -> the record's fields (to copy), marked as moving there.
+MOVE_OUT = f"""
+redis.call('HSET', KEYS[1], '{keys.F_MOVING}', ARGV[1])
+return redis.call('HGETALL', KEYS[1])
+"""
+
+# 2. KEYS: target job, target stream, target events ; ARGV: payload, event json, then field, value pairs to copy
+# -> 1 when this created the target record. The record's HSETNX makes a second run a no-op.
+MOVE_IN = f"""
+if redis.call('HSETNX', KEYS[1], '{keys.F_ENQUEUED}', '-') == 0 then return 0 end
+for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+local id = redis.call('XADD', KEYS[2], '*', '{keys.MESSAGE_FIELD}', ARGV[1])
+redis.call('HSET', KEYS[1], '{keys.F_ENQUEUED}', id, '{keys.F_STREAM}', KEYS[2], '{keys.F_STATE}', 'queued')
+redis.call('HDEL', KEYS[1], '{keys.F_MOVING}')
+{_EVENT % "ARGV[2]"}
+return 1
+"""
+
+# 3. (after the job's index names the target) KEYS: source job, source stream ; ARGV: group, entry id, target
+# queue, ttl. The source record shrinks to a tombstone naming the target, so a worker that took the entry over
+# meanwhile finds it moved (BEGIN says ``moving``) instead of running it a second time.
+MOVE_DONE = f"""
+redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[2], ARGV[2])
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], '{keys.F_MOVING}', ARGV[3])
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
+return 1
 """

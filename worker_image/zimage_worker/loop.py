@@ -293,7 +293,7 @@ class Worker:
             return self._count("dead_lettered")
         m = d.message
         metrics.QUEUE_WAIT_SECONDS.observe(max(0.0, time.time() - m.enqueued_at))
-        self.queue.publish(self._event(d, "started", total_steps=_total_steps(m)))
+        self.queue.publish(self._event(d, "started", total_steps=_total_steps(m)), queue=m.queue)
         return None
 
     def _request(self, d: Delivery) -> Request:
@@ -424,7 +424,7 @@ class Worker:
                 return
             published_at = now
             try:
-                self.queue.publish(self._event(d, "progress", step=step, total_steps=total))
+                self.queue.publish(self._event(d, "progress", step=step, total_steps=total), queue=d.message.queue)
             except redis.RedisError as e:  # progress is advisory: never fail an image for it
                 log.warning("progress of %s not published: %s", d.message.uid, e)
 
@@ -443,7 +443,7 @@ class Worker:
             if now - checked_at < self.cancel_poll_seconds:
                 return False
             checked_at = now
-            return self.queue.is_cancelled(d.message.uid)
+            return self.queue.is_cancelled(d.message.uid, queue=d.message.queue)
 
         return should_stop
 

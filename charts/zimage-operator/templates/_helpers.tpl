@@ -21,7 +21,11 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 
 {{- define "zimage.redisUrl" -}}
-{{- if .Values.redis.bundled -}}redis://{{ include "zimage.fullname" . }}-redis.{{ .Release.Namespace }}.svc:6379/0{{- else -}}{{ required "redis.externalUrl is required when redis.bundled is false" .Values.redis.externalUrl }}{{- end -}}
+{{- $r := .Values.redis -}}
+{{- if $r.bundled -}}redis://{{ include "zimage.fullname" . }}-redis.{{ .Release.Namespace }}.svc:6379/0
+{{- else if $r.cluster.nodes -}}redis+cluster://{{ join "," $r.cluster.nodes }}/?wait_replicas={{ $r.cluster.waitReplicas }}
+{{- else if $r.sentinel.nodes -}}redis+sentinel://{{ join "," $r.sentinel.nodes }}/{{ required "redis.sentinel.master is required with redis.sentinel.nodes" $r.sentinel.master }}/{{ $r.sentinel.db }}
+{{- else -}}{{ required "redis.externalUrl (or redis.cluster.nodes, redis.sentinel.nodes) is required when redis.bundled is false" $r.externalUrl }}{{- end -}}
 {{- end -}}
 
 {{/* Every pod: non-root, read-only root filesystem, no capabilities, the runtime's seccomp profile. */}}
