@@ -273,6 +273,7 @@ class JobQueue:
                 name=msg.name,
                 reason="FallbackModel",
                 message=target_model,
+                bulk=msg.bulk,
             )
             if self.k.tagged:
                 moved += self._move_across(d, target, event)
@@ -306,6 +307,7 @@ class JobQueue:
                 name=msg.name,
                 reason="FallbackModel",
                 message=target.partition("/")[2] or target,
+                bulk=msg.bulk,
             )
         flat = self._move_out(keys=[source], args=[target])
         fields = decoded(dict(zip(flat[::2], flat[1::2], strict=True)))

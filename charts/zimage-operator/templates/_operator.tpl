@@ -81,6 +81,12 @@ spec:
               value: {{ if kindIs "invalid" $root.Values.operator.ttlSecondsAfterFinished }}"null"{{ else }}{{ $root.Values.operator.ttlSecondsAfterFinished | int64 | quote }}{{ end }}
             - name: ZIMAGE_JOB_RETENTION_SECONDS
               value: {{ $root.Values.operator.jobRetentionSeconds | int64 | quote }}
+            - name: ZIMAGE_NORMAL_EVENTS
+              value: {{ $root.Values.operator.normalEvents | quote }}
+            - name: ZIMAGE_ADMISSION_CONCURRENCY
+              value: {{ $root.Values.operator.admissionConcurrency | int64 | quote }}
+            - name: ZIMAGE_EVENTS_CONCURRENCY
+              value: {{ $root.Values.operator.eventsConcurrency | int64 | quote }}
             - name: ZIMAGE_CONSUMER_NAME
               valueFrom:
                 fieldRef: {fieldPath: metadata.name}
