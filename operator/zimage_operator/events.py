@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import OrderedDict
 from datetime import UTC, datetime
 
@@ -46,6 +47,8 @@ class EventApplier:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         self.last_progress: OrderedDict[str, float] = OrderedDict()
+        # Wall time when a read last found no new event: everything published before it has been applied.
+        self.caught_up_at = 0.0
 
     def _remember_progress(self, uid: str, ts: float) -> None:
         self.last_progress[uid] = ts
@@ -141,8 +144,10 @@ async def consume_once(rt: Runtime, applier: EventApplier) -> None:
     pass fails: that job's entries stay pending and come back first on the next pass, so its events are still
     applied in order. Events the API server refuses for good are dead-lettered."""
     group = rt.events_group  # one per shard (keys.operator_group); every shard reads every event
+    started = time.time()
     batch = await asyncio.to_thread(rt.queue.read_events, rt.consumer, 500, rt.settings.events_block_ms, group)
     if not batch:
+        applier.caught_up_at = started
         return
     ours = [(entry_id, ev) for entry_id, ev in batch if not ev.bulk]  # bulk jobs have no ImageJob: acked
     jobs = by_job(ours)

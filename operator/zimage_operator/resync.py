@@ -20,6 +20,8 @@ from zimage_queue.queue import Final
 
 log = logging.getLogger(__name__)
 
+# Workers stamp events with their clock, the consumer's watermark is the operator's.
+CLOCK_SKEW_SECONDS = 2.0
 PHASES = {"succeeded": "Succeeded", "failed": "Failed", "cancelled": "Cancelled"}
 
 
@@ -60,10 +62,18 @@ class Resync:
             log.info("resync: %d unfinished ImageJob(s) settled from the outcomes kept in Redis", settled)
 
     async def settle(self, uids: list[str]) -> int:
+        """Apply the outcomes Redis keeps for these unfinished jobs that the events consumer has missed: those
+        recorded before it last found the stream drained. Younger ones are still on their way through it (a
+        backlog), and applying them twice would cost a conflict and a read each."""
         finals = await asyncio.to_thread(self.rt.queue.finals, uids)
-        for uid, final in finals.items():
-            if uid not in self.rt.unfinished:
-                continue  # finished meanwhile through its event
-            await self.applier.apply(settling_event(final))
+        cutoff = self.applier.caught_up_at - CLOCK_SKEW_SECONDS
+        due = [f for uid, f in finals.items() if uid in self.rt.unfinished and f.event.ts <= cutoff]
+        gate = asyncio.Semaphore(self.rt.settings.events_concurrency)
+
+        async def one(final: Final) -> None:
+            async with gate:
+                await self.applier.apply(settling_event(final))
             RESYNCED.labels(phase=PHASES.get(final.event.type, final.event.type)).inc()
-        return len(finals)
+
+        await asyncio.gather(*(one(f) for f in due))
+        return len(due)
