@@ -268,6 +268,10 @@ def event_body(
     }
 
 
+# Who owns what we write, in managedFields (`kubectl get --show-managed-fields`): named, not the HTTP library.
+FIELD_MANAGER = f"?fieldManager={COMPONENT}"
+
+
 class AsyncKube:
     """ImageJob reads and status writes, and Event posts, as raw JSON on a pooled keep-alive session."""
 
@@ -348,7 +352,7 @@ class AsyncKube:
         if resource_version:
             body["metadata"] = {"resourceVersion": resource_version}
         code, obj = await self._request(
-            "PATCH", self._job_path(namespace, name, "status"), body, "application/merge-patch+json"
+            "PATCH", self._job_path(namespace, name, "status") + FIELD_MANAGER, body, "application/merge-patch+json"
         )
         if code == 404:
             return None
