@@ -37,6 +37,7 @@ import argparse
 import asyncio
 import calendar
 import json
+import math
 import os
 import queue as queue_mod
 import random
@@ -54,6 +55,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # conftest (the test bed helpers) lives at the repository root
@@ -116,7 +118,7 @@ def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
     s = sorted(values)
-    rank = max(1, min(len(s), round(q / 100 * len(s) + 0.5)))
+    rank = max(1, min(len(s), math.ceil(q / 100 * len(s))))
     return s[rank - 1]
 
 
@@ -181,11 +183,57 @@ def key_label(k: Key) -> str:
 
 @dataclass(frozen=True)
 class Window:
-    """A scrape of the API server's request counters and the bench's own count just after it."""
+    """A scrape of the API server's request counters and the bench's own count just after it; with the CPU
+    seconds the processes had used by then."""
 
     at: float
     totals: RequestTotals
     own: dict[Key, float]
+    cpu: dict[str, float] = field(default_factory=dict)
+
+
+def cpu_per_job(start: Window, end: Window, jobs: int) -> dict[str, float]:
+    """CPU milliseconds per job of each process measured at both ends."""
+    return {p: (end.cpu[p] - start.cpu[p]) * 1000 / max(jobs, 1) for p in end.cpu if p in start.cpu}
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """utime + stime of a process (``/proc/<pid>/stat``); None when it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "; utime and stime are fields 14 and 15
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def local_control_plane(server: str) -> dict[str, int]:
+    """The pids of a kube-apiserver on this machine serving ``server`` and of the etcd it uses (the test bed);
+    empty for a remote cluster."""
+    url = urlparse(server)
+    if url.hostname not in ("127.0.0.1", "localhost", "::1") or not url.port:
+        return {}
+    cmdlines: dict[int, list[str]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            with suppress(OSError):
+                cmdlines[int(d.name)] = (d / "cmdline").read_bytes().decode(errors="replace").split("\0")
+    out: dict[str, int] = {}
+    etcd_port = ""
+    for pid, argv in cmdlines.items():
+        if argv and argv[0].endswith("kube-apiserver") and f"--secure-port={url.port}" in argv:
+            out["kube-apiserver"] = pid
+            etcd = next((a.split("=", 1)[1] for a in argv if a.startswith("--etcd-servers=")), "")
+            etcd_port = str(urlparse(etcd.split(",")[0]).port or "")
+    if etcd_port:
+        for pid, argv in cmdlines.items():
+            if (
+                argv
+                and argv[0].endswith("etcd")
+                and any(a.endswith(f":{etcd_port}") for a in argv)  # its client URL, as one argument or two
+            ):
+                out["etcd"] = pid
+    return out
 
 
 def request_rows(
@@ -235,6 +283,7 @@ class PathResult:
     lag_max: float | None = None
     lag_fallbacks: int = 0  # jobs whose finish time came from status.finishedAt (record gone)
     requests: list[RequestRow] = field(default_factory=list)
+    cpu_ms_per_job: dict[str, float] = field(default_factory=dict)  # operator, kube-apiserver, etcd, bench
     delete_requests: list[RequestRow] = field(default_factory=list)
     window_seconds: float = 0.0
     delete_seconds: float | None = None
@@ -245,6 +294,7 @@ class PathResult:
     rss_end_kb: int = 0
     redis_after: RedisSample | None = None
     watch_events: int = 0
+    watch_restarts: int = 0
     create_retries: int = 0
 
     @property
@@ -340,6 +390,9 @@ class Report:
         row("API requests per job, all", lambda c: c.api_total_per_job(), "{:.2f}")
         row("API requests per job, operator's", lambda c: c.operator_per_job(), "{:.2f}")
         row("  of which Event POSTs", lambda c: c.operator_per_job("events", "POST"), "{:.2f}")
+        for proc in ("operator", "kube-apiserver", "etcd", "bench"):
+            if any(proc in c.cpu_ms_per_job for c in cols):
+                row(f"CPU ms per job, {proc}", lambda c, p=proc: c.cpu_ms_per_job.get(p), "{:.1f}")  # type: ignore[misc]
         row("operator RSS start (MiB)", lambda c: c.rss_start_kb / 1024, rss)
         row("operator RSS with all admitted, none run (MiB)", lambda c: _kb(c.rss_held_kb), rss)
         row("operator RSS peak (MiB)", lambda c: c.rss_peak_kb / 1024, rss)
@@ -357,14 +410,19 @@ class Report:
                 "",
                 "CR rounds:",
                 "",
-                "| round | jobs/s | delete (s) | RSS peak (MiB) | RSS end (MiB) | used_memory (KiB) | keys |",
-                "|---|---:|---:|---:|---:|---:|---:|",
+                "| round | creation/s | jobs/s | status lag p50 / p99 (s) | delete (s) | RSS start | RSS all admitted "
+                "| RSS peak | RSS end (MiB) | used_memory (KiB) | keys |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
             ]
             for c in self.cr:
                 r = c.redis_after
+                held = "n/a" if c.rss_held_kb is None else f"{c.rss_held_kb / 1024:.1f}"
                 lines.append(
-                    f"| {c.round} | {c.jobs_per_s:.1f} | {c.delete_seconds or 0:.1f} | {c.rss_peak_kb / 1024:.1f} "
-                    f"| {c.rss_end_kb / 1024:.1f} | {r.used_memory / 1024 if r else 0:.0f} | {r.dbsize if r else 0} |"
+                    f"| {c.round} | {c.creation_per_s:.1f} | {c.jobs_per_s:.1f} "
+                    f"| {c.lag_p50 or 0:.2f} / {c.lag_p99 or 0:.2f} "
+                    f"| {c.delete_seconds or 0:.1f} | {c.rss_start_kb / 1024:.1f} "
+                    f"| {held} | {c.rss_peak_kb / 1024:.1f} | {c.rss_end_kb / 1024:.1f} "
+                    f"| {r.used_memory / 1024 if r else 0:.0f} | {r.dbsize if r else 0} |"
                 )
         if self.background_rate:
             bg = ", ".join(f"{k} {v:.2f}/s" for k, v in sorted(self.background_rate.items()))
@@ -500,6 +558,7 @@ class Watcher(threading.Thread):
         self.jobs: dict[str, Seen] = {}
         self.lock = threading.Lock()
         self.events = 0
+        self.restarts = 0  # watches the server ended (timeouts, a slow reader) or that failed, resumed
         self.connected = threading.Event()
         self._halt = threading.Event()
         self._resp: httpx.Response | None = None
@@ -544,6 +603,7 @@ class Watcher(threading.Thread):
                 self.error = e
                 rv = ""
                 time.sleep(0.5)
+            self.restarts += 1
 
     def _watch(self, rv: str) -> str:
         params = {
@@ -783,6 +843,7 @@ class Bench:
         self.queue = keys.queue_name(ns, MODEL)
         self.operator_pid = operator_pid
         self.rss = RssSampler(operator_pid)
+        self.cpu_pids = {"operator": operator_pid, **local_control_plane(self.api.base)}
         self.t0 = time.monotonic()
         self.run_id = f"crs-{os.getpid()}-{random.randrange(10**6)}"
         self.report = Report(plan, run_id=self.run_id)
@@ -889,7 +950,9 @@ class Bench:
 
     def window(self) -> Window:
         totals = self.api.request_totals()
-        return Window(time.monotonic(), totals, self.api.own())
+        cpu = {name: cpu_seconds(pid) for name, pid in self.cpu_pids.items()}
+        cpu["bench"] = sum(os.times()[:2])
+        return Window(time.monotonic(), totals, self.api.own(), {k: v for k, v in cpu.items() if v is not None})
 
     # -- Redis figures
     def redis_sample(self, uids: list[str]) -> RedisSample:
@@ -1050,11 +1113,13 @@ class Bench:
         self.settle_requests()
         end = self.window()
         res.requests, res.window_seconds = request_rows(start, end, self.bg_rate, jobs)
+        res.cpu_ms_per_job = cpu_per_job(start, end, jobs)
         res.rss_peak_kb = self.rss.take_peak()
         wait_for(lambda: finish.outstanding() == 0, 10, interval=0.1, what="the finish times read from Redis")
         finish.stop()
         self._lags(res, seen, answered, finish.ts)
         res.watch_events = watcher.events
+        res.watch_restarts = watcher.restarts
 
         del_start = self.window()
         res.delete_seconds, res.delete_method = self.delete_all(watcher, names)
@@ -1117,7 +1182,9 @@ class Bench:
         res.lag_p50, res.lag_p99, res.lag_max = percentile(lags, 50), percentile(lags, 99), max(lags)
         self.log(f"{label}: {res.succeeded} succeeded, {res.jobs_per_s:.1f} jobs/s; settling")
         self.settle_requests()
-        res.requests, res.window_seconds = request_rows(start, self.window(), self.bg_rate, jobs)
+        end = self.window()
+        res.requests, res.window_seconds = request_rows(start, end, self.bg_rate, jobs)
+        res.cpu_ms_per_job = cpu_per_job(start, end, jobs)
         res.rss_peak_kb = self.rss.take_peak()
         self.after_retention(res, uids, max(finish.ts.values()), final)
         return res
