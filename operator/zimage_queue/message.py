@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 from pydantic.alias_generators import to_camel
 
 Task = Literal["text-to-image", "image-to-image", "inpaint"]
@@ -96,7 +96,21 @@ class GenerationParams(WireModel):
         return errors
 
 
-class JobMessage(WireModel):
+class BulkMarked(WireModel):
+    """Carries ``bulk`` only when it is set: a release before the marker refuses unknown fields, so what every
+    non-bulk job writes stays readable by it during a rolling upgrade."""
+
+    bulk: bool = False
+
+    @model_serializer(mode="wrap")
+    def _bulk_only_when_set(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
+        data: dict[str, object] = handler(self)
+        if not self.bulk:
+            data.pop("bulk", None)
+        return data
+
+
+class JobMessage(BulkMarked):
     """What goes on a model's stream. Everything a worker needs; nothing it must look up elsewhere."""
 
     uid: str = Field(min_length=1)
@@ -109,9 +123,9 @@ class JobMessage(WireModel):
     max_retries: int = Field(DEFAULT_MAX_RETRIES, ge=0, le=20)
     timeout_seconds: int | None = Field(None, ge=1)
     enqueued_at: float = Field(default_factory=time.time)
-    # A bulk job (the API's bulk mode): no ImageJob behind it, its state lives in Redis only. Workers copy it
-    # into their events, so the operator can skip them without asking the API server for a job that is not there.
-    bulk: bool = False
+    # bulk (BulkMarked): a job of the API's bulk mode, with no ImageJob behind it, its state in Redis only.
+    # Workers copy it into their events, so the operator skips them without asking the API server for a job
+    # that is not there.
 
     @model_validator(mode="after")
     def _resolved(self) -> JobMessage:
@@ -130,7 +144,7 @@ class ResultImage(WireModel):
     bytes: int
 
 
-class JobEvent(WireModel):
+class JobEvent(BulkMarked):
     """A worker's report about one job, read by the operator from the events stream."""
 
     type: EventType
@@ -146,4 +160,3 @@ class JobEvent(WireModel):
     message: str | None = None
     run_seconds: float | None = None
     ts: float = Field(default_factory=time.time)
-    bulk: bool = False  # copied from the JobMessage: no ImageJob to write this event into
