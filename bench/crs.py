@@ -89,6 +89,9 @@ class Plan:
     rounds: int = 1  # CR-path rounds (create, finish, delete, retention)
     bulk: tuple[str, ...] = ("queue",)  # the paths next to the CR path (BULK_PATHS keys), run after it
     concurrency: int = 48  # creates in flight (HTTP/1.1 keep-alive connections)
+    # ImageJob creates per second (0: as fast as the API server answers). Below the API server's ceiling the
+    # status lag is the operator's own; at the ceiling it is mostly the API server's queue.
+    rate: float = 0.0
     job_retention_seconds: int = 60  # ZIMAGE_JOB_RETENTION_SECONDS (the operator's minimum)
     events_retention_seconds: float = 5.0
     events_trim_seconds: float = 1.0
@@ -102,6 +105,9 @@ class Plan:
     delete_timeout_seconds: float = 600.0
     state_dir: Path | None = None  # where the test bed, logs and images go (default: a temporary directory)
     verbose: bool = True
+    # Before the operator starts: the same creates into a namespace nobody watches, to measure what the API
+    # server alone takes (the ceiling the CR path's end-to-end rate is bound by on this machine).
+    ceiling: bool = True
 
     @property
     def retention_seconds(self) -> float:
@@ -317,6 +323,44 @@ class PathResult:
 
 
 @dataclass
+class Ceiling:
+    """The API server alone: the same creates with no operator, no watch and no worker."""
+
+    jobs: int
+    seconds: float
+    cpu_ms_per_create: dict[str, float]  # kube-apiserver, etcd (a local test bed only)
+
+    @property
+    def creates_per_s(self) -> float:
+        return self.jobs / self.seconds if self.seconds else 0.0
+
+    def line(self) -> str:
+        cpu = ", ".join(f"{p} {ms:.1f} CPU-ms" for p, ms in sorted(self.cpu_ms_per_create.items()))
+        return (
+            f"API server alone (no operator, no watch, no worker): {self.jobs} creates in {self.seconds:.1f} s = "
+            f"{self.creates_per_s:.0f}/s" + (f"; per create {cpu}" if cpu else "")
+        )
+
+
+def measure_ceiling(kube: Kube, plan: Plan) -> Ceiling:
+    """Create ``plan.jobs`` ImageJobs into a fresh namespace nobody watches, time it, then delete them."""
+    api = Api(kube.env["KUBECONFIG"])
+    ns = f"crs-ceiling-{os.getpid()}-{random.randrange(10**4)}"
+    kube.kubectl("create", "namespace", ns)
+    try:
+        pids = local_control_plane(api.base)
+        names = [f"c-{i}" for i in range(plan.jobs)]
+        before = {p: cpu_seconds(pid) or 0.0 for p, pid in pids.items()}
+        t0 = time.monotonic()
+        create_imagejobs(api, ns, names, "ceiling", plan.concurrency, {})
+        seconds = time.monotonic() - t0
+        cpu = {p: ((cpu_seconds(pid) or 0.0) - before[p]) * 1000 / plan.jobs for p, pid in pids.items()}
+        return Ceiling(plan.jobs, seconds, cpu)
+    finally:
+        kube.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+
+
+@dataclass
 class Report:
     plan: Plan
     run_id: str = ""
@@ -326,6 +370,7 @@ class Report:
     redis_idle: RedisSample | None = None  # before the first job, the workers up (unless --hold)
     background_rate: dict[str, float] = field(default_factory=dict)  # "VERB resource/sub" -> requests/s
     seconds: float = 0.0
+    ceiling: Ceiling | None = None
 
     def to_json(self) -> dict[str, Any]:
         def path(p: PathResult) -> dict[str, Any]:
@@ -348,6 +393,7 @@ class Report:
             "redis_idle": asdict(self.redis_idle) if self.redis_idle else None,
             "background_rate": self.background_rate,
             "seconds": self.seconds,
+            "ceiling": asdict(self.ceiling) if self.ceiling else None,
         }
 
     def format(self) -> str:
@@ -356,6 +402,7 @@ class Report:
         ratio_to = f"CR / {cols[1].path}" if len(cols) > 1 else ""
         lines = [
             f"crs: {p.jobs} jobs per path, {p.workers} no-op workers, {p.concurrency} creates in flight"
+            + (f", paced at {p.rate:g}/s" if p.rate else "")
             + (", --hold (created with no worker running)" if p.hold else "")
             + (f", {p.rounds} CR rounds" if p.rounds > 1 else ""),
             f"retention: job records {p.job_retention_seconds} s, events {p.events_retention_seconds:g} s; "
@@ -365,6 +412,7 @@ class Report:
                 if self.redis_idle
                 else ""
             ),
+            *([self.ceiling.line()] if self.ceiling else []),
             "",
             "| figure | " + " | ".join(c.path for c in cols) + (f" | {ratio_to} |" if ratio_to else " |"),
             "|---|" + "---:|" * len(cols) + ("---:|" if ratio_to else ""),
@@ -758,7 +806,13 @@ def imagejob(name: str, run_id: str) -> dict[str, Any]:
 
 
 async def _create_all(
-    api: Api, ns: str, names: list[str], run_id: str, concurrency: int, answered: dict[str, float]
+    api: Api,
+    ns: str,
+    names: list[str],
+    run_id: str,
+    concurrency: int,
+    answered: dict[str, float],
+    rate: float = 0.0,
 ) -> int:
     """POST every ImageJob, ``concurrency`` in flight; retries throttles, 5xx and transport errors. Returns
     the retries made."""
@@ -786,8 +840,15 @@ async def _create_all(
             raise RuntimeError(f"creating ImageJob {name}: {r.status_code} {r.text[:500]}")
         raise RuntimeError(f"creating ImageJob {name}: gave up after 8 attempts")
 
+    t0 = time.monotonic()
+    started = 0
+
     async def lane(c: httpx.AsyncClient) -> None:
+        nonlocal started
         for name in todo:  # the lanes share one iterator
+            if rate > 0:  # paced: the i-th create starts no earlier than i/rate seconds in
+                started += 1
+                await asyncio.sleep(max(0.0, t0 + (started - 1) / rate - time.monotonic()))
             await one(c, name)
 
     async with api.async_client(concurrency) as c:
@@ -796,9 +857,15 @@ async def _create_all(
 
 
 def create_imagejobs(
-    api: Api, ns: str, names: list[str], run_id: str, concurrency: int, answered: dict[str, float]
+    api: Api,
+    ns: str,
+    names: list[str],
+    run_id: str,
+    concurrency: int,
+    answered: dict[str, float],
+    rate: float = 0.0,
 ) -> int:
-    return asyncio.run(_create_all(api, ns, names, run_id, concurrency, answered))
+    return asyncio.run(_create_all(api, ns, names, run_id, concurrency, answered, rate))
 
 
 def enqueue_on_queue(bench: Bench, count: int, submitted: Callable[[str], None], bulk: bool = False) -> list[str]:
@@ -821,15 +888,80 @@ def enqueue_bulk_marked(bench: Bench, count: int, submitted: Callable[[str], Non
     return enqueue_on_queue(bench, count, submitted, bulk=True)
 
 
+def submit_via_api(bench: Bench, count: int, submitted: Callable[[str], None]) -> list[str]:
+    """The API's bulk mode: ``POST /v1/jobs`` with ``"mode": "bulk"`` to a ``zimage-api`` process (its own
+    process, as in the chart; rate limit and per-tenant cap out of the way), ``--concurrency`` in flight."""
+    from zimage_queue.server import free_port
+
+    port, key = free_port(), f"zk_bench_{uuid.uuid4().hex}"
+    env = {
+        **bench.kube.env,
+        "ZIMAGE_REDIS_URL": bench.url,
+        "ZIMAGE_API_NAMESPACE": bench.ns,
+        "ZIMAGE_API_PORT": str(port),
+        "ZIMAGE_API_HOST": "127.0.0.1",
+        "ZIMAGE_API_DEV_KEY": key,
+        "ZIMAGE_API_DEV_TENANT": "bench",
+        "ZIMAGE_API_RATE_PER_SECOND": "1000000",
+        "ZIMAGE_API_RATE_BURST": "1000000",
+        "ZIMAGE_API_MAX_CONCURRENT_JOBS": str(10 * count),
+        "ZIMAGE_JOB_RETENTION_SECONDS": str(bench.plan.job_retention_seconds),
+    }
+    proc = bench.ps.start("api", [str(Path(sys.executable).parent / "zimage-api")], env)
+    base = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        try:
+            return httpx.get(f"{base}/readyz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            if proc.poll() is not None:
+                raise RuntimeError(f"zimage-api exited with {proc.returncode}") from None
+            return False
+
+    wait_for(ready, 60, 0.2, "the API to be ready")
+    names: list[str] = []
+
+    async def all_jobs() -> None:
+        headers = {"Authorization": f"Bearer {key}"}
+        limits = httpx.Limits(max_connections=bench.plan.concurrency)
+        todo = iter(range(count))
+        async with httpx.AsyncClient(base_url=base, headers=headers, limits=limits, timeout=60) as c:
+
+            async def lane() -> None:
+                for i in todo:
+                    body = {"model": MODEL, "prompt": f"b-{i}", "width": 64, "height": 64, "steps": 1, "mode": "bulk"}
+                    for attempt in range(8):
+                        r = await c.post("/v1/jobs", json=body)
+                        if r.status_code == 202:
+                            break
+                        if r.status_code not in (429, 500, 502, 503):
+                            raise RuntimeError(f"POST /v1/jobs: {r.status_code} {r.text[:300]}")
+                        await asyncio.sleep(0.1 * 2**attempt)
+                    else:
+                        raise RuntimeError("POST /v1/jobs: gave up after 8 attempts")
+                    name = r.json()["id"]
+                    obj = json.loads(bench.r.hget(keys.bulk_job(bench.ns, name), "object"))
+                    names.append(obj["metadata"]["uid"])
+                    submitted(obj["metadata"]["uid"])
+
+            await asyncio.gather(*(lane() for _ in range(bench.plan.concurrency)))
+
+    try:
+        asyncio.run(all_jobs())
+    finally:
+        proc.terminate()
+    return names
+
+
 BulkSubmit = Callable[["Bench", int, Callable[[str], None]], list[str]]
 # The bulk path next to the CR path: name -> (label in the table, submitter). A submitter puts ``count`` jobs
 # in without an ImageJob, calls ``submitted(uid)`` as each submit is answered and returns their uids;
-# the bench then waits for each job's Redis record to hold its final event. The API's bulk mode (``POST /v1/jobs``
-# with ``"mode": "bulk"``) goes in here as ``"api": ("API bulk path", submit_via_api)``, run with ``--bulk api``;
-# "queue-bulk" is its queue side without the HTTP front door (the messages it enqueues).
+# the bench then waits for each job's Redis record to hold its final event. "api" is the API's bulk mode
+# (``POST /v1/jobs`` with ``"mode": "bulk"``); "queue-bulk" is its queue side without the HTTP front door.
 BULK_PATHS: dict[str, tuple[str, BulkSubmit]] = {
     "queue": ("queue path", enqueue_on_queue),
     "queue-bulk": ("queue path, bulk-marked", enqueue_bulk_marked),
+    "api": ("API bulk mode", submit_via_api),
 }
 
 
@@ -1088,7 +1220,9 @@ class Bench:
         answered: dict[str, float] = {}
         t_first = time.time()
         self.log(f"CR round {rnd}: creating {jobs} ImageJobs, {self.plan.concurrency} in flight")
-        res.create_retries = create_imagejobs(self.api, self.ns, names, self.run_id, self.plan.concurrency, answered)
+        res.create_retries = create_imagejobs(
+            self.api, self.ns, names, self.run_id, self.plan.concurrency, answered, self.plan.rate
+        )
         res.create_seconds = max(answered.values()) - t_first
         self.log(f"CR round {rnd}: created in {res.create_seconds:.1f} s ({res.creation_per_s:.0f}/s)")
         e2e_start = t_first
@@ -1232,6 +1366,7 @@ def run(plan: Plan, kube: Kube | None = None) -> Report:
             k.kubectl("create", "namespace", ns)
             ps = Processes(state)
             try:
+                ceiling = measure_ceiling(k, plan) if plan.ceiling else None
                 k.kubectl("apply", "-n", ns, "-f", str(REPO / "docs" / "examples" / "modeldeployment.yaml"))
                 operator = start_operator(
                     ps, k, srv.url, ns,
@@ -1243,7 +1378,9 @@ def run(plan: Plan, kube: Kube | None = None) -> Report:
                 r = redis.Redis.from_url(srv.url)
                 wait_for(lambda: r.exists(keys.OPERATOR_LEASE), 120, what="the operator to take its lease")
                 wait_for(lambda: r.exists(keys.EVENTS_STREAM), 120, what="the operator to read events")
-                return Bench(plan, k, ns, srv.url, ps, operator.pid).run()
+                report = Bench(plan, k, ns, srv.url, ps, operator.pid).run()
+                report.ceiling = ceiling
+                return report
             except BaseException:
                 print(ps.logs(), file=sys.stderr)
                 raise
@@ -1264,10 +1401,16 @@ def main(argv: list[str] | None = None) -> int:
         help=f"comma-separated paths next to the CR path, of {', '.join(BULK_PATHS)}; 'none': the CR path only",
     )
     p.add_argument("--concurrency", type=int, default=48, help="ImageJob creates in flight")
+    p.add_argument("--rate", type=float, default=0.0, help="ImageJob creates per second (default: unpaced)")
     p.add_argument("--job-retention", type=int, default=60, help="ZIMAGE_JOB_RETENTION_SECONDS (min 60)")
     p.add_argument("--settle", choices=["each", "end"], default="each", help="wait out retentions per path or once")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of the table")
     p.add_argument("--state-dir", type=Path, default=None, help="keep the test bed state and logs here")
+    p.add_argument(
+        "--no-ceiling",
+        action="store_true",
+        help="skip the first phase: the same creates with no operator (what the API server alone takes)",
+    )
     args = p.parse_args(argv)
     plan = Plan(
         jobs=args.jobs or (10_000 if args.hold else 5000),
@@ -1276,9 +1419,11 @@ def main(argv: list[str] | None = None) -> int:
         rounds=args.rounds,
         bulk=() if args.bulk == "none" else tuple(b.strip() for b in args.bulk.split(",") if b.strip()),
         concurrency=args.concurrency,
+        rate=args.rate,
         job_retention_seconds=args.job_retention,
         settle=args.settle,
         state_dir=args.state_dir,
+        ceiling=not args.no_ceiling,
     )
     if plan.jobs < 1 or plan.rounds < 1 or plan.workers < 1 or plan.concurrency < 1:
         p.error("--jobs, --rounds, --workers and --concurrency must be at least 1")

@@ -2,28 +2,37 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
-from kubernetes import client, config
+from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from zimage_api.store import JobExists, StaleVersion
-from zimage_operator.k8s import with_timeouts
+from zimage_operator.k8s import load_configuration, with_timeouts
 from zimage_operator.types import API_VERSION, GROUP, IMAGEJOB_PLURAL, MODELDEPLOYMENT_PLURAL, VERSION
+
+# A ModelDeployment read for one submit serves the next ones this long: a burst of bulk jobs costs the API
+# server one read, not one per job. A missing model is asked again every time (it may be created any moment).
+MODEL_CACHE_SECONDS = 5.0
 
 
 def load_client() -> client.ApiClient:
-    try:
-        config.load_incluster_config()
-    except config.ConfigException:
-        config.load_kube_config()
-    return client.ApiClient()
+    return client.ApiClient(load_configuration())
 
 
 class KubeJobStore:
-    def __init__(self, namespace: str, api_client: client.ApiClient | None = None) -> None:
+    def __init__(
+        self,
+        namespace: str,
+        api_client: client.ApiClient | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.namespace = namespace
         self.custom = client.CustomObjectsApi(with_timeouts(api_client or load_client()))
+        self.clock = clock
+        self._models: dict[str, tuple[float, dict[str, Any]]] = {}
 
     def create_job(
         self, name: str, spec: dict[str, Any], labels: dict[str, str], annotations: dict[str, str]
@@ -88,7 +97,18 @@ class KubeJobStore:
         return True
 
     def get_model(self, name: str) -> dict[str, Any] | None:
-        return self._get(MODELDEPLOYMENT_PLURAL, name)
+        now = self.clock()
+        cached = self._models.get(name)
+        if cached is not None and now - cached[0] < MODEL_CACHE_SECONDS:
+            return cached[1]
+        model = self._get(MODELDEPLOYMENT_PLURAL, name)
+        if model is None:
+            self._models.pop(name, None)
+        else:
+            if len(self._models) > 1000:  # models are few; a flood of made-up names must not grow this
+                self._models.clear()
+            self._models[name] = (now, model)
+        return model
 
     def list_models(self) -> list[dict[str, Any]]:
         out = self.custom.list_namespaced_custom_object(GROUP, VERSION, self.namespace, MODELDEPLOYMENT_PLURAL)

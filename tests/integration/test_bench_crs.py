@@ -105,3 +105,11 @@ def test_the_table_and_the_json_carry_the_figures(report: crs.Report) -> None:
     assert data["cr"][0]["jobs_per_s"] == pytest.approx(report.cr[0].jobs_per_s)
     assert data["cr"][0]["operator_requests_per_job"] == pytest.approx(report.cr[0].operator_per_job())
     assert data["bulk"][0]["redis_after"]["records_left"] == 0
+
+
+def test_the_ceiling_phase_created_every_job_with_no_operator_watching(report: crs.Report) -> None:
+    ceiling = report.ceiling
+    assert ceiling is not None and ceiling.jobs == JOBS and ceiling.seconds > 0
+    assert ceiling.creates_per_s > 0 and "API server alone" in report.format()
+    if "kube-apiserver" in ceiling.cpu_ms_per_create:  # a local test bed: its CPU is measured
+        assert ceiling.cpu_ms_per_create["kube-apiserver"] > 0

@@ -107,6 +107,12 @@ class StatusLog:
             obj = doc["object"]
             self.seen.setdefault(obj["metadata"]["name"], []).append(obj.get("status") or {})
 
+    def finished(self) -> int:
+        """Jobs whose last status seen is terminal."""
+        return sum(
+            1 for h in list(self.seen.values()) if h and h[-1].get("phase") in ("Succeeded", "Failed", "Cancelled")
+        )
+
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(10)
@@ -163,6 +169,8 @@ def test_peered_replicas_one_killed_midway_conditions_only_move_forward(crds: Ku
             # A job the killed replica finished just before dying gets its Event from the survivor, which
             # reclaims the events the dead one had read but not acked.
             wait_for(lambda: len(completed_events(kube, ns)) == count, 60, interval=1.0, what="every Event")
+            # The log's watch reads behind the API server: let it see every job's last status before it stops.
+            wait_for(lambda: log.finished() == count, 60, interval=0.5, what="the watch to see every job finish")
         final_events = completed_events(kube, ns)
     finally:
         log.stop()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -81,3 +82,25 @@ def test_sizes() -> None:
     assert parse_size("1536x1024", (0, 0)) == (1536, 1024)
     assert fit(4000, 3000) == (2048, 1536)
     assert fit(100, 30) == (96, 64)
+
+
+def test_a_model_read_serves_a_burst_of_submits_and_a_missing_one_is_asked_again() -> None:
+    from kubernetes.client import ApiClient, Configuration
+
+    from zimage_api import kube_store
+
+    now = [0.0]
+    store = kube_store.KubeJobStore("ns", ApiClient(Configuration()), clock=lambda: now[0])
+    answers: dict[str, dict[str, Any] | None] = {"pool": {"metadata": {"name": "pool"}}, "gone": None}
+    reads: list[str] = []
+
+    def read(plural: str, name: str) -> dict[str, Any] | None:
+        reads.append(name)
+        return answers[name]
+
+    store._get = read  # type: ignore[method-assign]  # the API server's answer, injected
+    assert all(store.get_model("pool") for _ in range(100)) and reads == ["pool"]
+    now[0] += kube_store.MODEL_CACHE_SECONDS  # the cached answer expires: read again
+    assert store.get_model("pool") and reads == ["pool", "pool"]
+    assert store.get_model("gone") is None and store.get_model("gone") is None
+    assert reads.count("gone") == 2  # a missing model is never remembered
