@@ -930,9 +930,15 @@ def submit_via_api(bench: Bench, count: int, submitted: Callable[[str], None]) -
             async def lane() -> None:
                 for i in todo:
                     body = {"model": MODEL, "prompt": f"b-{i}", "width": 64, "height": 64, "steps": 1, "mode": "bulk"}
+                    # A retried submit (a dropped keep-alive connection, a 5xx) is the same job: Idempotency-Key.
+                    headers = {"Idempotency-Key": f"{bench.run_id}-{i}"}
                     for attempt in range(8):
-                        r = await c.post("/v1/jobs", json=body)
-                        if r.status_code == 202:
+                        try:
+                            r = await c.post("/v1/jobs", json=body, headers=headers)
+                        except httpx.TransportError:
+                            await asyncio.sleep(0.1 * 2**attempt)
+                            continue
+                        if r.status_code in (200, 202):
                             break
                         if r.status_code not in (429, 500, 502, 503):
                             raise RuntimeError(f"POST /v1/jobs: {r.status_code} {r.text[:300]}")

@@ -27,6 +27,7 @@ from zimage_api.signing import UrlSigner
 from zimage_api.store import JobStore
 from zimage_queue import JobEvent, JobQueue
 from zimage_queue.clients import connect, connect_async
+from zimage_queue.supervise import widen_thread_pool
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        widen_thread_pool(settings.blocking_threads)
         await hub.start()
         try:
             yield

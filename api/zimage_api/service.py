@@ -149,7 +149,8 @@ class JobService:
         if idempotency_key is not None:
             digest = hashlib.sha256(f"{p.tenant}:{idempotency_key}".encode()).hexdigest()
             name = f"{p.tenant}-{digest[:16]}"
-            existing = await asyncio.to_thread(self.find, name)
+            # Where this request's job would be: a bulk retry costs no read of the API server.
+            existing = await asyncio.to_thread(store.get_job, name)
             if existing is not None:
                 return self._same_request(existing, request_hash), False
         else:

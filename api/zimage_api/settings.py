@@ -32,6 +32,8 @@ class ApiSettings(BaseSettings):
     rate_per_second: float = 10.0  # per API key, token bucket in Redis
     rate_burst: int = 20
     max_concurrent_jobs: int = 32  # per tenant: queued + running
+    # Threads for the blocking calls (Redis, the Kubernetes client) of requests in flight at once.
+    blocking_threads: int = Field(64, ge=4, le=512)
     job_ttl_seconds: int = 86400  # ttlSecondsAfterFinished of the ImageJobs the API creates
     # Bulk jobs (no ImageJob; see zimage_api.redis_store) live in Redis this long from their creation: the
     # operator's retention of job records (ZIMAGE_JOB_RETENTION_SECONDS, shared with the operator and workers).

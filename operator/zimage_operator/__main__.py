@@ -55,6 +55,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.networking.connect_timeout = 10
     settings.networking.request_timeout = 60
     cfg: OperatorSettings = memo.get("settings") or OperatorSettings()
+    # Blocking calls (enqueues, Redis reads, the sync client) of every admission and event write in flight.
+    supervise.widen_thread_pool(cfg.admission_concurrency + cfg.events_concurrency + 8)
     if cfg.shard_selector:
         # Server-side: the API server sends this shard's watches only its own objects.
         for plural in (IMAGEJOB_PLURAL, MODELDEPLOYMENT_PLURAL):

@@ -15,6 +15,7 @@ import random
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from zimage_queue.metrics import LOOP_FAILURES
@@ -152,3 +153,12 @@ def run_thread(
     t = threading.Thread(target=loop, name=name, daemon=True)
     t.start()
     return t
+
+
+def widen_thread_pool(threads: int) -> ThreadPoolExecutor:
+    """Give the running loop a default executor of ``threads`` threads (asyncio's own has min(32, cores + 4),
+    six on two cores): every ``asyncio.to_thread`` call (a sync Redis or Kubernetes call) waits for one of
+    them, so with six a process serves at most six such calls at once however many jobs are in flight."""
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="blocking")
+    asyncio.get_running_loop().set_default_executor(pool)
+    return pool
