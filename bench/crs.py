@@ -722,6 +722,9 @@ class FinishTimes(threading.Thread):
         self.pending: set[str] = set()
         self.ts: dict[str, float] = {}
         self.done_at: dict[str, float] = {}  # when the bench first saw the record final (the bulk path's "seen")
+        # The final event's type, kept here: a bulk job's record may expire (the retention runs from its
+        # enqueue) before the last jobs of a long submit are done.
+        self.outcome: dict[str, str] = {}
         self.lock = threading.Lock()
         self._halt = threading.Event()
 
@@ -754,6 +757,7 @@ class FinishTimes(threading.Thread):
                     for uid, f in finals.items():
                         self.ts[uid] = f.event.ts
                         self.done_at[uid] = now
+                        self.outcome[uid] = f.event.type
                         self.pending.discard(uid)
             if stopping:
                 return
@@ -1312,7 +1316,7 @@ class Bench:
 
         self.wait_progress(lambda: jobs - finish.outstanding(), jobs, f"{jobs} {label} jobs to finish")
         finish.stop()
-        states = [self.q.state(u) for u in uids]
+        states = [finish.outcome.get(u) for u in uids]
         res.succeeded = sum(s == "succeeded" for s in states)
         res.failed = len(states) - res.succeeded
         res.e2e_seconds = max(finish.done_at.values()) - t_first

@@ -101,8 +101,8 @@ class EventApplier:
                 if phase in TERMINAL_PHASES:
                     reason = next((e[1] for e, key in folded.events if key == "final"), "")
                     JOBS_FINISHED.labels(phase=phase, reason=reason).inc()
-                if folded.progress_at is not None and folded.progress_at != last:
-                    self._remember_progress(first.uid, folded.progress_at)
+                if phase not in TERMINAL_PHASES and folded.progress_at not in (None, last):
+                    self._remember_progress(first.uid, folded.progress_at)  # a finished job's is forgotten
             for k8s_event, key in folded.events:  # named by job and transition: recorded once per transition
                 rt.recorder.record(obj, *k8s_event, key)
             return

@@ -117,6 +117,7 @@ def test_a_batch_costs_one_write_per_job_and_no_read(stack: tuple[Runtime, Api, 
     assert {api.jobs["ns", n]["status"]["phase"] for n, _ in jobs} == {"Succeeded"}
     assert all(api.jobs["ns", n]["status"]["startedAt"] for n, _ in jobs)  # the start folded into the one write
     assert pending(rt.queue) == 0 and not rt.unfinished  # all acked; finished jobs leave the view
+    assert not applier.last_progress  # nor is a finished job's progress time kept
 
 
 def test_a_stale_view_is_read_again_on_the_conflict(stack: tuple[Runtime, Api, events.EventApplier]) -> None:
