@@ -50,8 +50,8 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,8 +66,8 @@ import redis  # noqa: E402
 from kubernetes import client as kclient  # noqa: E402
 from kubernetes import config as kconfig  # noqa: E402
 
-from bench.soak import OPERATOR_IMAGE_ENV  # noqa: E402
-from conftest import REPO, Kube, Processes, install_crds, kube_cluster, start_operator, start_worker, wait_for  # noqa: E402
+from bench.soak import cluster_with_crds, events_settled, operator_image_env  # noqa: E402
+from conftest import REPO, Kube, Processes, start_operator, start_worker, wait_for  # noqa: E402
 from zimage_queue import GenerationParams, JobMessage, JobQueue, keys  # noqa: E402
 from zimage_queue.server import RedisServer  # noqa: E402
 
@@ -809,6 +809,37 @@ def imagejob(name: str, run_id: str) -> dict[str, Any]:
     }
 
 
+RETRIED_STATUS = (429, 500, 502, 503, 504)  # throttles and server errors: the same request again
+
+
+async def post_retrying(
+    c: httpx.AsyncClient,
+    path: str,
+    *,
+    ok: Callable[[int, int], bool],
+    what: str,
+    answered: Callable[[], None] | None = None,
+    attempts: int = 8,
+    **request: Any,
+) -> tuple[httpx.Response, int]:
+    """POST until ``ok(status, attempt)``, retrying dropped connections and RETRIED_STATUS with jittered
+    backoff; the response and the attempt it took (0: the first). ``answered`` is called for every answer."""
+    for attempt in range(attempts):
+        if attempt:
+            await asyncio.sleep(min(5.0, 0.1 * 2**attempt) * (0.5 + random.random()))
+        try:
+            r = await c.post(path, **request)
+        except httpx.TransportError:
+            continue
+        if answered is not None:
+            answered()
+        if ok(r.status_code, attempt):
+            return r, attempt
+        if r.status_code not in RETRIED_STATUS:
+            raise RuntimeError(f"{what}: {r.status_code} {r.text[:500]}")
+    raise RuntimeError(f"{what}: gave up after {attempts} attempts")
+
+
 async def _create_all(
     api: Api,
     ns: str,
@@ -827,22 +858,18 @@ async def _create_all(
     async def one(c: httpx.AsyncClient, name: str) -> None:
         nonlocal retries
         body = json.dumps(imagejob(name, run_id)).encode()
-        for attempt in range(8):
-            if attempt:
-                retries += 1
-                await asyncio.sleep(min(5.0, 0.1 * 2**attempt) * (0.5 + random.random()))
-            try:
-                r = await c.post(path, content=body, headers={"Content-Type": "application/json"})
-            except httpx.TransportError:
-                continue
-            api.count("POST", PLURAL)
-            if r.status_code == 201 or (r.status_code == 409 and attempt):  # 409 on a retry: the first went in
-                answered[name] = time.time()
-                return
-            if r.status_code in (429, 500, 502, 503, 504):
-                continue
-            raise RuntimeError(f"creating ImageJob {name}: {r.status_code} {r.text[:500]}")
-        raise RuntimeError(f"creating ImageJob {name}: gave up after 8 attempts")
+        _, attempt = await post_retrying(
+            c,
+            path,
+            # 409 on a retry: the first went in
+            ok=lambda code, attempt: code == 201 or (code == 409 and attempt > 0),
+            what=f"creating ImageJob {name}",
+            answered=lambda: api.count("POST", PLURAL),
+            content=body,
+            headers={"Content-Type": "application/json"},
+        )
+        retries += attempt
+        answered[name] = time.time()
 
     t0 = time.monotonic()
     started = 0
@@ -936,19 +963,10 @@ def submit_via_api(bench: Bench, count: int, submitted: Callable[[str], None]) -
                     body = {"model": MODEL, "prompt": f"b-{i}", "width": 64, "height": 64, "steps": 1, "mode": "bulk"}
                     # A retried submit (a dropped keep-alive connection, a 5xx) is the same job: Idempotency-Key.
                     headers = {"Idempotency-Key": f"{bench.run_id}-{i}"}
-                    for attempt in range(8):
-                        try:
-                            r = await c.post("/v1/jobs", json=body, headers=headers)
-                        except httpx.TransportError:
-                            await asyncio.sleep(0.1 * 2**attempt)
-                            continue
-                        if r.status_code in (200, 202):
-                            break
-                        if r.status_code not in (429, 500, 502, 503):
-                            raise RuntimeError(f"POST /v1/jobs: {r.status_code} {r.text[:300]}")
-                        await asyncio.sleep(0.1 * 2**attempt)
-                    else:
-                        raise RuntimeError("POST /v1/jobs: gave up after 8 attempts")
+                    r, _ = await post_retrying(
+                        c, "/v1/jobs", ok=lambda code, _a: code in (200, 202), what="POST /v1/jobs", json=body,
+                        headers=headers,
+                    )  # fmt: skip
                     name = r.json()["id"]
                     obj = json.loads(bench.r.hget(keys.bulk_job(bench.ns, name), "object"))
                     names.append(obj["metadata"]["uid"])
@@ -1084,11 +1102,7 @@ class Bench:
             time.sleep(1.0)  # quiet means no change over this window: nothing to await
 
     def events_settled(self) -> bool:
-        try:
-            groups = self.r.xinfo_groups(keys.EVENTS_STREAM)
-        except redis.ResponseError:
-            return True
-        return all(int(_get(g, "lag") or 0) == 0 and int(_get(g, "pending") or 0) == 0 for g in groups)
+        return events_settled(self.r)
 
     def window(self) -> Window:
         totals = self.api.request_totals()
@@ -1353,25 +1367,12 @@ class Bench:
         return self.report
 
 
-def _get(info: dict[Any, Any], name: str) -> Any:
-    return info.get(name, info.get(name.encode()))
-
-
-@contextmanager
-def _cluster(state: Path, kube: Kube | None) -> Iterator[Kube]:
-    if kube is not None:
-        yield kube
-        return
-    with kube_cluster(state / "kube") as k:
-        yield install_crds(k)
-
-
 def run(plan: Plan, kube: Kube | None = None) -> Report:
     """Run the bench on ``kube`` (CRDs installed), else on KUBECONFIG's cluster or a fresh test bed."""
     with tempfile.TemporaryDirectory(prefix="zimage-crs-") as tmp:
         state = plan.state_dir or Path(tmp)
         state.mkdir(parents=True, exist_ok=True)
-        with _cluster(state, kube) as k, RedisServer() as srv:
+        with cluster_with_crds(state, kube) as k, RedisServer() as srv:
             ns = f"crs-{os.getpid()}-{random.randrange(10**4)}"
             k.kubectl("create", "namespace", ns)
             ps = Processes(state)
@@ -1383,7 +1384,7 @@ def run(plan: Plan, kube: Kube | None = None) -> Report:
                     ZIMAGE_JOB_RETENTION_SECONDS=str(plan.job_retention_seconds),
                     ZIMAGE_EVENTS_RETENTION_SECONDS=str(plan.events_retention_seconds),
                     ZIMAGE_EVENTS_TRIM_SECONDS=str(plan.events_trim_seconds),
-                    MALLOC_ARENA_MAX=os.environ.get("MALLOC_ARENA_MAX", OPERATOR_IMAGE_ENV["MALLOC_ARENA_MAX"]),
+                    **operator_image_env(),
                 )  # fmt: skip
                 r = redis.Redis.from_url(srv.url)
                 wait_for(lambda: r.exists(keys.OPERATOR_LEASE), 120, what="the operator to take its lease")

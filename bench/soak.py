@@ -323,12 +323,7 @@ class Soak:
         return self.q.stats(self.queue) == QueueStats(queued=0, in_flight=0)
 
     def events_settled(self) -> bool:
-        """Every group has read and acked every event (what the trim waits for)."""
-        try:
-            groups = self.r.xinfo_groups(keys.EVENTS_STREAM)
-        except redis.ResponseError:
-            return True
-        return all(int(_get(g, "lag") or 0) == 0 and int(_get(g, "pending") or 0) == 0 for g in groups)
+        return events_settled(self.r)
 
     def rss_kb(self) -> int:
         for line in Path(f"/proc/{self.operator_pid}/status").read_text().splitlines():
@@ -446,8 +441,23 @@ def _get(info: dict[Any, Any], name: str) -> Any:
     return info.get(name, info.get(name.encode()))
 
 
+def events_settled(r: redis.Redis) -> bool:
+    """Every group has read and acked every event (what the trim waits for)."""
+    try:
+        groups = r.xinfo_groups(keys.EVENTS_STREAM)
+    except redis.ResponseError:
+        return True
+    return all(int(_get(g, "lag") or 0) == 0 and int(_get(g, "pending") or 0) == 0 for g in groups)
+
+
+def operator_image_env() -> dict[str, str]:
+    """What operator/Dockerfile sets for the operator process (a caller's MALLOC_ARENA_MAX wins)."""
+    return {k: os.environ.get(k, v) for k, v in OPERATOR_IMAGE_ENV.items()}
+
+
 @contextmanager
-def _cluster(state: Path, kube: Kube | None) -> Iterator[Kube]:
+def cluster_with_crds(state: Path, kube: Kube | None) -> Iterator[Kube]:
+    """``kube`` as given (CRDs installed), else KUBECONFIG's cluster or a fresh test bed in ``state``."""
     if kube is not None:
         yield kube
         return
@@ -460,7 +470,7 @@ def run(plan: Plan, kube: Kube | None = None) -> Report:
     with tempfile.TemporaryDirectory(prefix="zimage-soak-") as tmp:
         state = plan.state_dir or Path(tmp)
         state.mkdir(parents=True, exist_ok=True)
-        with _cluster(state, kube) as k, RedisServer() as srv:
+        with cluster_with_crds(state, kube) as k, RedisServer() as srv:
             ns = f"soak-{os.getpid()}-{random.randrange(10**4)}"
             k.kubectl("create", "namespace", ns)
             ps = Processes(state)
@@ -472,7 +482,7 @@ def run(plan: Plan, kube: Kube | None = None) -> Report:
                     ZIMAGE_EVENTS_RETENTION_SECONDS=str(plan.events_retention_seconds),
                     ZIMAGE_EVENTS_TRIM_SECONDS=str(plan.events_trim_seconds),
                     ZIMAGE_DEFAULT_TTL_SECONDS_AFTER_FINISHED=str(plan.ttl_seconds_after_finished),
-                    MALLOC_ARENA_MAX=os.environ.get("MALLOC_ARENA_MAX", OPERATOR_IMAGE_ENV["MALLOC_ARENA_MAX"]),
+                    **operator_image_env(),
                 )  # fmt: skip
                 queue = keys.queue_name(ns, MODEL)
                 for _ in range(plan.workers):

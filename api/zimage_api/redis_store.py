@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import json
 import time
-import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -27,10 +26,10 @@ from typing import Any
 import redis
 from pydantic import ValidationError
 
-from zimage_api.store import TENANT_LABEL, JobExists, JobStore, StaleVersion, merge_patch
+from zimage_api.store import TENANT_LABEL, JobExists, JobStore, StaleVersion, merge_patch, new_job
 from zimage_operator import reconcile
 from zimage_operator.conditions import iso, parse_iso
-from zimage_operator.types import API_VERSION, TERMINAL_PHASES
+from zimage_operator.types import TERMINAL_PHASES
 from zimage_queue import JobEvent, JobQueue, ResultImage, keys
 from zimage_queue.clients import SyncClient
 from zimage_queue.entries import text
@@ -160,20 +159,9 @@ class RedisJobStore:
     ) -> dict[str, Any]:
         tenant = labels[TENANT_LABEL]
         now = time.time()
-        obj: dict[str, Any] = {
-            "apiVersion": API_VERSION,
-            "kind": "ImageJob",
-            "metadata": {
-                "name": name,
-                "namespace": self.namespace,
-                "uid": str(uuid.uuid4()),
-                "generation": 1,
-                "creationTimestamp": iso(datetime.fromtimestamp(now, UTC)),
-                "labels": {**labels, BULK_LABEL: "true"},
-                "annotations": dict(annotations),
-            },
-            "spec": dict(spec),
-        }
+        obj = new_job(
+            self.namespace, name, spec, {**labels, BULK_LABEL: "true"}, annotations, datetime.fromtimestamp(now, UTC)
+        )
         if not int(
             self._create(keys=[keys.bulk_job(self.namespace, name)], args=[json.dumps(obj), self.retention_seconds])
         ):

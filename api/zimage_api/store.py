@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from zimage_operator.conditions import iso
-from zimage_operator.types import TENANT_LABEL
+from zimage_operator.types import API_VERSION, TENANT_LABEL
 
 __all__ = ["TENANT_LABEL", "JobExists", "JobStore", "MemoryJobStore", "merge_patch"]
 
@@ -72,6 +72,31 @@ def merge_patch(target: dict[str, Any], patch: dict[str, Any]) -> None:
             target[k] = v
 
 
+def new_job(
+    namespace: str,
+    name: str,
+    spec: dict[str, Any],
+    labels: dict[str, str],
+    annotations: dict[str, str],
+    now: datetime,
+) -> dict[str, Any]:
+    """A new job as the API server would hand it back (a fresh uid, generation 1), without a status."""
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "ImageJob",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "uid": str(uuid.uuid4()),
+            "generation": 1,
+            "creationTimestamp": iso(now),
+            "labels": dict(labels),
+            "annotations": dict(annotations),
+        },
+        "spec": dict(spec),
+    }
+
+
 class MemoryJobStore:
     """Local mode's store: jobs in a dict, models declared up front. Lost when the process ends."""
 
@@ -88,21 +113,7 @@ class MemoryJobStore:
         with self._lock:
             if name in self._jobs:
                 raise JobExists(name)
-            obj: dict[str, Any] = {
-                "apiVersion": "zimage.dev/v1alpha1",
-                "kind": "ImageJob",
-                "metadata": {
-                    "name": name,
-                    "namespace": self.namespace,
-                    "uid": str(uuid.uuid4()),
-                    "generation": 1,
-                    "creationTimestamp": iso(datetime.now(UTC)),
-                    "labels": dict(labels),
-                    "annotations": dict(annotations),
-                },
-                "spec": dict(spec),
-                "status": {},
-            }
+            obj = {**new_job(self.namespace, name, spec, labels, annotations, datetime.now(UTC)), "status": {}}
             self._jobs[name] = obj
             self._names[obj["metadata"]["uid"]] = name
             return _copy(obj)

@@ -21,10 +21,10 @@ from typing import Any
 import redis
 
 from zimage_operator import reconcile
-from zimage_operator.k8s import KubeError, StatusConflict
+from zimage_operator.k8s import StatusConflict
 from zimage_operator.metrics import ADMISSION_BACKLOG, ADMISSIONS, JOBS_ENQUEUED, JOBS_FINISHED
 from zimage_operator.runtime import Runtime
-from zimage_queue.supervise import backoff_seconds
+from zimage_queue.supervise import backoff_seconds, take_batch
 
 log = logging.getLogger(__name__)
 
@@ -84,13 +84,9 @@ class Admitter:
 
     async def once(self) -> None:
         """Admit what is ready, up to ``admission_concurrency`` at a time; wait a little for the first one."""
-        try:
-            first = await asyncio.wait_for(self.ready.get(), IDLE_WAIT_SECONDS)
-        except TimeoutError:
+        batch = await take_batch(self.ready, self.rt.settings.admission_concurrency, IDLE_WAIT_SECONDS)
+        if not batch:
             return
-        batch = [first]
-        while len(batch) < self.rt.settings.admission_concurrency and not self.ready.empty():
-            batch.append(self.ready.get_nowait())
         await asyncio.gather(*(self._admit(uid) for uid in batch))
         ADMISSION_BACKLOG.set(len(self.bodies))
 
@@ -181,4 +177,4 @@ def _name(body: dict[str, Any]) -> str:
     return f"{meta.get('namespace')}/{meta.get('name')}"
 
 
-__all__ = ["Admitter", "KubeError", "needs_admission"]
+__all__ = ["Admitter", "needs_admission"]

@@ -17,6 +17,7 @@ from typing import Any
 
 from zimage_operator.k8s import AsyncKube
 from zimage_operator.metrics import EVENTS_DROPPED, EVENTS_RECORDED
+from zimage_queue.supervise import take_batch
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +64,7 @@ class Recorder:
 
     async def once(self) -> None:
         """Post what is queued (up to POSTS_PER_PASS at a time); wait a little for the first one."""
-        try:
-            first = await asyncio.wait_for(self.queue.get(), IDLE_WAIT_SECONDS)
-        except TimeoutError:
-            return
-        batch = [first]
-        while len(batch) < POSTS_PER_PASS and not self.queue.empty():
-            batch.append(self.queue.get_nowait())
+        batch = await take_batch(self.queue, POSTS_PER_PASS, IDLE_WAIT_SECONDS)
         results = await asyncio.gather(*(self._post(p) for p in batch), return_exceptions=True)
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:

@@ -17,6 +17,7 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from zimage_queue.metrics import LOOP_FAILURES
 
@@ -162,3 +163,19 @@ def widen_thread_pool(threads: int) -> ThreadPoolExecutor:
     pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="blocking")
     asyncio.get_running_loop().set_default_executor(pool)
     return pool
+
+
+T = TypeVar("T")
+
+
+async def take_batch(queue: asyncio.Queue[T], limit: int, wait_seconds: float) -> list[T]:
+    """Up to ``limit`` items of ``queue``: what is there, after waiting up to ``wait_seconds`` for the first
+    (empty when none came), so a loop's pass neither spins nor blocks past its stall check."""
+    try:
+        first = await asyncio.wait_for(queue.get(), wait_seconds)
+    except TimeoutError:
+        return []
+    batch = [first]
+    while len(batch) < limit and not queue.empty():
+        batch.append(queue.get_nowait())
+    return batch
