@@ -17,8 +17,10 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import redis
+
 from zimage_queue import JobEvent, keys
-from zimage_queue.clients import AsyncClient, is_cluster
+from zimage_queue.clients import AsyncClient, is_cluster, unblocked
 from zimage_queue.queue import EVENTS_POLL_SECONDS, QUEUES_REFRESH_SECONDS
 from zimage_queue.supervise import backoff_seconds
 
@@ -84,7 +86,12 @@ class EventHub:
 
     async def _read(self, last: dict[str, str]) -> list[Any]:
         if not self.cluster:
-            return list(await self.r.xread(last, count=500, block=self.block_ms) or [])
+            try:
+                return list(await self.r.xread(last, count=500, block=self.block_ms) or [])
+            except redis.ResponseError as e:  # a failover cut the blocking read short: nothing was read
+                if not unblocked(e):
+                    raise
+                return []
         await self._streams(last)
         replies = await asyncio.gather(*(self.r.xread({s: i}, count=500) for s, i in last.items()))
         got = [item for reply in replies for item in reply or []]

@@ -167,6 +167,12 @@ class ClusterClient(RedisCluster):
         )
 
 
+def unblocked(error: Exception) -> bool:
+    """A blocking read cut short because its server stopped being a master (a cluster or Sentinel failover):
+    nothing was read, and the next command finds the new master. Not a failure of the read's caller."""
+    return isinstance(error, redis.ResponseError) and str(error).startswith("UNBLOCKED")
+
+
 def _ignore(_error: Exception) -> None:
     return None
 

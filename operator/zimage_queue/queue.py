@@ -34,7 +34,7 @@ from pydantic import ValidationError
 from redis.exceptions import AskError, ClusterDownError, MovedError, TryAgainError
 
 from zimage_queue import keys, scripts
-from zimage_queue.clients import SyncClient, connect, is_cluster, retrying, wait_replicas
+from zimage_queue.clients import SyncClient, connect, is_cluster, retrying, unblocked, wait_replicas
 from zimage_queue.entries import Poisoned, decoded, error_text, quarantine, text
 from zimage_queue.message import JobEvent, JobMessage, Priority, ResultImage
 
@@ -533,7 +533,7 @@ class JobQueue:
         return self._read(dict.fromkeys(names, ">"), consumer, count, block_ms)
 
     def _read(self, streams: dict[str, str], consumer: str, count: int, block: int | None) -> list[Delivery]:
-        reply = self.r.xreadgroup(keys.WORKER_GROUP, consumer, streams, count=count, block=block)
+        reply = self._xreadgroup(keys.WORKER_GROUP, consumer, streams, count, block)
         out = []
         for stream, entries in _stream_items(reply):
             for entry in entries:
@@ -541,6 +541,16 @@ class JobQueue:
                 if d is not None:
                     out.append(d)
         return out
+
+    def _xreadgroup(self, group: str, consumer: str, streams: dict[str, str], count: int, block: int | None) -> Any:
+        """XREADGROUP, where a failover that cuts a blocking read short reads as nothing arrived."""
+        try:
+            return self.r.xreadgroup(group, consumer, streams, count=count, block=block)
+        except redis.ResponseError as e:
+            if not unblocked(e):
+                raise
+            log.info("a blocking read was cut short by a Redis failover (%s); reading again", e)
+            return None
 
     def heartbeat(self, delivery: Delivery, consumer: str) -> None:
         """Reset the entry's idle time so no other worker reclaims it while this one is alive."""
@@ -682,7 +692,7 @@ class JobQueue:
         out: list[tuple[str, JobEvent]] = []
         for start, block in (("0", None), (">", block_ms if block_ms > 0 else None)):  # BLOCK 0 = forever
             if len(streams) == 1:
-                replies = [self.r.xreadgroup(group, consumer, {streams[0]: start}, count=count, block=block)]
+                replies = [self._xreadgroup(group, consumer, {streams[0]: start}, count, block)]
             else:  # a cluster's streams: one pipelined XREADGROUP each, never blocking
 
                 def read(start: str = start) -> list[Any]:
