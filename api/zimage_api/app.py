@@ -12,7 +12,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from zimage_api import errors, routes_jobs, routes_openai
+from zimage_api import docs_ui, errors, routes_jobs, routes_openai
 from zimage_api.apikeys import KeyRing
 from zimage_api.bodylimit import BodyLimit
 from zimage_api.deps import Parts
@@ -86,9 +86,12 @@ def create_app(
         version="0.1.0",
         description="Image generation jobs (ImageJobs) over HTTP, and OpenAI's images API.",
         lifespan=lifespan,
+        docs_url=None,  # served by docs_ui, from this package's assets
+        redoc_url=None,
     )
     app.state.parts = parts
     errors.install(app)
+    docs_ui.install(app)
     app.include_router(routes_jobs.router)
     app.include_router(routes_openai.router)
 

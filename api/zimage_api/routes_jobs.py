@@ -93,7 +93,9 @@ def _sse(event: str, data: dict[str, Any]) -> str:
 )
 async def job_events(id: JobId, caller: Caller, app: App, base: BaseUrl) -> StreamingResponse:
     """Server-Sent Events: ``queued``, ``started``, one ``progress`` per step, then ``succeeded``, ``failed`` or
-    ``cancelled`` carrying the whole job, and the stream ends. ``retrying``/``rerouted`` may come in between."""
+    ``cancelled`` carrying the whole job, and the stream ends. ``retrying``/``rerouted`` may come in between.
+    The first event is the job as it is, named by its phase: a stream opened while the job runs starts with
+    ``started``, one opened after it finished is its last event alone."""
     job = await app.service.get(caller, id)
 
     async def stream() -> AsyncIterator[str]:
@@ -149,12 +151,19 @@ async def get_image(
 
 @router.get("/models", response_model=ModelList, tags=["models"])
 async def list_models(caller: Caller, app: App) -> ModelList:
-    """ModelDeployments (OpenAI's model list shape), with readiness and queue length."""
+    """ModelDeployments (OpenAI's model list shape), with readiness and queue length; then the aliases that stand
+    for one of them (``alias_of``): OpenAI's model names, the variants' names, ZIMAGE_API_MODEL_ALIASES."""
     models = await asyncio.to_thread(app.service.store.list_models)
-    out = []
+    out = {}
     for md in models:
         stats = await asyncio.to_thread(
             app.service.queue.stats, keys.queue_name(app.service.store.namespace, md["metadata"]["name"])
         )
-        out.append(model_view(md, stats))
-    return ModelList(data=out)
+        out[md["metadata"]["name"]] = model_view(md, stats)
+    aliases = await asyncio.to_thread(app.service.model_aliases, models)
+    listed = [
+        view.model_copy(update={"id": alias, "alias_of": target})
+        for alias, target in aliases.items()
+        if (view := out.get(target)) is not None
+    ]
+    return ModelList(data=[*out.values(), *listed])

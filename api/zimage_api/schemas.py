@@ -74,12 +74,14 @@ class JobList(CamelModel):
 
 
 class ModelView(BaseModel):
-    """OpenAI's model object (snake_case, as OpenAI spells it), plus the pool's state."""
+    """OpenAI's model object (snake_case, as OpenAI spells it), plus the pool's state. An alias (``dall-e-3``,
+    ``turbo``, ...) is listed as the ModelDeployment it stands for, under its own id."""
 
     id: str
     object: Literal["model"] = "model"
     created: int = 0
     owned_by: str = "zimage"
+    alias_of: str | None = Field(None, description="For an alias: the ModelDeployment it stands for.")
     variant: str
     ready: bool
     ready_replicas: int
@@ -95,6 +97,19 @@ class ModelList(BaseModel):
 
 # -- OpenAI images API -----------------------------------------------------------------------------------
 SIZE_PATTERN = r"^(auto|[1-9][0-9]{1,4}x[1-9][0-9]{1,4})$"
+# What current openai SDKs send. Honoured: output_format, size, response_format, stream. Accepted and ignored
+# (docs/api.md says why): quality, style, moderation, output_compression, partial_images, input_fidelity, user,
+# safety_identifier. Values outside these sets are a 400, as OpenAI answers them.
+ResponseFormat = Literal["url", "b64_json"]
+Quality = Literal["auto", "low", "medium", "high", "xhigh", "max", "standard", "hd"]
+Style = Literal["vivid", "natural"]
+# A Z-Image picture is opaque: "transparent" is refused rather than quietly not done.
+Background = Literal["auto", "opaque"]
+Moderation = Literal["auto", "low"]
+InputFidelity = Literal["high", "low"]
+BACKGROUND_DOC = "auto or opaque (ignored: images are opaque); transparent is refused."
+PARTIAL_IMAGES_DOC = "0-3; no previews are sent: a stream carries the completed images only."
+RESPONSE_FORMAT_DOC = "Default: b64_json for gpt-image-* model names (as OpenAI's), else url. Streams send b64_json."
 
 
 class OpenAIGenerationRequest(BaseModel):
@@ -103,14 +118,20 @@ class OpenAIGenerationRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     prompt: str = Field(min_length=1, max_length=4000)
-    model: str | None = Field(None, max_length=253)
+    model: str | None = Field(None, max_length=253, description="A ModelDeployment or an alias (GET /v1/models).")
     n: int = Field(1, ge=1, le=8)
     size: str = Field("auto", pattern=SIZE_PATTERN, description="WIDTHxHEIGHT (multiples of 16, 64-2048) or auto.")
-    response_format: Literal["url", "b64_json"] = "url"
-    output_format: OutputFormat | None = None
-    quality: str | None = Field(None, max_length=32)
-    style: str | None = Field(None, max_length=32)
-    user: str | None = Field(None, max_length=256)
+    response_format: ResponseFormat | None = Field(None, description=RESPONSE_FORMAT_DOC)
+    output_format: OutputFormat | None = Field(None, description="png (default), jpeg or webp: the images' format.")
+    output_compression: int | None = Field(None, ge=0, le=100, description="Ignored (jpeg/webp at quality 95).")
+    quality: Quality | None = Field(None, description="Ignored: the model variant sets the steps.")
+    style: Style | None = Field(None, description="Ignored.")
+    background: Background | None = Field(None, description=BACKGROUND_DOC)
+    moderation: Moderation | None = Field(None, description="Ignored.")
+    stream: bool = Field(False, description="Server-Sent Events: image_generation.completed per image.")
+    partial_images: int | None = Field(None, ge=0, le=3, description=PARTIAL_IMAGES_DOC)
+    user: str | None = Field(None, max_length=256, description="Ignored.")
+    safety_identifier: str | None = Field(None, max_length=256, description="Ignored.")
     seed: int | None = Field(None, ge=0, le=2**53 - 1, description="Extension: a fixed seed.")
     negative_prompt: str | None = Field(None, max_length=4000, description="Extension.")
     steps: int | None = Field(None, ge=1, le=100, description="Extension: denoising steps.")
@@ -125,3 +146,5 @@ class OpenAIImage(BaseModel):
 class OpenAIImagesResponse(BaseModel):
     created: int
     data: list[OpenAIImage]
+    output_format: OutputFormat | None = None
+    size: str | None = Field(None, description="WIDTHxHEIGHT of the images.")

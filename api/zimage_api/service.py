@@ -18,13 +18,14 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import ValidationError
 
+from zimage_api import aliases
 from zimage_api.apikeys import Principal
 from zimage_api.errors import ApiError, validation_message
 from zimage_api.events import TERMINAL_EVENTS, EventHub
@@ -48,7 +49,18 @@ from zimage_queue import JobEvent, JobQueue
 log = logging.getLogger(__name__)
 # A page token that starts the ImageJob part of a list (after the bulk jobs).
 IMAGEJOBS_START = "imagejobs."
-_PHASE_EVENT = {"Succeeded": "succeeded", "Failed": "failed", "Cancelled": "cancelled"}
+# What a stream's first event is called: the phase the job is in when the stream opens.
+_PHASE_EVENT = {
+    "Pending": "pending",
+    "Queued": "queued",
+    "Running": "started",
+    "Succeeded": "succeeded",
+    "Failed": "failed",
+    "Cancelled": "cancelled",
+}
+# Resolving an alias reads the ModelDeployments at most this often (a burst of `dall-e-3` requests costs the API
+# server one list, not one per request).
+MODELS_CACHE_SECONDS = 5.0
 
 
 @dataclass
@@ -82,6 +94,7 @@ class JobService:
         self.hub = hub
         self.limiter = limiter
         self.quota = quota
+        self._models: tuple[float, list[dict[str, Any]]] | None = None
 
     # -- limits ---------------------------------------------------------------------------------------
     async def check_rate(self, p: Principal) -> None:
@@ -106,6 +119,33 @@ class JobService:
         if len(models) == 1:
             return str(models[0]["metadata"]["name"])
         raise ApiError(400, "model: required (GET /v1/models lists them)", param="model", code="missing_model")
+
+    def _listed_models(self) -> list[dict[str, Any]]:
+        now = time.monotonic()
+        if self._models is None or now - self._models[0] >= MODELS_CACHE_SECONDS:
+            self._models = (now, self.store.list_models())
+        return self._models[1]
+
+    def model_aliases(self, models: list[dict[str, Any]] | None = None) -> dict[str, str]:
+        """Every model alias in force: alias -> ModelDeployment name (sync: call from a thread)."""
+        models = self._listed_models() if models is None else models
+        default = self.settings.default_model or (str(models[0]["metadata"]["name"]) if len(models) == 1 else None)
+        return aliases.aliases(self.settings.model_aliases, models, default)
+
+    def resolve_model(self, name: str) -> str:
+        """The ModelDeployment a requested model name means: an alias's target, else the name itself (sync)."""
+        if not aliases.may_be_alias(name, self.settings.model_aliases):
+            return name
+        target = self.model_aliases().get(name)
+        if target is None and name in aliases.OPENAI_MODELS:
+            raise ApiError(
+                404,
+                f"model: {name!r} stands for the default model, and this API has none (ZIMAGE_API_DEFAULT_MODEL); "
+                "GET /v1/models lists the models",
+                param="model",
+                code="model_not_found",
+            )
+        return target or name
 
     def store_of(self, job: dict[str, Any]) -> JobStore:
         return self.bulk if self.bulk is not None and is_bulk(job) else self.store
@@ -134,6 +174,8 @@ class JobService:
         fields = {k: v for k, v in fields.items() if v is not None}
         if not fields.get("model"):
             fields["model"] = await asyncio.to_thread(self.default_model)
+        elif aliases.may_be_alias(fields["model"], self.settings.model_aliases):
+            fields["model"] = await asyncio.to_thread(self.resolve_model, fields["model"])
         fields.setdefault("ttlSecondsAfterFinished", self.settings.job_ttl_seconds)
         try:
             spec = ImageJobSpec.model_validate(fields)
@@ -303,8 +345,9 @@ class JobService:
         return job
 
     # -- following a job --------------------------------------------------------------------------------
-    async def track(self, job: dict[str, Any], keepalive: float | None = None) -> AsyncIterator[Tracked]:
-        """queued, then what happened so far, then live events until the job ends.
+    async def track(self, job: dict[str, Any], keepalive: float | None = None) -> AsyncGenerator[Tracked, None]:
+        """The job as it is (the event named by its phase: queued, started, or how it ended), then live events
+        until the job ends.
 
         The status is advanced with the operator's own ``event_patch``, so what a client sees here is what the
         ImageJob's status becomes a moment later.
@@ -314,13 +357,10 @@ class JobService:
         async with self.hub.subscribe(uid) as events:
             fresh = await asyncio.to_thread(self.store_of(job).get_job, meta["name"])
             status: dict[str, Any] = dict((fresh or job).get("status") or {})
-            yield Tracked("queued", status)
-            phase = status.get("phase")
+            phase = status.get("phase") or "Pending"
+            yield Tracked(_PHASE_EVENT.get(phase, "queued"), status)
             if phase in TERMINAL_PHASES:
-                yield Tracked(_PHASE_EVENT[phase], status)
                 return
-            if phase == "Running":
-                yield Tracked("started", status)
             late = await asyncio.to_thread(self._finished_in_queue, job, status)
             if late is not None:  # finished before we subscribed; its status is not written yet
                 merge_patch(status, late)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from pydantic import AliasChoices, Field
+import re
+
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_MODEL_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")
 
 
 class ApiSettings(BaseSettings):
@@ -23,6 +27,10 @@ class ApiSettings(BaseSettings):
         "", validation_alias=AliasChoices("ZIMAGE_API_STORAGE_URL", "ZIMAGE_STORAGE_URL")
     )  # uploads go here; workers read them back
     default_model: str = ""  # for OpenAI requests without `model` (else: the only ModelDeployment there is)
+    # Model names clients send -> ModelDeployment names, as JSON: {"dall-e-3": "z-image-base"}; over the built-in
+    # ones (OpenAI's names -> the default model, turbo/base/edit -> a ModelDeployment of that variant); "" drops
+    # one (zimage_api.aliases).
+    model_aliases: dict[str, str] = Field(default_factory=dict)
     sync_timeout_seconds: float = 300.0  # how long /v1/images/* wait for the images
     max_upload_bytes: int = 20 * 1024 * 1024
     # The whole request body, however it is sent (Content-Length or chunked); 0: three uploads' worth (an edit
@@ -49,6 +57,16 @@ class ApiSettings(BaseSettings):
     page_size: int = 50
     host: str = "0.0.0.0"
     port: int = 8080
+
+    @field_validator("model_aliases")
+    @classmethod
+    def _alias_targets(cls, v: dict[str, str]) -> dict[str, str]:
+        for alias, target in v.items():
+            if not alias or len(alias) > 253:
+                raise ValueError(f"alias {alias!r}: 1 to 253 characters")
+            if target and not _MODEL_NAME.fullmatch(target):
+                raise ValueError(f"alias {alias!r}: {target!r} is not a ModelDeployment name (or '' to drop it)")
+        return v
 
     @property
     def request_limit(self) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from zimage_api.aliases import variant_of
 from zimage_api.redis_store import is_bulk
 from zimage_api.schemas import ImageLink, JobView, Links, ModelView, Progress
 from zimage_api.signing import UrlSigner
@@ -73,7 +74,7 @@ def model_view(md: dict[str, Any], stats: QueueStats) -> ModelView:
     ready = int(status.get("readyReplicas") or 0)
     return ModelView(
         id=md["metadata"]["name"],
-        variant=((md.get("spec") or {}).get("model") or {}).get("variant", "turbo"),
+        variant=variant_of(md),
         ready=ready > 0,
         ready_replicas=ready,
         replicas=int(status.get("replicas") or 0),

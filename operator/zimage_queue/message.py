@@ -10,8 +10,19 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer, model_validator
+import annotated_types
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
+from pydantic_core import PydanticKnownError
 
 Task = Literal["text-to-image", "image-to-image", "inpaint"]
 Priority = Literal["high", "normal", "low"]
@@ -77,6 +88,19 @@ class GenerationParams(WireModel):
     )
     strength: float | None = Field(None, ge=0, le=1, description="How far to move from the input image.")
     output_format: OutputFormat = Field("png", description="Encoding of the stored images.")
+
+    @field_validator("width", "height", mode="before")
+    @classmethod
+    def _bounds_before_multiple(cls, v: object, info: ValidationInfo) -> object:
+        """The field's own bounds, checked first: pydantic tries multiple_of before ge/le, and "a multiple of 16"
+        is no answer to a width of 99999."""
+        if isinstance(v, int | float) and not isinstance(v, bool) and info.field_name:
+            for bound in cls.model_fields[info.field_name].metadata:
+                if isinstance(bound, annotated_types.Ge) and v < bound.ge:  # type: ignore[operator]
+                    raise PydanticKnownError("greater_than_equal", {"ge": bound.ge})
+                if isinstance(bound, annotated_types.Le) and v > bound.le:  # type: ignore[operator]
+                    raise PydanticKnownError("less_than_equal", {"le": bound.le})
+        return v
 
     def steps_and_guidance(self, defaults: VariantDefaults) -> tuple[int, float]:
         """The steps and guidance scale this job runs with: its own, or its model variant's defaults."""

@@ -1,72 +1,18 @@
-"""The REST API end to end in local mode: real HTTP server, real Redis, the real worker loop on the tiny model."""
+"""The REST API end to end in local mode: real HTTP server, real Redis, the real worker loop on the tiny model.
+The OpenAI routes through the official SDK: test_openai_sdk.py."""
 
 from __future__ import annotations
 
-import base64
 import struct
 import zlib
 
 import httpx
-import openai
 import pytest
 
 from conftest import wait_for
 from tests.api.conftest import Api, decode, png, sse_events
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def openai_client(api: Api, key: str = "dev") -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{api.url}/v1", api_key=api.keys[key], max_retries=0)
-
-
-# -- OpenAI SDK ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("response_format", ["url", "b64_json"])
-def test_openai_sdk_generate(api: Api, response_format: str) -> None:
-    res = openai_client(api).images.generate(
-        prompt="a red fox",
-        size="128x96",
-        n=2,
-        response_format=response_format,  # type: ignore[arg-type]
-    )
-    assert len(res.data) == 2
-    for item in res.data:
-        if response_format == "url":
-            assert item.url and item.b64_json is None
-            data = httpx.get(item.url).raise_for_status().content  # signed: no API key needed
-        else:
-            assert item.b64_json and item.url is None
-            data = base64.b64decode(item.b64_json)
-        img = decode(data)
-        assert img.size == (128, 96) and img.format == "PNG"
-
-
-@pytest.mark.parametrize("with_mask", [False, True])
-def test_openai_sdk_edit(api: Api, with_mask: bool) -> None:
-    # OpenAI's masks are transparent where the image is to change.
-    mask = png(96, 64, "RGBA", (0, 0, 0, 0)) if with_mask else None
-    res = openai_client(api).images.edit(
-        image=("fox.png", png(96, 64), "image/png"),
-        mask=("mask.png", mask, "image/png") if mask else openai.omit,
-        prompt="the fox in snow",
-        response_format="b64_json",
-    )
-    assert decode(base64.b64decode(res.data[0].b64_json or "")).size == (96, 64)  # size auto: the input's
-    res = openai_client(api).images.edit(image=("fox.png", png(64, 64), "image/png"), prompt="in snow", size="64x64")
-    assert decode(httpx.get(res.data[0].url or "").raise_for_status().content).size == (64, 64)
-
-
-def test_openai_sdk_errors_are_typed(api: Api) -> None:
-    client = openai_client(api)
-    with pytest.raises(openai.BadRequestError) as bad:
-        client.images.generate(prompt="x", size="4096x4096")
-    assert bad.value.body["param"] == "width"  # type: ignore[index]
-    with pytest.raises(openai.NotFoundError):
-        client.images.generate(prompt="x", model="no-such-model")
-    with pytest.raises(openai.AuthenticationError):
-        openai.OpenAI(base_url=f"{api.url}/v1", api_key="zk_nope_not-a-real-key-at-all", max_retries=0).images.generate(
-            prompt="x"
-        )
 
 
 # -- auth, tenants, limits ----------------------------------------------------------------------------------
@@ -278,7 +224,7 @@ def test_bad_uploads_are_rejected(api: Api) -> None:
 def test_models_and_metrics(api: Api) -> None:
     models = api.client("a").get("/v1/models").json()
     assert models["object"] == "list"
-    (m,) = models["data"]
+    (m,) = [m for m in models["data"] if m["alias_of"] is None]  # then the aliases (test_openai_sdk.py)
     assert m["id"] == "z-image-turbo" and m["ready"] and m["owned_by"] == "zimage" and m["queue_length"] >= 0
     text = httpx.get(f"{api.url}/metrics").text
     assert 'zimage_api_requests_total{code="202",method="POST",route="/v1/jobs"}' in text

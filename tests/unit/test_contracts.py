@@ -6,7 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
+from pydantic import ValidationError
 
 from zimage_operator import crdgen
 from zimage_operator.types import ImageJobSpec
@@ -96,3 +98,21 @@ def test_only_the_imagejob_spec_is_immutable() -> None:
     assert rules == {"imagejob.yaml": [crdgen.IMMUTABLE_SPEC], "modeldeployment.yaml": None}
     assert crdgen.IMMUTABLE_SPEC == {"rule": "self == oldSelf", "message": crdgen.IMMUTABLE_SPEC_MESSAGE}
     assert "immutable" in crdgen.IMMUTABLE_SPEC_MESSAGE and "new ImageJob" in crdgen.IMMUTABLE_SPEC_MESSAGE
+
+
+@pytest.mark.parametrize(
+    ("width", "error"),
+    [
+        (99999, "less_than_equal"),  # out of range and no multiple of 16: the range is what is wrong
+        (2064, "less_than_equal"),
+        (9, "greater_than_equal"),
+        (48, "greater_than_equal"),
+        (100, "multiple_of"),  # in range: then the multiple
+        (4096.0, "less_than_equal"),
+    ],
+)
+def test_size_bounds_are_checked_before_the_multiple(width: object, error: str) -> None:
+    with pytest.raises(ValidationError) as e:
+        GenerationParams.model_validate({"prompt": "x", "width": width, "height": width})
+    assert [(err["loc"], err["type"]) for err in e.value.errors()] == [(("width",), error), (("height",), error)]
+    assert GenerationParams.model_validate({"prompt": "x", "width": 2048, "height": 64}).width == 2048
