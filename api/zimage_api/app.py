@@ -45,9 +45,9 @@ def create_app(
     on_event: Callable[[JobEvent], None] | None = None,
 ) -> FastAPI:
     """``on_event`` sees every worker event (local mode uses it to play the operator's part)."""
-    sync_redis = connect(settings.redis_url)
+    sync_redis = connect(settings.redis_url, settings.redis_credentials)
     queue = JobQueue(sync_redis)
-    async_redis = connect_async(settings.redis_url)
+    async_redis = connect_async(settings.redis_url, settings.redis_credentials)
     hub = EventHub(async_redis)
     if on_event:
         hub.add_listener(on_event)

@@ -7,10 +7,12 @@ import re
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from zimage_queue.clients import RedisAuthSettings
+
 _MODEL_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")
 
 
-class ApiSettings(BaseSettings):
+class ApiSettings(BaseSettings, RedisAuthSettings):  # ZIMAGE_REDIS_PASSWORD, ... as the operator's
     model_config = SettingsConfigDict(env_prefix="ZIMAGE_API_", populate_by_name=True)
 
     redis_url: str = Field(

@@ -65,6 +65,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.peering.lifetime = cfg.peering_lifetime_seconds
     queue = JobQueue.from_url(
         cfg.redis_url,
+        cfg.redis_credentials,
         result_ttl_seconds=cfg.job_retention_seconds,
         visibility_ms=int(cfg.events_reclaim_seconds * 1000),
     )

@@ -8,6 +8,7 @@ Each pass is a thin shell around pure functions: ``scaling.decide_replicas`` and
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from zimage_operator.metrics import DESIRED_REPLICAS, INFLIGHT, QUEUE_LENGTH, RE
 from zimage_operator.runtime import Runtime
 from zimage_operator.types import ModelDeploymentSpec
 from zimage_queue import keys
+from zimage_queue.clients import Credentials
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,22 @@ class Pool:
     last_status: dict[str, Any] = field(default_factory=dict)
     costs: dict[str, int] = field(default_factory=dict)
     no_capacity_since: datetime | None = None
+
+
+@functools.lru_cache(maxsize=4)
+def worker_redis_auth(
+    creds: Credentials, secret: str, secret_key: str, ca_secret: str, ca_secret_key: str
+) -> workload.RedisAuth:
+    """What the workers authenticate with: the operator's own credentials (its CA file read once)."""
+    return workload.RedisAuth(
+        password=creds.password,
+        ca_cert=creds.ca_pem(),
+        username=creds.username,
+        secret=secret or None,
+        secret_key=secret_key,
+        ca_secret=ca_secret or None,
+        ca_secret_key=ca_secret_key,
+    )
 
 
 def _ns_name(body: dict[str, Any]) -> tuple[str, str]:
@@ -74,6 +92,13 @@ def sync(rt: Runtime, pool: Pool, now: datetime) -> None:
         md,
         redis_url=rt.settings.worker_redis_url or rt.settings.redis_url,
         replicas=desired,
+        redis_auth=worker_redis_auth(
+            rt.settings.redis_credentials,
+            rt.settings.worker_redis_secret,
+            rt.settings.worker_redis_secret_key,
+            rt.settings.worker_redis_ca_secret,
+            rt.settings.worker_redis_ca_secret_key,
+        ),
         storage_url=rt.settings.worker_storage_url or None,
         longest_timeout_seconds=rt.settings.max_job_seconds,
         job_retention_seconds=rt.settings.job_retention_seconds,

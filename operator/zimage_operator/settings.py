@@ -5,8 +5,10 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from zimage_queue.clients import RedisAuthSettings
 
-class OperatorSettings(BaseSettings):
+
+class OperatorSettings(BaseSettings, RedisAuthSettings):  # ZIMAGE_REDIS_PASSWORD, ... (clients.py)
     model_config = SettingsConfigDict(env_prefix="ZIMAGE_", env_parse_none_str="null")
 
     redis_url: str = "redis://localhost:6379/0"
@@ -20,6 +22,12 @@ class OperatorSettings(BaseSettings):
     consumer_name: str = ""  # defaults to the host name
     # What worker pods get: in a cluster the operator and the workers may reach Redis by different names.
     worker_redis_url: str = ""  # defaults to redis_url
+    # Worker pods get the operator's Redis password (and CA) from a Secret, never as a value: in the operator's
+    # namespace from these (the chart's); elsewhere from a copy the operator keeps in the pool's namespace.
+    worker_redis_secret: str = ""
+    worker_redis_secret_key: str = "redis-password"
+    worker_redis_ca_secret: str = ""
+    worker_redis_ca_secret_key: str = "ca.crt"
     worker_storage_url: str = ""  # ZIMAGE_STORAGE_URL for pools whose spec has no storage
     # Worker pods get at least this long to finish the job in hand when stopped (terminationGracePeriodSeconds).
     max_job_seconds: int = 900

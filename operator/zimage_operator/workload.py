@@ -5,10 +5,11 @@ Everything is a plain dict, ready for kopf.adopt and the API server; nothing her
 
 from __future__ import annotations
 
+import base64
 import copy
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -33,6 +34,9 @@ MIN_GRACE_SECONDS = 600
 STARTUP_PERIOD_SECONDS = 10
 STARTUP_FAILURES = 180
 RUN_AS = 10001  # the user of the worker image (worker_image/Dockerfile)
+# The keys of the Secret a pool outside the operator's namespace gets its Redis credentials from.
+REDIS_PASSWORD_KEY = "redis-password"
+REDIS_CA_KEY = "ca.crt"
 
 
 def worker_name(md_name: str) -> str:
@@ -47,6 +51,10 @@ def metrics_service_name(md_name: str) -> str:
 
 def cache_claim_name(md_name: str) -> str:
     return _fit(md_name, "-model-cache", 253)
+
+
+def redis_secret_name(md_name: str) -> str:
+    return _fit(md_name, "-redis", 253)
 
 
 def preload_job_name(md_name: str) -> str:
@@ -102,6 +110,25 @@ class _Parent:
         return m
 
 
+@dataclass(frozen=True)
+class RedisAuth:
+    """How worker pods authenticate to Redis: only ever through ``secretKeyRef``, never a value in the pod spec.
+
+    Pools in the operator's namespace use the Secrets named here (the chart's: ``secret`` holds the password,
+    ``ca_secret`` the CA bundle). A pool elsewhere, which cannot reference a Secret across namespaces, or one whose
+    Secret is not named, gets a copy of ``password`` / ``ca_cert`` in a Secret of its own namespace
+    (``redis_secret_name``), owned by its ModelDeployment. ``username`` (an ACL user, not a secret) is a value.
+    """
+
+    password: str | None = field(default=None, repr=False)
+    ca_cert: str | None = None
+    username: str | None = None
+    secret: str | None = None
+    secret_key: str = REDIS_PASSWORD_KEY
+    ca_secret: str | None = None
+    ca_secret_key: str = REDIS_CA_KEY
+
+
 def desired_objects(
     md: dict[str, Any],
     *,
@@ -111,6 +138,7 @@ def desired_objects(
     operator_namespace: str | None = None,
     storage_url: str | None = None,
     job_retention_seconds: int | None = None,
+    redis_auth: RedisAuth | None = None,
 ) -> dict[str, dict[str, Any]]:
     """The children a ModelDeployment should have, keyed by lower-case kind (``deployment``, ``service``,
     ``poddisruptionbudget``, and ``persistentvolumeclaim`` and ``job`` when the cache asks for them).
@@ -119,7 +147,9 @@ def desired_objects(
     longest ImageJob timeout the pool may run, so a draining worker is not killed mid-job; ``operator_namespace``
     qualifies a bare Redis host name, which would not resolve from the ModelDeployment's namespace;
     ``storage_url`` is the operator's default for workers whose spec has no ``storage``;
-    ``job_retention_seconds`` how long workers keep a finished job's Redis record (the operator's retention).
+    ``job_retention_seconds`` how long workers keep a finished job's Redis record (the operator's retention);
+    ``redis_auth`` the workers' Redis password and CA (``RedisAuth``; a ``secret`` child when the pool needs a
+    copy).
     Raises pydantic's ValidationError or ValueError for a spec the operator must reject.
     """
     meta = md["metadata"]
@@ -132,6 +162,7 @@ def desired_objects(
     claim = cache.existing_claim or (cache_claim_name(name) if cache.size else None)
     # With a preload Job as the only writer, workers cannot corrupt the cache; without one they must download.
     read_only_cache = cache.preload
+    redis_env, redis_secret = _redis_auth(redis_auth, parent, operator_namespace)
     env = _worker_env(
         spec,
         name,
@@ -139,6 +170,7 @@ def desired_objects(
         _worker_redis_url(redis_url, namespace, operator_namespace),
         spec.storage.url if spec.storage else storage_url,
         job_retention_seconds,
+        redis_env,
     )
     cache_volume: dict[str, Any] = (
         {"name": CACHE_VOLUME, "persistentVolumeClaim": {"claimName": claim}}
@@ -235,7 +267,44 @@ def desired_objects(
         }
     if cache.preload:
         objects["job"] = _preload_job(spec, parent, volumes)
+    if redis_secret:  # first, so it is there when the pods start
+        objects = {"secret": redis_secret, **objects}
     return objects
+
+
+def _redis_auth(
+    auth: RedisAuth | None, parent: _Parent, operator_namespace: str | None
+) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """The workers' Redis credential variables, and the Secret holding the copies they refer to (if any)."""
+    if auth is None:
+        return [], None
+    here = operator_namespace in (None, parent.namespace)
+    env: list[dict[str, Any]] = []
+    if auth.username:
+        env.append({"name": "ZIMAGE_REDIS_USERNAME", "value": auth.username})
+    copied: dict[str, str] = {}
+    for var, value, secret, key, own_key in (
+        ("ZIMAGE_REDIS_PASSWORD", auth.password, auth.secret, auth.secret_key, REDIS_PASSWORD_KEY),
+        ("ZIMAGE_REDIS_CA_CERT", auth.ca_cert, auth.ca_secret, auth.ca_secret_key, REDIS_CA_KEY),
+    ):
+        if here and secret:
+            ref = {"name": secret, "key": key}
+        elif value:
+            copied[own_key] = base64.b64encode(value.encode()).decode()
+            ref = {"name": redis_secret_name(parent.name), "key": own_key}
+        else:
+            continue
+        env.append({"name": var, "valueFrom": {"secretKeyRef": ref}})
+    if not copied:
+        return env, None
+    secret_obj = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": parent.metadata(redis_secret_name(parent.name), "worker"),
+        "type": "Opaque",
+        "data": copied,  # base64, as the API server serves it: drift compares it
+    }
+    return env, secret_obj
 
 
 def _preload_job(spec: ModelDeploymentSpec, parent: _Parent, volumes: list[dict[str, Any]]) -> dict[str, Any]:
@@ -296,9 +365,11 @@ def _worker_env(
     redis_url: str,
     storage_url: str | None,
     job_retention_seconds: int | None = None,
+    redis_env: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [
         {"name": "ZIMAGE_REDIS_URL", "value": redis_url},
+        *(redis_env or []),
         {"name": "ZIMAGE_QUEUE", "value": queue_name(namespace, name)},
         {"name": "ZIMAGE_WORKER_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "ZIMAGE_HTTP_PORT", "value": str(METRICS_PORT)},
@@ -431,6 +502,7 @@ def drifted(desired: dict[str, Any], actual: dict[str, Any]) -> bool:
         _covers(am.get("labels"), dm.get("labels"))
         and _covers(am.get("annotations"), dm.get("annotations"))
         and _covers(actual.get("spec"), desired.get("spec"))
+        and _covers(actual.get("data"), desired.get("data"))  # a Secret's
     )
 
 

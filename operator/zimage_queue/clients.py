@@ -13,17 +13,26 @@ The URL picks the deployment (``parse``):
 
 ``?wait_replicas=N`` (any kind) makes the queue confirm its acceptance and terminal writes on N replicas with
 ``WAIT`` (``zimage_queue.queue.JobQueue``); a cluster defaults to 1, the others to 0.
+
+A password and a CA bundle come apart from the URL (``Credentials``, read by each process's settings from
+``ZIMAGE_REDIS_PASSWORD`` / ``_PASSWORD_FILE``, ``ZIMAGE_REDIS_USERNAME``, ``ZIMAGE_REDIS_CA_FILE`` /
+``_CA_CERT``: ``RedisAuthSettings``), so a URL in a pod spec or a log line carries none. They take precedence over
+a password in the URL. ``rediss://`` (``rediss+cluster://``, ``rediss+sentinel://``) speaks TLS, and verifies the
+server's certificate and host name against the CA bundle, else the system's trust store.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import redis
 import redis.asyncio as aioredis
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.backoff import ExponentialBackoff, ExponentialWithJitterBackoff
 from redis.cluster import ClusterNode, RedisCluster
@@ -62,6 +71,54 @@ class Target:
     password: str | None = None
     ssl: bool = False
     wait_replicas: int | None = None
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """What a connection needs besides its URL: an ACL user and password, and the CA bundle (a file, or the PEM
+    itself) that signed the server's certificate. Never part of a repr, so never of a log line."""
+
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    ca_file: str | None = None
+    ca_data: str | None = field(default=None, repr=False)
+
+    def ca_pem(self) -> str | None:
+        """The CA bundle's text (what the operator copies for worker pods), from ``ca_data`` or ``ca_file``."""
+        if self.ca_data:
+            return self.ca_data
+        return Path(self.ca_file).read_text() if self.ca_file else None
+
+
+class RedisAuthSettings(BaseModel):
+    """The Redis credentials every process reads (a mixin of its ``BaseSettings``): the same variables in each,
+    whatever its own prefix. The password never goes into a URL; worker pods get it from a Secret."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    redis_username: str = Field("", validation_alias=AliasChoices("ZIMAGE_REDIS_USERNAME", "redis_username"))
+    redis_password: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("ZIMAGE_REDIS_PASSWORD", "redis_password")
+    )
+    # A file holding the password (a mounted Secret); read once, at the first connection. Wins over the above.
+    redis_password_file: str = Field(
+        "", validation_alias=AliasChoices("ZIMAGE_REDIS_PASSWORD_FILE", "redis_password_file")
+    )
+    # The CA bundle of a rediss:// server: a file, or the PEM text itself (how the chart hands it over).
+    redis_ca_file: str = Field("", validation_alias=AliasChoices("ZIMAGE_REDIS_CA_FILE", "redis_ca_file"))
+    redis_ca_cert: str = Field("", validation_alias=AliasChoices("ZIMAGE_REDIS_CA_CERT", "redis_ca_cert"))
+
+    @cached_property
+    def redis_credentials(self) -> Credentials:
+        password = self.redis_password.get_secret_value() if self.redis_password else None
+        if self.redis_password_file:
+            password = Path(self.redis_password_file).read_text().rstrip("\r\n")
+        return Credentials(
+            username=self.redis_username or None,
+            password=password or None,
+            ca_file=self.redis_ca_file or None,
+            ca_data=self.redis_ca_cert or None,
+        )
 
 
 def _hosts(netloc: str, default_port: int) -> tuple[tuple[str, int], ...]:
@@ -135,15 +192,39 @@ def _cluster_backoff() -> ExponentialBackoff:
     return ExponentialBackoff(cap=1.0, base=0.1)
 
 
-def _auth(t: Target) -> dict[str, Any]:
+def _auth(t: Target, creds: Credentials | None = None) -> dict[str, Any]:
+    c = creds or Credentials()
     out: dict[str, Any] = {}
-    if t.username:
-        out["username"] = t.username
-    if t.password:
-        out["password"] = t.password
+    if username := c.username or t.username:
+        out["username"] = username
+    if password := c.password or t.password:
+        out["password"] = password
     if t.ssl:
-        out["ssl"] = True
+        out.update(ssl=True, **_tls(t, c))
+    elif c.ca_file or c.ca_data:
+        raise ValueError("a Redis CA bundle is set, but the URL does not speak TLS (rediss://)")
     return out
+
+
+def _tls(t: Target, c: Credentials) -> dict[str, Any]:
+    out: dict[str, Any] = {"ssl_cert_reqs": "required"}
+    if c.ca_file:
+        out["ssl_ca_certs"] = c.ca_file
+    if c.ca_data:
+        out["ssl_ca_data"] = c.ca_data
+    return out
+
+
+def _single(t: Target, creds: Credentials | None) -> tuple[str, dict[str, Any]]:
+    """The URL and keyword arguments of a single server's client: redis-py lets a URL's userinfo win over the
+    arguments, so the URL loses its userinfo when the credentials say otherwise."""
+    options = _auth(t, creds)
+    options.pop("ssl", None)  # the scheme says it
+    url = t.url
+    if creds and (creds.username or creds.password):
+        parts = urlsplit(url)
+        url = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    return url, options
 
 
 CLUSTER_ERRORS = (redis.ConnectionError, redis.TimeoutError, ClusterDownError, SlotNotCoveredError)
@@ -185,26 +266,40 @@ def retrying(client: Any, fn: Callable[[], T]) -> T:
     return fn()
 
 
-def connect(url: str, **overrides: Any) -> SyncClient:
+def _sentinel_options(t: Target, creds: Credentials | None) -> dict[str, Any]:
+    """How the sentinels themselves are reached: the timeouts, and TLS with the same CA when the URL says
+    ``rediss+sentinel``. Not the password: that is the master's (Sentinel's own ``requirepass`` is separate)."""
+    out: dict[str, Any] = {"socket_connect_timeout": CONNECT_TIMEOUT_SECONDS, "socket_timeout": CONNECT_TIMEOUT_SECONDS}
+    if t.ssl:
+        out.update(ssl=True, **_tls(t, creds or Credentials()))
+    return out
+
+
+def connect(url: str, credentials: Credentials | None = None, **overrides: Any) -> SyncClient:
+    """A client for the URL's deployment; ``credentials`` (the process's settings) win over the URL's userinfo."""
     t = parse(url)
     if t.kind == "cluster":
         return ClusterClient(
             startup_nodes=[ClusterNode(h, p) for h, p in t.nodes],
             retry=Retry(_cluster_backoff(), CLUSTER_RETRIES),
-            **{**_options(), **_auth(t), **overrides},
+            **{**_options(), **_auth(t, credentials), **overrides},
         )
     retry = Retry(_backoff(), RETRIES)
     if t.kind == "sentinel":
         from redis.sentinel import Sentinel
 
-        timeouts = {"socket_connect_timeout": CONNECT_TIMEOUT_SECONDS, "socket_timeout": CONNECT_TIMEOUT_SECONDS}
-        sentinel = Sentinel(list(t.nodes), sentinel_kwargs=timeouts, **{**_options(), **_auth(t)})
+        sentinel = Sentinel(
+            list(t.nodes),
+            sentinel_kwargs=_sentinel_options(t, credentials),
+            **{**_options(), **_auth(t, credentials)},
+        )
         client: redis.Redis = sentinel.master_for(t.service, db=t.db, retry=retry, **overrides)
         return client
-    return redis.Redis.from_url(t.url, retry=retry, **{**_options(), **overrides})
+    single, auth = _single(t, credentials)
+    return redis.Redis.from_url(single, retry=retry, **{**_options(), **auth, **overrides})
 
 
-def connect_async(url: str, **overrides: Any) -> AsyncClient:
+def connect_async(url: str, credentials: Credentials | None = None, **overrides: Any) -> AsyncClient:
     from redis.asyncio.retry import Retry as AsyncRetry
 
     t = parse(url)
@@ -215,17 +310,21 @@ def connect_async(url: str, **overrides: Any) -> AsyncClient:
         return AsyncRedisCluster(
             startup_nodes=[AsyncClusterNode(h, p) for h, p in t.nodes],
             retry=AsyncRetry(_cluster_backoff(), CLUSTER_RETRIES),
-            **{**options, **_auth(t), **overrides},
+            **{**options, **_auth(t, credentials), **overrides},
         )
     retry = AsyncRetry(_backoff(), RETRIES)
     if t.kind == "sentinel":
         from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 
-        timeouts = {"socket_connect_timeout": CONNECT_TIMEOUT_SECONDS, "socket_timeout": CONNECT_TIMEOUT_SECONDS}
-        sentinel = AsyncSentinel(list(t.nodes), sentinel_kwargs=timeouts, **{**_options(), **_auth(t)})
+        sentinel = AsyncSentinel(
+            list(t.nodes),
+            sentinel_kwargs=_sentinel_options(t, credentials),
+            **{**_options(), **_auth(t, credentials)},
+        )
         client: aioredis.Redis = sentinel.master_for(t.service, db=t.db, retry=retry, **overrides)
         return client
-    return aioredis.Redis.from_url(t.url, retry=retry, **{**_options(), **overrides})
+    single, auth = _single(t, credentials)
+    return aioredis.Redis.from_url(single, retry=retry, **{**_options(), **auth, **overrides})
 
 
 def is_cluster(client: Any) -> bool:

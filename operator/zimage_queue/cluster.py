@@ -8,6 +8,7 @@ ways a master changes that the failover tests drive.
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 import signal
@@ -51,13 +52,16 @@ def cluster_port(taken: set[int] | frozenset[int] = frozenset()) -> int:
 class Node:
     port: int
     proc: subprocess.Popen[bytes] | None = None
+    password: str | None = None
 
     @property
     def name(self) -> str:
         return f"127.0.0.1:{self.port}"
 
     def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port, socket_connect_timeout=0.5, socket_timeout=5, decode_responses=True)
+        return redis.Redis(
+            port=self.port, socket_connect_timeout=0.5, socket_timeout=5, decode_responses=True, password=self.password
+        )
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -66,7 +70,11 @@ class Node:
 class LocalCluster:
     """``with LocalCluster() as c: c.url`` - a private cluster that is gone when the block ends."""
 
-    def __init__(self, masters: int = 3, replicas: int = 1, node_timeout_ms: int = NODE_TIMEOUT_MS) -> None:
+    def __init__(
+        self, masters: int = 3, replicas: int = 1, node_timeout_ms: int = NODE_TIMEOUT_MS, password: str | None = None
+    ) -> None:
+        """``password``: every node's ``requirepass`` (and ``masterauth``, for its replicas)."""
+        self.password = password
         self.masters = masters
         self.replicas = replicas
         self.node_timeout_ms = node_timeout_ms
@@ -76,7 +84,7 @@ class LocalCluster:
         for _ in range(masters * (1 + replicas)):
             port = cluster_port(taken)
             taken |= {port, port + 10000}
-            self.nodes.append(Node(port))
+            self.nodes.append(Node(port, password=password))
 
     @property
     def url(self) -> str:
@@ -104,6 +112,8 @@ class LocalCluster:
             "--cluster-node-timeout",
             str(self.node_timeout_ms),
         ]
+        if self.password:
+            cmd += ["--requirepass", self.password, "--masterauth", self.password]
         node.proc = subprocess.Popen(
             cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent()
         )
@@ -123,6 +133,7 @@ class LocalCluster:
             check=True,
             capture_output=True,
             timeout=timeout,
+            env={**os.environ, "REDISCLI_AUTH": self.password} if self.password else None,
         )
         self.wait_healthy(timeout=max(1.0, deadline - time.monotonic()))
         return self

@@ -34,7 +34,7 @@ from pydantic import ValidationError
 from redis.exceptions import AskError, ClusterDownError, MovedError, TryAgainError
 
 from zimage_queue import keys, scripts
-from zimage_queue.clients import SyncClient, connect, is_cluster, retrying, unblocked, wait_replicas
+from zimage_queue.clients import Credentials, SyncClient, connect, is_cluster, retrying, unblocked, wait_replicas
 from zimage_queue.entries import Poisoned, decoded, error_text, quarantine, text
 from zimage_queue.message import JobEvent, JobMessage, Priority, ResultImage
 
@@ -125,9 +125,9 @@ class JobQueue:
         self._next_reclaim: dict[str, float] = {}
 
     @classmethod
-    def from_url(cls, url: str, **kwargs: Any) -> JobQueue:
+    def from_url(cls, url: str, credentials: Credentials | None = None, **kwargs: Any) -> JobQueue:
         kwargs.setdefault("wait_replicas", wait_replicas(url))
-        return cls(connect(url), **kwargs)
+        return cls(connect(url, credentials), **kwargs)
 
     # -- where things are -----------------------------------------------------------------------------------
     def _queue_of(self, d: Delivery) -> str:

@@ -23,6 +23,8 @@ from types import TracebackType
 
 import redis
 
+from zimage_queue.clients import Credentials
+
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
@@ -83,23 +85,40 @@ class RedisServer:
         appendonly: bool = False,
         data_dir: str | None = None,
         die_with_parent: bool = True,
+        password: str | None = None,
+        tls: tuple[str, str, str] | None = None,
     ) -> None:
+        """``password``: ``requirepass``; ``tls``: (certificate, key, CA) files: TLS only (``--port 0``), clients
+        need no certificate of their own."""
         self.port = port or free_port()
         self.appendonly = appendonly
         self.die_with_parent = die_with_parent
+        self.password = password
+        self.tls = tls
         self._tmp = None if data_dir else tempfile.TemporaryDirectory(prefix="zimage-redis-")
         self.data_dir = data_dir or (self._tmp.name if self._tmp else ".")
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        """Never with the password: that is in ``credentials``."""
+        return f"{'rediss' if self.tls else 'redis'}://127.0.0.1:{self.port}/0"
+
+    @property
+    def credentials(self) -> Credentials:
+        return Credentials(password=self.password, ca_file=self.tls[2] if self.tls else None)
 
     def start(self, timeout: float = 10.0) -> RedisServer:
+        listen = ["--port", str(self.port)]
+        if self.tls:
+            cert, key, ca = self.tls
+            listen = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", cert, "--tls-key-file", key]
+            listen += ["--tls-ca-cert-file", ca, "--tls-auth-clients", "no"]
+        if self.password:
+            listen += ["--requirepass", self.password]
         cmd = [
             find_server_binary(),
-            "--port",
-            str(self.port),
+            *listen,
             "--bind",
             "127.0.0.1",
             "--save",
@@ -111,7 +130,16 @@ class RedisServer:
         ]
         preexec = _die_with_parent() if self.die_with_parent else None
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=preexec)
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        # Only whether it answers: the certificate is the test's to check.
+        tls = bool(self.tls)
+        client = redis.Redis(
+            port=self.port,
+            socket_connect_timeout=0.2,
+            password=self.password,
+            ssl=tls,
+            ssl_cert_reqs="none",
+            ssl_check_hostname=False,
+        )
         deadline = time.monotonic() + timeout
         while True:
             try:

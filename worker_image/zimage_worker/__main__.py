@@ -65,7 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         metrics.WARMUP_SECONDS.set(seconds)
         log.info("warm-up at %dx%d (batch %d) took %.2fs", size, size, cfg.max_batch_size, seconds)
     queue = JobQueue.from_url(
-        cfg.redis_url, visibility_ms=cfg.visibility_ms, result_ttl_seconds=cfg.job_retention_seconds
+        cfg.redis_url,
+        cfg.redis_credentials,
+        visibility_ms=cfg.visibility_ms,
+        result_ttl_seconds=cfg.job_retention_seconds,
     )
     worker = Worker(
         queue,

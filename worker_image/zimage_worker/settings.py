@@ -8,6 +8,7 @@ import socket
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from zimage_queue.clients import RedisAuthSettings
 from zimage_worker.storage import HostList
 
 
@@ -15,7 +16,7 @@ def _default_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-class WorkerSettings(BaseSettings):
+class WorkerSettings(BaseSettings, RedisAuthSettings):  # ZIMAGE_REDIS_PASSWORD, ... (clients.py)
     model_config = SettingsConfigDict(env_prefix="ZIMAGE_")
 
     redis_url: str = "redis://localhost:6379/0"

@@ -22,10 +22,72 @@ app.kubernetes.io/component: {{ .component }}
 
 {{- define "zimage.redisUrl" -}}
 {{- $r := .Values.redis -}}
-{{- if $r.bundled -}}redis://{{ include "zimage.fullname" . }}-redis.{{ .Release.Namespace }}.svc:6379/0
-{{- else if $r.cluster.nodes -}}redis+cluster://{{ join "," $r.cluster.nodes }}/?wait_replicas={{ $r.cluster.waitReplicas }}
-{{- else if $r.sentinel.nodes -}}redis+sentinel://{{ join "," $r.sentinel.nodes }}/{{ required "redis.sentinel.master is required with redis.sentinel.nodes" $r.sentinel.master }}/{{ $r.sentinel.db }}
-{{- else -}}{{ required "redis.externalUrl (or redis.cluster.nodes, redis.sentinel.nodes) is required when redis.bundled is false" $r.externalUrl }}{{- end -}}
+{{- $s := ternary "s" "" $r.tls.enabled -}}
+{{- if $r.bundled -}}redis{{ $s }}://{{ include "zimage.fullname" . }}-redis.{{ .Release.Namespace }}.svc:6379/0
+{{- else if $r.cluster.nodes -}}redis{{ $s }}+cluster://{{ join "," $r.cluster.nodes }}/?wait_replicas={{ $r.cluster.waitReplicas }}
+{{- else if $r.sentinel.nodes -}}redis{{ $s }}+sentinel://{{ join "," $r.sentinel.nodes }}/{{ required "redis.sentinel.master is required with redis.sentinel.nodes" $r.sentinel.master }}/{{ $r.sentinel.db }}
+{{- else -}}
+{{- $url := required "redis.externalUrl (or redis.cluster.nodes, redis.sentinel.nodes) is required when redis.bundled is false" $r.externalUrl -}}
+{{- if and $r.tls.enabled (not (hasPrefix "rediss" $url)) }}{{ fail "redis.tls.enabled needs a rediss:// redis.externalUrl" }}{{ end -}}
+{{ $url }}
+{{- end -}}
+{{- end -}}
+
+{{/* The Secret holding the Redis password: redis.auth.existingSecret, else the chart's for the bundled Redis;
+empty when Redis has no password. Its key is redis.auth.existingSecretKey. */}}
+{{- define "zimage.redisPasswordSecret" -}}
+{{- $a := .Values.redis.auth -}}
+{{- if $a.enabled -}}
+{{- if $a.existingSecret }}{{ $a.existingSecret }}{{ else if .Values.redis.bundled }}{{ include "zimage.fullname" . }}-redis-auth{{ end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The bundled Redis's server certificate Secret (kubernetes.io/tls, with ca.crt). */}}
+{{- define "zimage.redisTlsSecret" -}}
+{{- .Values.redis.tls.existingSecret | default (printf "%s-redis-tls" (include "zimage.fullname" .)) -}}
+{{- end -}}
+
+{{/* The Secret holding the CA bundle clients check Redis's certificate with (key redis.tls.caKey); empty: none
+(plain text, or an external Redis whose certificate the system's trust store accepts). */}}
+{{- define "zimage.redisCaSecret" -}}
+{{- $t := .Values.redis.tls -}}
+{{- if $t.enabled -}}
+{{- if $t.caSecret }}{{ $t.caSecret }}{{ else if .Values.redis.bundled }}{{ include "zimage.redisTlsSecret" . }}{{ end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The Redis credentials of a process (.root; .operator: also what it hands the worker pods it renders), as
+environment entries: secretKeyRefs, never values. */}}
+{{- define "zimage.redisEnv" -}}
+{{- $root := .root -}}
+{{- $r := $root.Values.redis -}}
+{{- with $r.auth.username }}
+- {name: ZIMAGE_REDIS_USERNAME, value: {{ . | quote }}}
+{{- end }}
+{{- with include "zimage.redisPasswordSecret" $root }}
+- name: ZIMAGE_REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef: {name: {{ . }}, key: {{ $r.auth.existingSecretKey }}}
+{{- if $.operator }}
+- {name: ZIMAGE_WORKER_REDIS_SECRET, value: {{ . | quote }}}
+- {name: ZIMAGE_WORKER_REDIS_SECRET_KEY, value: {{ $r.auth.existingSecretKey | quote }}}
+{{- end }}
+{{- end }}
+{{- with include "zimage.redisCaSecret" $root }}
+- name: ZIMAGE_REDIS_CA_CERT
+  valueFrom:
+    secretKeyRef: {name: {{ . }}, key: {{ $r.tls.caKey }}}
+{{- if $.operator }}
+- {name: ZIMAGE_WORKER_REDIS_CA_SECRET, value: {{ . | quote }}}
+- {name: ZIMAGE_WORKER_REDIS_CA_SECRET_KEY, value: {{ $r.tls.caKey | quote }}}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* Whether the operator copies the Redis credentials into Secrets of pool namespaces other than the release's
+(then it needs get/create/patch on Secrets there). */}}
+{{- define "zimage.redisCopies" -}}
+{{- if or (include "zimage.redisPasswordSecret" .) (include "zimage.redisCaSecret" .) }}true{{ end -}}
 {{- end -}}
 
 {{/* Every pod: non-root, read-only root filesystem, no capabilities, the runtime's seccomp profile. */}}

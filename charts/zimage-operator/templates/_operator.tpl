@@ -71,6 +71,7 @@ spec:
               value: {{ include "zimage.redisUrl" $root | quote }}
             - name: ZIMAGE_WORKER_REDIS_URL
               value: {{ $root.Values.operator.workerRedisUrl | default (include "zimage.redisUrl" $root) | quote }}
+            {{- with include "zimage.redisEnv" (dict "root" $root "operator" true) }}{{ . | trim | nindent 12 }}{{ end }}
             {{- with $root.Values.operator.workerStorageUrl }}
             - name: ZIMAGE_WORKER_STORAGE_URL
               value: {{ . | quote }}
@@ -201,4 +202,10 @@ spec:
 - apiGroups: [kopf.dev]
   resources: [{{ .peerings }}]
   verbs: [get, list, watch, patch]
+{{- if .secrets }}
+# pools outside the release namespace: the Redis password (and CA) copied into <name>-redis, owned by the pool
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [get, create, patch]
+{{- end }}
 {{- end -}}
