@@ -41,6 +41,14 @@ class ImageAccess:
     def b64(self, uri: str) -> str:
         return base64.b64encode(self.read(uri)).decode()
 
+    def discard(self, uris: list[str]) -> None:
+        """Delete uploads whose job was never accepted (retention would collect them only days later)."""
+        if self.store is None:
+            return
+        keys = [k for k in map(self.store.key_of, uris) if k is not None]
+        if keys:
+            self.store.delete(keys)
+
     def put_upload(self, key: str, data: bytes, content_type: str) -> str:
         if self.store is None:
             raise ApiError(400, "image: this API takes no uploads (it has no image storage configured)", param="image")

@@ -172,9 +172,14 @@ async def _events(app: App, job: dict[str, Any], how: Answer) -> AsyncIterator[s
 
 
 async def _run(
-    app: App, caller: Principal, fields: dict[str, Any], how: Answer, base: str
+    app: App, caller: Principal, fields: dict[str, Any], how: Answer, base: str, uploads: list[str] | None = None
 ) -> OpenAIImagesResponse | StreamingResponse:
-    job, _ = await app.service.submit(caller, fields)
+    try:
+        job, _ = await app.service.submit(caller, fields)
+    except BaseException:  # refused (unknown model, quota, ...): its uploads will never be read
+        if uploads:
+            await asyncio.to_thread(app.images.discard, uploads)
+        raise
     if how.stream:
         return StreamingResponse(
             _events(app, job, how), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
@@ -266,20 +271,28 @@ async def edits(
         "outputFormat": output_format,
     }
     fields["width"], fields["height"] = parse_size(size, fit(checked.width, checked.height))
+    # Everything is checked before anything is stored: a refused request leaves no upload behind.
+    checked_mask = await _upload(app, mask, "mask") if mask is not None else None
+    how = answer("image_edit", model, response_format, output_format, stream, quality, background)
+    stored: list[str] = []
     fields["inputImage"] = await asyncio.to_thread(
         app.images.put_upload,
         upload_key(caller.tenant, upload_id, f"image.{checked.extension}"),
         checked.data,
         checked.content_type,
     )
-    if mask is not None:
-        m = await _upload(app, mask, "mask")
-        fields["task"] = "inpaint"
-        fields["maskImage"] = await asyncio.to_thread(
-            app.images.put_upload,
-            upload_key(caller.tenant, upload_id, "mask.png"),
-            openai_mask_to_white(m),
-            "image/png",
-        )
-    how = answer("image_edit", model, response_format, output_format, stream, quality, background)
-    return await _run(app, caller, fields, how, base)
+    stored.append(fields["inputImage"])
+    try:
+        if checked_mask is not None:
+            fields["task"] = "inpaint"
+            fields["maskImage"] = await asyncio.to_thread(
+                app.images.put_upload,
+                upload_key(caller.tenant, upload_id, "mask.png"),
+                openai_mask_to_white(checked_mask),
+                "image/png",
+            )
+            stored.append(fields["maskImage"])
+    except BaseException:
+        await asyncio.to_thread(app.images.discard, stored)
+        raise
+    return await _run(app, caller, fields, how, base, uploads=stored)

@@ -17,7 +17,7 @@ import prometheus_client
 from kubernetes.client import ApiClient
 from pydantic import ValidationError
 
-from zimage_operator import events, pools, resync
+from zimage_operator import events, pools, resync, retention
 from zimage_operator.admission import Admitter
 from zimage_operator.handlers import imagejob, modeldeployment  # noqa: F401  (registers handlers)
 from zimage_operator.k8s import AsyncKube, Kube, load_configuration
@@ -109,6 +109,9 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
         ("model-pools", lambda: pools.run_once(rt), lambda: cfg.pool_tick_seconds),
         ("resync", resync.Resync(rt, applier).once, lambda: 1.0),
     ]
+    gc = retention.ImageRetention(rt)
+    if gc.enabled:
+        loops.append(("image-retention", gc.once, gc.pause))
     for name, one_pass, interval in loops:
         task = supervise.run_async(rt.health, name, one_pass, interval, stall_seconds=cfg.loop_stall_seconds)
         rt.tasks.append(asyncio.create_task(task, name=name))

@@ -30,3 +30,6 @@ INFLIGHT = Gauge("zimage_inflight_jobs", "Jobs taken by a worker and not yet ack
 DESIRED_REPLICAS = Gauge("zimage_desired_replicas", "Worker replicas the scaler asks for", ["model"])
 READY_REPLICAS = Gauge("zimage_ready_replicas", "Worker replicas ready", ["model"])
 SCALE_DECISIONS = Counter("zimage_scale_decisions_total", "Replica changes by reason", ["model", "reason"])
+STORED_OBJECTS_DELETED = Counter(
+    "zimage_operator_stored_objects_deleted_total", "Images and uploads deleted past their retention", ["kind"]
+)

@@ -102,6 +102,10 @@ def sync(rt: Runtime, pool: Pool, now: datetime) -> None:
         storage_url=rt.settings.worker_storage_url or None,
         longest_timeout_seconds=rt.settings.max_job_seconds,
         job_retention_seconds=rt.settings.job_retention_seconds,
+        operator_namespace=rt.settings.operator_namespace or None,
+        storage_claim=rt.settings.worker_storage_claim or None,
+        storage_mount_path=rt.settings.worker_storage_mount_path,
+        storage_secret=rt.settings.worker_storage_secret or None,
     )
 
     drift_check = time.monotonic() >= pool.next_drift_check

@@ -29,6 +29,20 @@ class OperatorSettings(BaseSettings, RedisAuthSettings):  # ZIMAGE_REDIS_PASSWOR
     worker_redis_ca_secret: str = ""
     worker_redis_ca_secret_key: str = "ca.crt"
     worker_storage_url: str = ""  # ZIMAGE_STORAGE_URL for pools whose spec has no storage
+    # The chart's image volume (storage.mode=volume): a PersistentVolumeClaim in the operator's namespace that
+    # workers of pools there mount at worker_storage_mount_path (their ZIMAGE_STORAGE_URL points into it).
+    worker_storage_claim: str = ""
+    operator_namespace: str = ""  # where the claim lives (the chart sets it from the pod's namespace)
+    worker_storage_mount_path: str = "/var/lib/zimage/images"
+    # A Secret (in each pool's namespace) whose keys become the workers' environment: the store's credentials
+    # (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...). Optional in the pod: a pool without it uses its identity.
+    worker_storage_secret: str = ""
+    # Image retention: the store the operator sweeps (default: worker_storage_url), how long job images and
+    # uploads are kept (None: forever), and how often it looks. Only the replica holding the lease sweeps.
+    storage_url: str = ""
+    image_retention_seconds: int | None = Field(7 * 24 * 3600, ge=3600)
+    upload_retention_seconds: int | None = Field(7 * 24 * 3600, ge=3600)
+    retention_interval_seconds: float = Field(3600.0, gt=0)
     # Worker pods get at least this long to finish the job in hand when stopped (terminationGracePeriodSeconds).
     max_job_seconds: int = 900
     pool_tick_seconds: float = 0.5

@@ -11,6 +11,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from decimal import Decimal
+from pathlib import PurePosixPath as Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -26,6 +27,7 @@ SPEC_HASH_ANNOTATION = "zimage.dev/spec-hash"
 MODEL_LABEL = "zimage.dev/model"
 CACHE_VOLUME = "model-cache"
 TMP_VOLUME = "tmp"
+IMAGES_VOLUME = "images"
 # A queue worker has no Service traffic to lose, but the metrics endpoints should drop the pod before it drains.
 PRE_STOP_SECONDS = 5
 # A worker finishes the job in hand on SIGTERM; a diffusion job at high resolution can take minutes.
@@ -138,6 +140,9 @@ def desired_objects(
     operator_namespace: str | None = None,
     storage_url: str | None = None,
     job_retention_seconds: int | None = None,
+    storage_claim: str | None = None,
+    storage_mount_path: str = "/var/lib/zimage/images",
+    storage_secret: str | None = None,
     redis_auth: RedisAuth | None = None,
 ) -> dict[str, dict[str, Any]]:
     """The children a ModelDeployment should have, keyed by lower-case kind (``deployment``, ``service``,
@@ -148,8 +153,10 @@ def desired_objects(
     qualifies a bare Redis host name, which would not resolve from the ModelDeployment's namespace;
     ``storage_url`` is the operator's default for workers whose spec has no ``storage``;
     ``job_retention_seconds`` how long workers keep a finished job's Redis record (the operator's retention);
-    ``redis_auth`` the workers' Redis password and CA (``RedisAuth``; a ``secret`` child when the pool needs a
-    copy).
+    ``storage_claim`` the chart's image volume, mounted at ``storage_mount_path`` by workers of pools in the
+    operator's namespace (the claim lives there) whose spec has no ``storage``; ``storage_secret`` a Secret
+    whose keys become the workers' environment (the store's credentials; optional in the pod); ``redis_auth``
+    the workers' Redis password and CA (``RedisAuth``; a ``secret`` child when the pool needs a copy).
     Raises pydantic's ValidationError or ValueError for a spec the operator must reject.
     """
     meta = md["metadata"]
@@ -162,13 +169,14 @@ def desired_objects(
     claim = cache.existing_claim or (cache_claim_name(name) if cache.size else None)
     # With a preload Job as the only writer, workers cannot corrupt the cache; without one they must download.
     read_only_cache = cache.preload
+    images_claim = None if spec.storage or operator_namespace not in (None, namespace) else storage_claim
     redis_env, redis_secret = _redis_auth(redis_auth, parent, operator_namespace)
     env = _worker_env(
         spec,
         name,
         namespace,
         _worker_redis_url(redis_url, namespace, operator_namespace),
-        spec.storage.url if spec.storage else storage_url,
+        spec.storage.url if spec.storage else (Path(storage_mount_path).as_uri() if images_claim else storage_url),
         job_retention_seconds,
         redis_env,
     )
@@ -178,15 +186,21 @@ def desired_objects(
         else {"name": CACHE_VOLUME, "emptyDir": {}}
     )
     volumes = [cache_volume, {"name": TMP_VOLUME, "emptyDir": {}}]
+    mounts = _mounts(cache.mount_path, read_only=read_only_cache)
+    worker_volumes = list(volumes)
+    if images_claim:
+        worker_volumes.append({"name": IMAGES_VOLUME, "persistentVolumeClaim": {"claimName": images_claim}})
+        mounts.append({"name": IMAGES_VOLUME, "mountPath": storage_mount_path})
     worker = _without_none(
         {
             "name": WORKER_CONTAINER,
             "image": spec.image,
             "imagePullPolicy": spec.image_pull_policy,
             "env": env,
+            "envFrom": [{"secretRef": {"name": storage_secret, "optional": True}}] if storage_secret else None,
             "ports": [{"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
             "resources": _resources(spec.resources),
-            "volumeMounts": _mounts(cache.mount_path, read_only=read_only_cache),
+            "volumeMounts": mounts,
             "securityContext": _container_security(),
             "startupProbe": _probe("/readyz", STARTUP_PERIOD_SECONDS, STARTUP_FAILURES),
             "readinessProbe": _probe("/readyz", 5, 3),
@@ -201,7 +215,7 @@ def desired_objects(
     pod_spec = _without_none(
         {
             "containers": [worker],
-            "volumes": volumes,
+            "volumes": worker_volumes,
             "securityContext": _pod_security(),
             # The worker needs no API access; a mounted token would only be something to steal.
             "automountServiceAccountToken": False,

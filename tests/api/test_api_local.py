@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from pathlib import Path
 
 import httpx
 import pytest
@@ -230,3 +231,28 @@ def test_models_and_metrics(api: Api) -> None:
     assert 'zimage_api_requests_total{code="202",method="POST",route="/v1/jobs"}' in text
     assert "zimage_api_request_duration_seconds_bucket" in text
     assert wait_for(lambda: httpx.get(f"{api.url}/readyz").status_code == 200)
+
+
+def test_a_refused_edit_leaves_no_upload_behind(api: Api) -> None:
+    """The image and mask of an edit the API refuses (unknown model, a bad mask) are deleted at once; an
+    accepted edit's stay for its worker (and go with the store's retention)."""
+    from urllib.parse import urlparse
+
+    uploads = Path(urlparse(api.local.settings.storage_url).path) / "tenants" / "team-a" / "uploads"
+
+    def stored() -> int:
+        return sum(1 for p in uploads.rglob("*") if p.is_file()) if uploads.exists() else 0
+
+    before = stored()
+    client = api.client("a")
+    image = ("i.png", png(64, 64), "image/png")
+    r = client.post("/v1/images/edits", files={"image": image, "mask": ("m.png", png(64, 64, "RGBA"), "image/png")},
+                    data={"prompt": "x", "model": "no-such-model"})  # fmt: skip
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    r = client.post("/v1/images/edits", files={"image": image, "mask": ("m.png", b"not a png", "image/png")},
+                    data={"prompt": "x"})  # fmt: skip
+    assert r.status_code == 415
+    assert stored() == before
+    r = client.post("/v1/images/edits", files={"image": image}, data={"prompt": "x", "size": "64x64"})
+    assert r.status_code == 200, r.text
+    assert stored() == before + 1

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 import redis
+import yaml
 
 from conftest import Processes, start_worker, wait_for
 from tests.api.conftest import sse_events
@@ -370,12 +371,13 @@ def test_cli_lists_gets_and_cancels_bulk_jobs(bulk: Bulk) -> None:
     assert rows[0][:3] == [queued, "bulk", "Queued"]  # newest first
     modes = [r[1] for r in rows]
     assert len(rows) > 2 and modes == sorted(modes), modes  # followed the pages: bulk jobs, then the ImageJobs
-    got = zimage("jobs", "get", queued, env=env)
+    got = zimage("jobs", "get", queued, "-o", "json", env=env)
     assert got.returncode == 0 and json.loads(got.stdout)["mode"] == "bulk"
-    cancelled = zimage("jobs", "cancel", queued, env=env)
+    cancelled = zimage("jobs", "cancel", queued, "-o", "json", env=env)
     assert cancelled.returncode == 0 and json.loads(cancelled.stdout)["phase"] == "Cancelled"
     other = zimage("jobs", "get", queued, env={**env, "ZIMAGE_API_KEY": bulk.keys["plain"]})
-    assert other.returncode == 2 and "404" in other.stderr
+    assert other.returncode == 2 and other.stderr == f"zimage: error: no job {queued!r}\n"  # another tenant's
     key = zimage("keys", "create", "--tenant", "team-x", "--id", "kb", "--bulk")
-    entry = json.loads(key.stderr.split("--from-literal=kb=", 1)[1].strip().strip("'"))
+    manifest = yaml.safe_load((key.stdout + key.stderr).split("<<'EOF'\n", 1)[1].split("\nEOF", 1)[0])
+    entry = json.loads(manifest["stringData"]["kb"])
     assert entry["bulk"] is True

@@ -79,3 +79,77 @@ def test_cluster_quickstart(crds: Kube, tmp_path: Path, processes: Processes) ->
     finally:
         processes.stop_all()  # before the namespace goes; the fixture shows the logs if the test failed
         crds.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+
+
+@pytest.mark.kube
+def test_dev_mode_quickstart(crds: Kube, tmp_path: Path) -> None:
+    """The chart's default install, `zimage dev up` as documented, then jobs through kubectl and the API: both
+    of the OpenAI route's response formats and the signed link return the image the local workers made."""
+    import base64
+    import io
+    import signal
+    import threading
+
+    import httpx
+
+    from conftest import wait_for
+
+    (install,) = blocks("cluster-install")
+    (up,) = blocks("dev-up")
+    (run,) = blocks("dev-run")
+    ns = f"devmode-{os.getpid()}"
+    port = str(free_port())
+
+    def local(script: str) -> str:
+        return script.replace("-n zimage", f"-n {ns}").replace("8080", port)
+
+    cwd = workdir(tmp_path)
+    bash(local(install), cwd, crds.env)
+    # `... &` in the docs: here the test holds the process, to read its output and stop it.
+    argv = local(up).removesuffix("&").split()
+    dev = subprocess.Popen(argv, cwd=cwd, env=crds.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(iter(dev.stdout.readline, "")), daemon=True).start()  # type: ignore[union-attr]
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: any("ready" in line for line in lines), timeout=60, what="zimage dev up to start")
+
+        def api_ready() -> bool:
+            try:
+                return httpx.get(f"{base}/readyz", timeout=2).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_for(api_ready, timeout=60, what="the API")
+        bash(local(run), cwd, crds.env)
+        with Image.open(cwd / "fox-dev.png") as img:
+            assert img.size == (512, 512)
+        assert sum("started worker/" in line for line in lines) == 2, lines
+
+        headers = {"Authorization": "Bearer zk_dev_local-development-key"}
+        body = {"prompt": "a red fox", "size": "256x256"}
+        with httpx.Client(base_url=base, headers=headers, timeout=120) as c:
+            b64 = c.post("/v1/images/generations", json={**body, "response_format": "b64_json"})
+            assert b64.status_code == 200, b64.text
+            with Image.open(io.BytesIO(base64.b64decode(b64.json()["data"][0]["b64_json"]))) as img:
+                assert img.size == (256, 256)
+            linked = c.post("/v1/images/generations", json={**body, "response_format": "url"})
+            assert linked.status_code == 200, linked.text
+            url = linked.json()["data"][0]["url"]
+        fetched = httpx.get(url, timeout=30)  # the signed link, with no key
+        assert fetched.status_code == 200 and fetched.headers["content-type"] == "image/png"
+        with Image.open(io.BytesIO(fetched.content)) as img:
+            assert img.size == (256, 256)
+        tampered = httpx.get(url.replace("signature=", "signature=0"), timeout=30)
+        assert tampered.status_code in (401, 403, 404)
+        images = list((cwd / ".zimage-dev" / "images").rglob("*.png"))
+        assert len(images) >= 3  # the ImageJob's, the CLI's and the API's two, in dev mode's store
+    finally:
+        dev.send_signal(signal.SIGTERM)
+        try:
+            dev.wait(60)
+        except subprocess.TimeoutExpired:
+            dev.kill()
+        crds.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+        print("\n".join(lines))
+    assert dev.returncode == 128 + signal.SIGTERM

@@ -351,3 +351,91 @@ def test_shards_that_cannot_work_are_refused(
     values = _write(tmp_path, "bad.yaml", {"rbac": {"clusterWide": cluster_wide}, "operator": {"shards": shards}})
     out = run([*helm, "template", "rel", str(CHART), "-f", str(values)], check=False)
     assert out.returncode != 0 and complaint in out.stderr, out.stderr
+
+
+def _deployment(docs: list[dict[str, Any]], component: str) -> dict[str, Any]:
+    [dep] = [
+        d
+        for d in docs
+        if d["kind"] == "Deployment" and d["metadata"]["labels"]["app.kubernetes.io/component"] == component
+    ]
+    return dep
+
+
+def test_default_storage_is_one_volume_for_the_api_the_operator_and_its_workers(
+    helm: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default install stores images where the API reads them: the chart's claim, mounted by the API and the
+    operator, and by every worker the operator renders for a pool in the release namespace."""
+    from zimage_api.settings import ApiSettings
+    from zimage_operator.workload import desired_objects
+
+    docs = render(helm)
+    [claim] = [d for d in docs if d["kind"] == "PersistentVolumeClaim"]
+    name = claim["metadata"]["name"]
+    api, op = (_deployment(docs, c)["spec"]["template"]["spec"] for c in ("api", "operator"))
+    for spec in (api, op):
+        assert {"name": "images", "persistentVolumeClaim": {"claimName": name}} in spec["volumes"]
+        assert {"name": "images", "mountPath": "/var/lib/zimage/images"} in spec["containers"][0]["volumeMounts"]
+    with monkeypatch.context() as m:
+        for e in api["containers"][0]["env"]:
+            if "value" in e:
+                m.setenv(e["name"], e["value"])
+        assert ApiSettings().storage_url == "file:///var/lib/zimage/images"
+    env = op["containers"][0]["env"]
+    assert {"name": "ZIMAGE_OPERATOR_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}} in env
+    with monkeypatch.context() as m:
+        cfg = _operator_settings(env, m)
+    assert (cfg.worker_storage_claim, cfg.storage_url) == (name, "file:///var/lib/zimage/images")
+    assert cfg.image_retention_seconds == cfg.upload_retention_seconds == 7 * 86400
+    pool = {"metadata": {"name": "turbo", "namespace": "zimage", "uid": "u"}, "spec": {}}
+    worker = desired_objects(
+        pool,
+        redis_url="redis://r:6379/0",
+        replicas=1,
+        operator_namespace="zimage",
+        storage_claim=cfg.worker_storage_claim,
+        storage_mount_path=cfg.worker_storage_mount_path,
+    )["deployment"]["spec"]["template"]["spec"]
+    assert {"name": "images", "persistentVolumeClaim": {"claimName": name}} in worker["volumes"]
+    wenv = {e["name"]: e.get("value") for e in worker["containers"][0]["env"]}
+    assert wenv["ZIMAGE_STORAGE_URL"] == "file:///var/lib/zimage/images"
+
+
+def test_s3_storage_reaches_every_component(helm: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    values = {
+        "storage": {
+            "mode": "s3",
+            "retentionDays": 0,
+            "s3": {
+                "bucket": "images",
+                "prefix": "/zimage/",
+                "endpoint": "http://minio.minio:9000",
+                "existingSecret": "s3-creds",
+                "serviceAccountAnnotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/z"},
+            },
+        }
+    }
+    docs = render(helm, _write(tmp_path, "s3.yaml", values))
+    assert not [d for d in docs if d["kind"] == "PersistentVolumeClaim"]
+    url = "s3://images/zimage?endpoint=http%3A%2F%2Fminio.minio%3A9000"
+    from zimage_worker.storage import S3Store, open_store
+
+    store = open_store(url)
+    assert isinstance(store, S3Store) and (store.bucket, store.prefix) == ("images", "zimage")
+    assert store.s3.meta.endpoint_url == "http://minio.minio:9000"
+    for component in ("api", "operator"):
+        c = _deployment(docs, component)["spec"]["template"]["spec"]["containers"][0]
+        assert c["envFrom"] == [{"secretRef": {"name": "s3-creds"}}]
+        assert {"name": "ZIMAGE_STORAGE_URL", "value": url} in c["env"]
+    op_env = _deployment(docs, "operator")["spec"]["template"]["spec"]["containers"][0]["env"]
+    with monkeypatch.context() as m:
+        cfg = _operator_settings(op_env, m)
+    assert (cfg.worker_storage_url, cfg.worker_storage_secret, cfg.worker_storage_claim) == (url, "s3-creds", "")
+    assert cfg.image_retention_seconds is None and cfg.upload_retention_seconds == 7 * 86400
+    accounts = [d for d in docs if d["kind"] == "ServiceAccount"]
+    assert len(accounts) == 2
+    assert all(a["metadata"]["annotations"] == values["storage"]["s3"]["serviceAccountAnnotations"] for a in accounts)
+    bad = _write(tmp_path, "bad.yaml", {"storage": {"mode": "s3"}})
+    out = run([*helm, "template", "rel", str(CHART), "-f", str(bad)], check=False)
+    assert out.returncode != 0 and "bucket" in out.stderr

@@ -262,10 +262,11 @@ def model_deployment(
     }
     deployment = {"spec": {"replicas": replicas}, "status": {"replicas": replicas, "readyReplicas": ready}}
     kube = FakeKube(deployment, preload_job)
-    settings = SimpleNamespace(
-        worker_redis_url="", redis_url="redis://redis:6379/0", worker_storage_url="", max_job_seconds=3600,
-        drift_check_seconds=60, job_retention_seconds=3600,
-    )  # fmt: skip
+    from zimage_operator.settings import OperatorSettings
+
+    settings = OperatorSettings(
+        redis_url="redis://redis:6379/0", max_job_seconds=3600, drift_check_seconds=60, job_retention_seconds=3600
+    )
     rt = SimpleNamespace(
         kube=kube, queue=FakeQueue(queued), settings=settings, lease=SimpleNamespace(check=lambda: None)
     )

@@ -199,6 +199,25 @@ def test_storage_url_from_the_spec_or_the_operator() -> None:
     assert env_of(worker(render(storage_url="s3://default/")))["ZIMAGE_STORAGE_URL"] == "s3://default/"
 
 
+def test_the_charts_image_volume_is_mounted_by_pools_in_its_namespace() -> None:
+    """storage.mode=volume: pools next to the claim mount it and store there; a pool elsewhere (the claim is not
+    in its namespace) or with its own spec.storage keeps its URL; the store's Secret comes as optional envFrom."""
+    kw = {"storage_claim": "zimage-images", "storage_mount_path": "/var/lib/zimage/images", "storage_url": "s3://x/"}
+    here = render(operator_namespace="team-a", storage_secret="zimage-storage", **kw)  # type: ignore[arg-type]
+    w, p = worker(here), pod(here)
+    assert env_of(w)["ZIMAGE_STORAGE_URL"] == "file:///var/lib/zimage/images"
+    assert {"name": "images", "mountPath": "/var/lib/zimage/images"} in w["volumeMounts"]
+    assert {"name": "images", "persistentVolumeClaim": {"claimName": "zimage-images"}} in p["volumes"]
+    assert w["envFrom"] == [{"secretRef": {"name": "zimage-storage", "optional": True}}]
+    elsewhere = render(operator_namespace="zimage-system", **kw)  # type: ignore[arg-type]
+    assert env_of(worker(elsewhere))["ZIMAGE_STORAGE_URL"] == "s3://x/"
+    assert all(v["name"] != "images" for v in pod(elsewhere)["volumes"]) and "envFrom" not in worker(elsewhere)
+    own = render(FULL, operator_namespace="team-a", **kw)  # type: ignore[arg-type]
+    assert env_of(worker(own))["ZIMAGE_STORAGE_URL"] == "s3://images/team-a"
+    assert all(v["name"] != "images" for v in pod(own)["volumes"])
+    assert _unknown_fields(here["deployment"], "V1Deployment", "deployment") == []
+
+
 def test_workers_keep_job_records_for_the_operators_retention() -> None:
     """The records a worker finishes expire after the operator's retention, not the worker's default."""
     from zimage_worker.settings import WorkerSettings

@@ -16,7 +16,8 @@ import socket
 import ssl
 import tempfile
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Protocol
 from urllib.parse import ParseResult, parse_qs, urljoin, urlparse
@@ -44,6 +45,12 @@ def upload_key(tenant: str, upload_id: str, filename: str) -> str:
     return f"{tenant_root(tenant)}/uploads/{upload_id}/{filename}"
 
 
+@dataclass(frozen=True)
+class StoredObject:
+    key: str  # as given to put (relative to the store's root or prefix)
+    modified: float  # seconds since the epoch
+
+
 class ImageStore(Protocol):
     def put(self, key: str, data: bytes, content_type: str) -> str:
         """Store durably and return the object's URI."""
@@ -53,6 +60,18 @@ class ImageStore(Protocol):
 
     def holds(self, uri: str, prefix: str) -> bool:
         """Whether ``uri`` names an object of this store under the key prefix ``prefix``."""
+        ...
+
+    def scan(self, prefix: str) -> Iterator[StoredObject]:
+        """Every object whose key starts with ``prefix``, in no particular order (for retention)."""
+        ...
+
+    def delete(self, keys: list[str]) -> None:
+        """Remove these objects; one already gone is not an error."""
+        ...
+
+    def key_of(self, uri: str) -> str | None:
+        """The key ``put`` stored ``uri`` under, if it names an object of this store."""
         ...
 
 
@@ -90,6 +109,40 @@ class LocalStore:
     def holds(self, uri: str, prefix: str) -> bool:
         u = _parse(uri)
         return u is not None and u.scheme == "file" and Path(u.path).resolve().is_relative_to(self.root / prefix)
+
+    def scan(self, prefix: str) -> Iterator[StoredObject]:
+        start = self.root / prefix
+        if not start.is_relative_to(self.root) or not start.is_dir():
+            return
+        stack = [start]
+        while stack:
+            with os.scandir(stack.pop()) as entries:
+                for e in entries:
+                    if e.is_dir(follow_symlinks=False):
+                        stack.append(Path(e.path))
+                    elif e.is_file(follow_symlinks=False):
+                        key = Path(e.path).relative_to(self.root).as_posix()
+                        yield StoredObject(key, e.stat(follow_symlinks=False).st_mtime)
+
+    def key_of(self, uri: str) -> str | None:
+        if not self.holds(uri, ""):
+            return None
+        return Path(urlparse(uri).path).resolve().relative_to(self.root).as_posix()
+
+    def delete(self, keys: list[str]) -> None:
+        for key in keys:
+            path = (self.root / key).resolve()
+            if not path.is_relative_to(self.root) or path == self.root:
+                raise ValueError(f"key escapes the store: {key!r}")
+            path.unlink(missing_ok=True)
+            # Empty folders go with their last file (a job's uid folder, an upload's id), up to the root.
+            parent = path.parent
+            while parent != self.root and parent.is_relative_to(self.root):
+                try:
+                    parent.rmdir()
+                except OSError:  # not empty (or already gone): stop climbing
+                    break
+                parent = parent.parent
 
 
 class S3Store:
@@ -134,6 +187,24 @@ class S3Store:
             and key.startswith(self._key(prefix).rstrip("/") + "/")
             and not {".", ".."} & set(key.split("/"))
         )
+
+    def scan(self, prefix: str) -> Iterator[StoredObject]:
+        full = self._key(prefix)
+        cut = len(self.prefix) + 1 if self.prefix else 0
+        for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
+            for o in page.get("Contents", []):
+                yield StoredObject(o["Key"][cut:], o["LastModified"].timestamp())
+
+    def key_of(self, uri: str) -> str | None:
+        if not self.holds(uri, ""):
+            return None
+        key = urlparse(uri).path.lstrip("/")
+        return key[len(self.prefix) + 1 :] if self.prefix else key
+
+    def delete(self, keys: list[str]) -> None:
+        for i in range(0, len(keys), 1000):  # DeleteObjects takes at most 1,000 keys
+            chunk = [{"Key": self._key(k)} for k in keys[i : i + 1000]]
+            self.s3.delete_objects(Bucket=self.bucket, Delete={"Objects": chunk, "Quiet": True})
 
     def presign(self, uri: str, expires: int = 300) -> str:
         u = urlparse(uri)

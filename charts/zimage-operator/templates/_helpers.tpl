@@ -106,3 +106,60 @@ readOnlyRootFilesystem: true
 capabilities:
   drop: [ALL]
 {{- end -}}
+
+{{/* The image store as the API and the operator see it (storage.mode), unless api.storageUrl overrides it. */}}
+{{- define "zimage.storageUrl" -}}
+{{- $s := .Values.storage -}}
+{{- if .Values.api.storageUrl -}}{{ .Values.api.storageUrl }}
+{{- else if eq $s.mode "volume" -}}file://{{ $s.volume.mountPath }}
+{{- else if eq $s.mode "s3" -}}{{ include "zimage.s3Url" . }}
+{{- end -}}
+{{- end -}}
+
+{{- define "zimage.s3Url" -}}
+{{- $s3 := .Values.storage.s3 -}}
+{{- $q := list -}}
+{{- with $s3.endpoint }}{{ $q = append $q (printf "endpoint=%s" (. | urlquery)) }}{{ end -}}
+{{- with $s3.region }}{{ $q = append $q (printf "region=%s" (. | urlquery)) }}{{ end -}}
+s3://{{ required "storage.s3.bucket is required with storage.mode=s3" $s3.bucket }}/{{ trimAll "/" $s3.prefix }}{{ if $q }}?{{ join "&" $q }}{{ end }}
+{{- end -}}
+
+{{/* What workers of pools without spec.storage get (volume mode: the operator mounts the claim instead). */}}
+{{- define "zimage.workerStorageUrl" -}}
+{{- if .Values.operator.workerStorageUrl -}}{{ .Values.operator.workerStorageUrl }}
+{{- else if eq .Values.storage.mode "s3" -}}{{ include "zimage.s3Url" . }}
+{{- end -}}
+{{- end -}}
+
+{{- define "zimage.storageClaim" -}}
+{{- .Values.storage.volume.existingClaim | default (printf "%s-images" (include "zimage.fullname" .)) -}}
+{{- end -}}
+
+{{/* The image volume, for pods that mount it (API, operator). */}}
+{{- define "zimage.storageVolume" -}}
+{{- if and (eq .Values.storage.mode "volume") (not .Values.api.storageUrl) }}
+- name: images
+  persistentVolumeClaim: {claimName: {{ include "zimage.storageClaim" . }}}
+{{- end }}
+{{- end -}}
+
+{{- define "zimage.storageMount" -}}
+{{- if and (eq .Values.storage.mode "volume") (not .Values.api.storageUrl) }}
+- {name: images, mountPath: {{ .Values.storage.volume.mountPath }}}
+{{- end }}
+{{- end -}}
+
+{{/* The store's credentials as environment (storage.s3.existingSecret). */}}
+{{- define "zimage.storageEnvFrom" -}}
+{{- if and (eq .Values.storage.mode "s3") .Values.storage.s3.existingSecret }}
+envFrom:
+  - secretRef: {name: {{ .Values.storage.s3.existingSecret }}}
+{{- end }}
+{{- end -}}
+
+{{/* Workload-identity annotations (IRSA, GKE) for the pods that read and write the bucket. */}}
+{{- define "zimage.storageAnnotations" -}}
+{{- if and (eq .Values.storage.mode "s3") .Values.storage.s3.serviceAccountAnnotations }}
+annotations: {{- toYaml .Values.storage.s3.serviceAccountAnnotations | nindent 2 }}
+{{- end }}
+{{- end -}}

@@ -72,10 +72,32 @@ spec:
             - name: ZIMAGE_WORKER_REDIS_URL
               value: {{ $root.Values.operator.workerRedisUrl | default (include "zimage.redisUrl" $root) | quote }}
             {{- with include "zimage.redisEnv" (dict "root" $root "operator" true) }}{{ . | trim | nindent 12 }}{{ end }}
-            {{- with $root.Values.operator.workerStorageUrl }}
+            {{- with include "zimage.workerStorageUrl" $root }}
             - name: ZIMAGE_WORKER_STORAGE_URL
               value: {{ . | quote }}
             {{- end }}
+            {{- with include "zimage.storageUrl" $root }}
+            # the store the leader sweeps for images and uploads past their retention
+            - name: ZIMAGE_STORAGE_URL
+              value: {{ . | quote }}
+            {{- end }}
+            {{- if and (eq $root.Values.storage.mode "volume") (not $root.Values.api.storageUrl) }}
+            - name: ZIMAGE_WORKER_STORAGE_CLAIM
+              value: {{ include "zimage.storageClaim" $root | quote }}
+            - name: ZIMAGE_WORKER_STORAGE_MOUNT_PATH
+              value: {{ $root.Values.storage.volume.mountPath | quote }}
+            {{- end }}
+            {{- if and (eq $root.Values.storage.mode "s3") $root.Values.storage.s3.existingSecret }}
+            - name: ZIMAGE_WORKER_STORAGE_SECRET
+              value: {{ $root.Values.storage.s3.existingSecret | quote }}
+            {{- end }}
+            - name: ZIMAGE_IMAGE_RETENTION_SECONDS
+              value: {{ if $root.Values.storage.retentionDays }}{{ mul $root.Values.storage.retentionDays 86400 | quote }}{{ else }}"null"{{ end }}
+            - name: ZIMAGE_UPLOAD_RETENTION_SECONDS
+              value: {{ if $root.Values.storage.uploadRetentionDays }}{{ mul $root.Values.storage.uploadRetentionDays 86400 | quote }}{{ else }}"null"{{ end }}
+            - name: ZIMAGE_OPERATOR_NAMESPACE
+              valueFrom:
+                fieldRef: {fieldPath: metadata.namespace}
             - name: ZIMAGE_PEERING_LIFETIME_SECONDS
               value: {{ $root.Values.operator.peeringLifetimeSeconds | quote }}
             - name: ZIMAGE_DEFAULT_TTL_SECONDS_AFTER_FINISHED
@@ -102,9 +124,12 @@ spec:
           securityContext: {{- include "zimage.containerSecurity" $root | nindent 12 }}
           volumeMounts:
             - {name: tmp, mountPath: /tmp}
+            {{- with include "zimage.storageMount" $root }}{{ . | trim | nindent 12 }}{{ end }}
+          {{- with include "zimage.storageEnvFrom" $root }}{{ . | trim | nindent 10 }}{{ end }}
       volumes:
         - name: tmp
           emptyDir: {}
+        {{- with include "zimage.storageVolume" $root }}{{ . | trim | nindent 8 }}{{ end }}
       {{- with $root.Values.operator.nodeSelector }}
       nodeSelector: {{- toYaml . | nindent 8 }}
       {{- end }}

@@ -1,0 +1,70 @@
+"""`zimage dev up`'s worker supervision: workers per pool as pools come and go, dead ones restarted with backoff.
+
+Real processes stand in for workers (`false`: one that dies at once), so no Redis or cluster is needed here;
+tests/integration/test_quickstart.py runs the whole developer mode against the test bed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from zimage_api import dev
+
+
+def pool(name: str, source: str = "Tongyi-MAI/Z-Image-Turbo") -> dict[str, Any]:
+    return {
+        "metadata": {"name": name, "namespace": "team-a"},
+        "spec": {"model": {"variant": "turbo", "source": source, "revision": "abc"}},
+    }
+
+
+@pytest.fixture
+def stack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dev.DevStack:
+    monkeypatch.setattr(dev, "_exe", lambda name: "false")
+    said: list[str] = []
+    s = dev.DevStack(["team-a"], tmp_path, workers=2, redis_url="redis://127.0.0.1:1/0", say=said.append)
+    (tmp_path / "logs").mkdir()
+    s.said = said  # type: ignore[attr-defined]
+    return s
+
+
+def test_workers_follow_the_pools_and_get_what_the_operator_would_give(stack: dev.DevStack) -> None:
+    stack.sync_pools([pool("turbo"), pool("base")], now=0.0)
+    workers = sorted(n for n in stack.children if n.startswith("worker/"))
+    assert workers == [f"worker/team-a/{p}/{i}" for p in ("base", "turbo") for i in (0, 1)]
+    env = stack.children["worker/team-a/turbo/1"].env
+    assert env["ZIMAGE_QUEUE"] == "team-a/turbo" and env["ZIMAGE_WORKER_NAME"] == "dev-turbo-1"
+    assert (env["ZIMAGE_MODEL_SOURCE"], env["ZIMAGE_VARIANT"], env["ZIMAGE_REVISION"]) == (
+        "Tongyi-MAI/Z-Image-Turbo",
+        "turbo",
+        "abc",
+    )
+    assert env["ZIMAGE_STORAGE_URL"] == stack.images.as_uri()  # where dev mode's API reads them
+    stack.model_source = "tiny-random"
+    assert stack.worker_env(pool("x"), 0)["ZIMAGE_MODEL_SOURCE"] == "tiny-random"
+    stack.sync_pools([pool("base")], now=1.0)
+    assert sorted(n for n in stack.children if n.startswith("worker/")) == [
+        "worker/team-a/base/0",
+        "worker/team-a/base/1",
+    ]
+    assert "stopped worker/team-a/turbo/0 (its ModelDeployment is gone)" in stack.said  # type: ignore[attr-defined]
+    stack.stop()
+
+
+def test_a_dead_worker_is_restarted_with_backoff(stack: dev.DevStack) -> None:
+    stack.workers = 1
+    stack.sync_pools([pool("turbo")], now=0.0)
+    child = stack.children["worker/team-a/turbo/0"]
+    assert child.proc is not None and child.proc.wait(10) == 1  # `false` dies at once
+    first = child.proc
+    stack.sync_pools([pool("turbo")], now=100.0)
+    assert child.failures == 1 and child.next_start > 100.0 and child.proc is first  # waiting out its backoff
+    stack.sync_pools([pool("turbo")], now=child.next_start + 0.01)
+    assert child.proc is not first  # started again
+    child.proc.wait(10)
+    stack.sync_pools([pool("turbo")], now=1000.0)
+    assert child.failures == 2 and child.next_start - 1000.0 >= 1.0  # the backoff grows with the failures
+    stack.stop()
