@@ -21,7 +21,7 @@ COMMAND = "python -m zimage_operator.crddoc docs/reference.md"
 # What a reader needs about a field (or a whole object) the schema leaves undocumented, keyed by "<Kind>:<path>".
 # Only facts of the operator's code (zimage_operator.workload, crdgen, handlers) that the schema cannot carry.
 _NOTES = {
-    "ModelDeployment:spec.imagePullPolicy": "Of the worker and preload containers.",
+    "ModelDeployment:spec.imagePullPolicy": "Of the worker, forwarder and preload containers.",
     "ModelDeployment:spec.nodeSelector": "Copied into the worker and preload pods.",
     "ModelDeployment:spec.tolerations": "Copied into the worker and preload pods.",
     "ModelDeployment:spec.affinity": "Copied into the worker and preload pods.",
@@ -197,6 +197,9 @@ def render_crd(crd: dict[str, Any]) -> str:
     required = [f"`{r}`" for r in root.get("required") or []]
     if required:
         lines += ["Required at the top level: " + ", ".join(required) + ".", ""]
+    if rules := _rules(root):
+        lines += ["Rules the API server checks on the whole object (CEL, Kubernetes 1.25 and later):", ""]
+        lines += [f"- {rule}" for rule in rules] + [""]
 
     columns = version.get("additionalPrinterColumns") or []
     if columns:

@@ -33,6 +33,8 @@ _KEEP = {
     "maxItems",
     "required",
     "format",
+    # CEL rules a model declares (``json_schema_extra``), on the object they are written for.
+    "x-kubernetes-validations",
 }
 
 
@@ -98,10 +100,12 @@ def _crd(
     columns: list[dict[str, Any]],
     scale: bool,
     spec_rules: list[dict[str, str]] | None = None,
+    rules: list[dict[str, str]] | None = None,
 ) -> dict[str, Any]:
+    """``spec_rules``: CEL rules on the spec; ``rules`` on the whole object (where ``self.metadata.name`` is)."""
     spec_schema = schema_of(spec)
     if spec_rules:
-        spec_schema["x-kubernetes-validations"] = spec_rules
+        spec_schema["x-kubernetes-validations"] = [*spec_schema.get("x-kubernetes-validations", []), *spec_rules]
     status_schema = _without_defaults(schema_of(status))
     # kopf keeps its handler progress here rather than in annotations, so user objects never drift.
     status_schema["properties"]["kopf"] = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
@@ -145,6 +149,7 @@ def _crd(
                                 "spec": spec_schema,
                                 "status": status_schema,
                             },
+                            **({"x-kubernetes-validations": rules} if rules else {}),
                         }
                     },
                 }
@@ -182,6 +187,7 @@ def crds() -> dict[str, dict[str, Any]]:
             t.ModelDeploymentSpec,
             t.ModelDeploymentStatus,
             [
+                {"name": "Backend", "type": "string", "jsonPath": ".spec.backend"},
                 {"name": "Variant", "type": "string", "jsonPath": ".spec.model.variant"},
                 {"name": "Ready", "type": "integer", "jsonPath": ".status.readyReplicas"},
                 {"name": "Desired", "type": "integer", "jsonPath": ".status.desiredReplicas"},
@@ -189,6 +195,7 @@ def crds() -> dict[str, dict[str, Any]]:
                 _age(),
             ],
             scale=True,
+            rules=t.MODELDEPLOYMENT_RULES,
         ),
     }
 

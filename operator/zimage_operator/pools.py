@@ -61,12 +61,12 @@ def sync(rt: Runtime, pool: Pool, now: datetime) -> None:
     """One pass for one ModelDeployment (blocking I/O: run it in a thread)."""
     md = pool.body
     ns, name = _ns_name(md)
-    errors = reconcile.modeldeployment_errors(md.get("spec") or {})
+    errors = reconcile.modeldeployment_errors(md.get("spec") or {}, name)
     if errors:
         _invalid(rt, pool, now, "; ".join(errors))
         return
     spec = ModelDeploymentSpec.model_validate(md.get("spec") or {})
-    policy = spec.scaling
+    policy = scaling.policy_for(spec)
     queue = keys.queue_name(ns, name)
     stats = rt.queue.stats(queue)
     workers = rt.queue.workers(queue)
@@ -106,6 +106,7 @@ def sync(rt: Runtime, pool: Pool, now: datetime) -> None:
         storage_claim=rt.settings.worker_storage_claim or None,
         storage_mount_path=rt.settings.worker_storage_mount_path,
         storage_secret=rt.settings.worker_storage_secret or None,
+        forwarder_image=rt.settings.forwarder_image,
     )
 
     drift_check = time.monotonic() >= pool.next_drift_check

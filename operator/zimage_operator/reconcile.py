@@ -138,10 +138,11 @@ def admit(
     return Admission("enqueue", patch, message, event=("Normal", Reason.ENQUEUED, msg))
 
 
-def modeldeployment_errors(spec: dict[str, Any]) -> list[str]:
-    """Why the operator refuses a ModelDeployment spec (schema and cross-field rules); empty when it is fine."""
+def modeldeployment_errors(spec: dict[str, Any], name: str | None = None) -> list[str]:
+    """Why the operator refuses a ModelDeployment spec (schema and cross-field rules); empty when it is fine.
+    ``name``: the ModelDeployment's, for the rules that need it (a fallback may not be itself)."""
     try:
-        return ModelDeploymentSpec.model_validate(spec).cross_field_errors()
+        return ModelDeploymentSpec.model_validate(spec).cross_field_errors(name)
     except ValidationError as e:
         return [_validation_message(e)]
 

@@ -16,7 +16,7 @@ from datetime import datetime
 from typing import Any
 
 from zimage_operator.conditions import iso
-from zimage_operator.types import MAX_SCALING_HISTORY, Scaling
+from zimage_operator.types import MAX_SCALING_HISTORY, ModelDeploymentSpec, Scaling
 
 DELETION_COST_ANNOTATION = "controller.kubernetes.io/pod-deletion-cost"
 # ReplicaSets delete the lowest cost first; unannotated pods count as 0, so idle workers sit with fresh ones.
@@ -46,6 +46,14 @@ class ScalerState:
     high_since: datetime | None = None  # demand above the current replicas, continuously, since then
     high_floor: int = 0  # the lowest recommendation seen since high_since: where a delayed scale-up may go
     last_scale_time: datetime | None = None
+
+
+def policy_for(spec: ModelDeploymentSpec) -> Scaling:
+    """The policy the scaler applies to a pool: a forwarder replica absorbs remote.concurrencyPerReplica open
+    calls, so that replaces targetQueuePerReplica; every other pool's is spec.scaling as written."""
+    if spec.backend == "remote" and spec.remote:
+        return spec.scaling.model_copy(update={"target_queue_per_replica": spec.remote.concurrency_per_replica})
+    return spec.scaling
 
 
 def recommend(spec: Scaling, queued: int, in_flight: int, current: int, busy: int) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from zimage_operator.types import DEFAULT_FORWARDER_IMAGE
 from zimage_queue.clients import RedisAuthSettings
 
 
@@ -37,6 +38,8 @@ class OperatorSettings(BaseSettings, RedisAuthSettings):  # ZIMAGE_REDIS_PASSWOR
     # A Secret (in each pool's namespace) whose keys become the workers' environment: the store's credentials
     # (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...). Optional in the pod: a pool without it uses its identity.
     worker_storage_secret: str = ""
+    # The image of remote pools' forwarder pods (zimage-forwarder): the operator's own, which the chart sets here.
+    forwarder_image: str = DEFAULT_FORWARDER_IMAGE
     # Image retention: the store the operator sweeps (default: worker_storage_url), how long job images and
     # uploads are kept (None: forever), and how often it looks. Only the replica holding the lease sweeps.
     storage_url: str = ""

@@ -6,9 +6,9 @@ committed YAML equal to the generated one; the operator and the API parse specs 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, cast
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, JsonValue
 
 from zimage_queue.message import (
     DEFAULT_MAX_RETRIES,
@@ -125,9 +125,17 @@ class ImageJobStatus(CamelModel):
 _DNS_NAME = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
 GPU_RESOURCE = "nvidia.com/gpu"
 DEFAULT_WORKER_IMAGE = "ghcr.io/zimage-dev/zimage-worker:0.1.0"
+# The forwarders of remote pools run the operator's image (its zimage-forwarder entry point); the chart sets
+# ZIMAGE_FORWARDER_IMAGE to the image it installs the operator from.
+DEFAULT_FORWARDER_IMAGE = "ghcr.io/zimage-dev/zimage-operator:0.1.0"
 MAX_SCALING_HISTORY = 10
 # The worker's settings the operator owns: a user's env may not override where it reads jobs from or who it is.
 RESERVED_ENV = frozenset({"ZIMAGE_REDIS_URL", "ZIMAGE_QUEUE", "ZIMAGE_WORKER_NAME", "MODELS_DIR", "ZIMAGE_HTTP_PORT"})
+# ... and per backend: what selects a function pool's engine, and a remote pool's provider settings (also any
+# ZIMAGE_REMOTE_* variable).
+FUNCTION_ENV = frozenset({"ZIMAGE_ENGINE", "ZIMAGE_FUNCTION"})
+REMOTE_ENV = frozenset({"ZIMAGE_CONCURRENCY_PER_REPLICA", "ZIMAGE_FALLBACKS"})
+REMOTE_ENV_PREFIX = "ZIMAGE_REMOTE_"
 
 
 class ModelSource(CamelModel):
@@ -238,6 +246,108 @@ class Fallback(CamelModel):
     after_seconds: int = Field(300, ge=1, le=86400, description="How long a job may wait here before it moves.")
 
 
+Backend = Literal["diffusers", "remote", "function"]
+# The steps a function pool runs without an image of the user's: entry point builtin:<name>.
+BUILTIN_STEPS = ("compose", "resize", "crop", "pad", "convert", "watermark")
+MIN_PROVIDER_KEYS, MAX_PROVIDER_KEYS = 1, 100
+MAX_FALLBACKS = 5
+_PY_NAME = r"[A-Za-z_][A-Za-z0-9_]*"
+_DOTTED = rf"{_PY_NAME}(\.{_PY_NAME})*"
+
+
+class RemoteLimits(CamelModel):
+    """What one provider key may do; the forwarders of all replicas share each key's budget (in Redis)."""
+
+    requests_per_window: int = Field(ge=1, le=1_000_000, description="Requests one key may send per window.")
+    window_seconds: int = Field(60, ge=1, le=86400, description="The window of requestsPerWindow and tokensPerWindow.")
+    tokens_per_window: int | None = Field(
+        None, ge=1, le=1_000_000_000, description="Tokens one key may use per window, where the provider counts them."
+    )
+    concurrency: int | None = Field(None, ge=1, le=1000, description="Requests one key may have open at once.")
+
+
+class RemoteBackend(CamelModel):
+    """An OpenAI-compatible HTTP API the pool's forwarder pods call, with a pool of keys."""
+
+    api: Literal["chat", "images"] = Field(
+        description="chat: chat completions (text steps). images: images generations and edits (image steps)."
+    )
+    base_url: str = Field(
+        max_length=2048,
+        pattern=r"^https?://[^ /?#]+[^ ]*$",  # literal classes: Go, Python and Rust agree
+        description="The API's base URL, e.g. https://api.openai.com/v1 (paths such as /chat/completions follow).",
+    )
+    model: str = Field(min_length=1, max_length=256, description="The provider's model name.")
+    keys_secret: str = Field(
+        max_length=253,
+        pattern=_DNS_NAME,
+        description=f"A Secret in the pool's namespace, one API key per entry ({MIN_PROVIDER_KEYS}-"
+        f"{MAX_PROVIDER_KEYS} entries); an entry's name is the key's id. Mounted as files, never as environment.",
+    )
+    limits: RemoteLimits
+    timeout_seconds: int = Field(120, ge=1, le=3600, description="Of one call to the provider.")
+    max_attempts: int = Field(
+        5, ge=1, le=20, description="Calls per job, retries of 429, 5xx and timeouts (with backoff) included."
+    )
+    concurrency_per_replica: int = Field(
+        32,
+        ge=1,
+        le=1000,
+        description="Calls one forwarder pod has open at once; replicas follow the queue by this, not by "
+        "scaling.targetQueuePerReplica.",
+    )
+
+
+_BUILTINS = ", ".join(f"'builtin:{n}'" for n in BUILTIN_STEPS)
+
+
+class FunctionBackend(CamelModel):
+    """Plain worker processes, one job at a time each, running a Python callable (CPU: see spec.resources)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": f"!self.entryPoint.startsWith('builtin:') || self.entryPoint in [{_BUILTINS}]",
+                    "message": f"entryPoint builtin:<name> names one of {', '.join(BUILTIN_STEPS)}",
+                }
+            ]
+        }
+    )
+
+    entry_point: str = Field(
+        max_length=512,
+        pattern=rf"^{_DOTTED}:{_DOTTED}$",
+        description=f"module:function from spec.image, or builtin:<name> ({', '.join(BUILTIN_STEPS)}).",
+    )
+
+    def cross_field_errors(self) -> list[str]:
+        module, _, name = self.entry_point.partition(":")
+        if module == "builtin" and name not in BUILTIN_STEPS:
+            return [f"spec.function.entryPoint: builtin:{name} is none of {', '.join(BUILTIN_STEPS)}"]
+        return []
+
+
+_ModelName = Annotated[str, Field(min_length=1, max_length=253, pattern=_DNS_NAME)]
+
+
+class Fallbacks(CamelModel):
+    """ModelDeployments in the same namespace a job moves to, in order, when this pool cannot serve it."""
+
+    unavailable: list[_ModelName] | None = Field(
+        None, max_length=MAX_FALLBACKS, description="When the pool or its provider is down (no ready replica, 503)."
+    )
+    rate_limited: list[_ModelName] | None = Field(
+        None, max_length=MAX_FALLBACKS, description="When the provider keeps answering 429 past maxAttempts."
+    )
+    failed: list[_ModelName] | None = Field(
+        None, max_length=MAX_FALLBACKS, description="When the job failed here for another reason."
+    )
+
+    def names(self) -> list[str]:
+        return [*(self.unavailable or []), *(self.rate_limited or []), *(self.failed or [])]
+
+
 class Storage(CamelModel):
     url: str = Field(
         max_length=2048, pattern=URI_PATTERN, description="Where workers store images (ZIMAGE_STORAGE_URL)."
@@ -250,12 +360,64 @@ class EnvVar(CamelModel):
     value_from: dict[str, Any] | None = Field(None, description="A Kubernetes EnvVarSource.")
 
 
+_NOT_SELF = " && ".join(
+    f"(!has(self.spec.fallbacks.{f}) || !(self.metadata.name in self.spec.fallbacks.{f}))"
+    for f in ("unavailable", "rateLimited", "failed")
+)
+# Rules on the whole object (they need metadata.name); crdgen puts them on the CRD's root schema.
+MODELDEPLOYMENT_RULES = [
+    {
+        "rule": f"!has(self.spec.fallbacks) || ({_NOT_SELF})",
+        "message": "spec.fallbacks may not name the ModelDeployment itself",
+    }
+]
+# Rules across spec fields (CEL, on the spec's schema); cross_field_errors says the same for clusters without CEL.
+MODELDEPLOYMENT_SPEC_RULES = [
+    {
+        "rule": "self.backend == 'remote' ? has(self.remote) : !has(self.remote)",
+        "message": "spec.remote is required with backend remote and used only with it",
+    },
+    {
+        "rule": "self.backend == 'function' ? has(self.function) : !has(self.function)",
+        "message": "spec.function is required with backend function and used only with it",
+    },
+    {
+        "rule": "self.backend == 'diffusers' || !has(self.cache) || ((!has(self.cache.preload) || !self.cache.preload)"
+        " && !has(self.cache.size) && !has(self.cache.existingClaim))",
+        "message": "spec.cache (preload, size, existingClaim) is for the diffusers backend: remote and function "
+        "pools keep no model",
+    },
+]
+
+
 class ModelDeploymentSpec(CamelModel):
-    model: ModelSource = Field(default_factory=ModelSource)
-    image: str = Field(DEFAULT_WORKER_IMAGE, min_length=1, max_length=1024, description="Worker image.")
+    model_config = ConfigDict(
+        json_schema_extra={"x-kubernetes-validations": cast("list[JsonValue]", MODELDEPLOYMENT_SPEC_RULES)}
+    )
+
+    backend: Backend = Field(
+        "diffusers",
+        description="diffusers: GPU workers running the model. remote: forwarder pods calling an external API "
+        "(spec.remote). function: CPU workers running a Python callable (spec.function).",
+    )
+    remote: RemoteBackend | None = None
+    function: FunctionBackend | None = None
+    model: ModelSource = Field(
+        default_factory=ModelSource, description="The diffusers backend's model; remote and function pools ignore it."
+    )
+    image: str = Field(
+        DEFAULT_WORKER_IMAGE,
+        min_length=1,
+        max_length=1024,
+        description="Worker image (diffusers and function backends; remote pools run the operator's image).",
+    )
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     replicas: int | None = Field(None, ge=0, le=1000, description="Used in external scaling mode (HPA/KEDA).")
-    resources: dict[str, Any] | None = Field(None, description="Container resources; GPU as nvidia.com/gpu.")
+    resources: dict[str, Any] | None = Field(
+        None,
+        description="Container resources; GPU as nvidia.com/gpu (not with backend remote). Remote and function pools "
+        "without them get small CPU and memory requests.",
+    )
     node_selector: dict[str, str] | None = None
     tolerations: list[dict[str, Any]] | None = None
     affinity: dict[str, Any] | None = None
@@ -263,17 +425,26 @@ class ModelDeploymentSpec(CamelModel):
     service_account_name: str | None = Field(None, max_length=253, pattern=_DNS_NAME)
     env: list[EnvVar] | None = Field(None, max_length=256, description="Extra worker environment.")
     cache: Cache = Field(default_factory=Cache)
-    batching: Batching = Field(default_factory=Batching)
+    batching: Batching = Field(default_factory=Batching, description="How diffusers workers batch compatible jobs.")
     acceleration: Acceleration = Field(default_factory=Acceleration)
     scaling: Scaling = Field(default_factory=Scaling)
     fallback: Fallback | None = None
+    fallbacks: Fallbacks | None = Field(
+        None, description="Per failure class, the ModelDeployments a job moves to (in order) when it fails here."
+    )
     storage: Storage | None = None
 
-    def cross_field_errors(self) -> list[str]:
-        """Rules a structural schema cannot express; the operator reports them as a condition."""
-        errors = [*self.scaling.cross_field_errors(), *self.cache.cross_field_errors()]
+    def cross_field_errors(self, name: str | None = None) -> list[str]:
+        """Rules a structural schema cannot express; the operator reports them as a condition. The CRD's CEL
+        rules say the backend ones too, but a cluster without CEL stores what they refuse. ``name``: the
+        ModelDeployment's, which a fallback may not be."""
+        errors = [*self.scaling.cross_field_errors(), *self.cache.cross_field_errors(), *self._backend_errors()]
+        if name and self.fallbacks and name in self.fallbacks.names():
+            errors.append(f"spec.fallbacks: {name} is this ModelDeployment")
         names = [e.name for e in self.env or []]
-        if reserved := sorted(RESERVED_ENV.intersection(names)):
+        taken = RESERVED_ENV | {"function": FUNCTION_ENV, "remote": REMOTE_ENV}.get(self.backend, frozenset())
+        prefix = REMOTE_ENV_PREFIX if self.backend == "remote" else None
+        if reserved := sorted({n for n in names if n in taken or (prefix and n.startswith(prefix))}):
             errors.append(f"spec.env: {', '.join(reserved)} set by the operator")
         if dupes := sorted({n for n in names if names.count(n) > 1}):
             errors.append(f"spec.env: duplicate {', '.join(dupes)}")
@@ -285,6 +456,20 @@ class ModelDeploymentSpec(CamelModel):
         # Extended resources cannot be overcommitted: Kubernetes rejects requests that differ from limits.
         if gpu_req is not None and gpu_lim is not None and str(gpu_req) != str(gpu_lim):
             errors.append(f"spec.resources: {GPU_RESOURCE} requests ({gpu_req}) and limits ({gpu_lim}) differ")
+        if self.backend == "remote" and (gpu_req is not None or gpu_lim is not None):
+            errors.append(f"spec.resources: {GPU_RESOURCE} with backend remote (forwarders only wait on HTTP)")
+        return errors
+
+    def _backend_errors(self) -> list[str]:
+        errors = []
+        for backend, part in (("remote", self.remote), ("function", self.function)):
+            if (self.backend == backend) != (part is not None):
+                errors.append(f"spec.{backend}: required with backend {backend} and used only with it")
+        if self.function:
+            errors += self.function.cross_field_errors()
+        cache = self.cache
+        if self.backend != "diffusers" and (cache.preload or cache.size or cache.existing_claim):
+            errors.append("spec.cache: preload, size and existingClaim are for the diffusers backend only")
         return errors
 
 

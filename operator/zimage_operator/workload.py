@@ -1,6 +1,40 @@
 """Pure rendering of a ModelDeployment's children: (ModelDeployment body, operator settings) -> manifests.
 
 Everything is a plain dict, ready for kopf.adopt and the API server; nothing here talks to a cluster.
+
+Per ``spec.backend`` the pool's Deployment (always ``<name>-worker``, with the same labels, metrics Service and
+PodDisruptionBudget, so scaling, deletion costs and the Redis NetworkPolicy treat every pool alike) runs:
+
+- ``diffusers``: GPU workers (the worker image's entry point) with the model's environment, its cache volume and,
+  when asked, a preload Job.
+- ``function``: ``zimage-worker`` from ``spec.image`` with ``ZIMAGE_ENGINE=function`` and
+  ``ZIMAGE_FUNCTION=<spec.function.entryPoint>`` (``module:function`` or ``builtin:<name>``); no model
+  environment, no cache, no GPU unless ``spec.resources`` asks for one.
+- ``remote``: ``zimage-forwarder`` from the operator's image (``forwarder_image``), no GPU. The queue, Redis and
+  storage variables are the workers' (``ZIMAGE_REDIS_URL``, ``ZIMAGE_REDIS_USERNAME`` / ``_PASSWORD`` /
+  ``_CA_CERT`` through ``secretKeyRef``, ``ZIMAGE_QUEUE``, ``ZIMAGE_WORKER_NAME``, ``ZIMAGE_HTTP_PORT``,
+  ``ZIMAGE_STORAGE_URL``, ``ZIMAGE_JOB_RETENTION_SECONDS``), and the provider's are flat ``ZIMAGE_REMOTE_*``
+  values, one per setting, so a ``pydantic-settings`` class with ``env_prefix="ZIMAGE_"`` reads them as they
+  are (``zimage_forwarder.settings``)::
+
+      remote_api: Literal["chat", "images"]   # ZIMAGE_REMOTE_API                 spec.remote.api
+      remote_base_url: str                    # ZIMAGE_REMOTE_BASE_URL            spec.remote.baseUrl
+      remote_model: str                       # ZIMAGE_REMOTE_MODEL               spec.remote.model
+      remote_keys_dir: str                    # ZIMAGE_REMOTE_KEYS_DIR            /etc/zimage/provider-keys
+      remote_key_pool: str                    # ZIMAGE_REMOTE_KEY_POOL            <namespace>/<keysSecret>
+      remote_requests_per_window: int         # ZIMAGE_REMOTE_REQUESTS_PER_WINDOW spec.remote.limits.*
+      remote_window_seconds: int              # ZIMAGE_REMOTE_WINDOW_SECONDS
+      remote_tokens_per_window: int | None    # ZIMAGE_REMOTE_TOKENS_PER_WINDOW   (absent: not counted)
+      remote_concurrency: int | None          # ZIMAGE_REMOTE_CONCURRENCY         per key (absent: no cap)
+      remote_timeout_seconds: int             # ZIMAGE_REMOTE_TIMEOUT_SECONDS     spec.remote.timeoutSeconds
+      remote_max_attempts: int                # ZIMAGE_REMOTE_MAX_ATTEMPTS        spec.remote.maxAttempts
+      concurrency_per_replica: int            # ZIMAGE_CONCURRENCY_PER_REPLICA    spec.remote.concurrencyPerReplica
+      fallbacks: dict[str, list[str]]         # ZIMAGE_FALLBACKS  JSON of spec.fallbacks (absent when unset)
+
+  The keys never travel as environment: the Secret ``spec.remote.keysSecret`` is mounted read-only at
+  ``remote_keys_dir``, one file per entry, the file's name the key's id and its content the key (the kubelet's
+  own ``..data`` links and hidden entries start with a dot: skip them). ``remote_key_pool`` is a name for the
+  keys' budgets in Redis that pools naming the same Secret have in common, as they share the provider's accounts.
 """
 
 from __future__ import annotations
@@ -17,10 +51,17 @@ from urllib.parse import urlsplit, urlunsplit
 
 from kubernetes.utils.quantity import parse_quantity
 
-from zimage_operator.types import API_VERSION, GPU_RESOURCE, ModelDeploymentSpec
+from zimage_operator.types import (
+    API_VERSION,
+    DEFAULT_FORWARDER_IMAGE,
+    GPU_RESOURCE,
+    ModelDeploymentSpec,
+    RemoteBackend,
+)
 from zimage_queue.keys import queue_name
 
 WORKER_CONTAINER = "zimage-worker"
+FORWARDER_CONTAINER = "zimage-forwarder"
 MANAGED_BY = "zimage-operator"
 METRICS_PORT = 8080  # the worker's ZIMAGE_HTTP_PORT default; set explicitly so the probes and the worker agree
 SPEC_HASH_ANNOTATION = "zimage.dev/spec-hash"
@@ -35,10 +76,21 @@ MIN_GRACE_SECONDS = 600
 # Loading a multi-GB model (download, then to GPU) takes minutes: allow 30 before the kubelet gives up.
 STARTUP_PERIOD_SECONDS = 10
 STARTUP_FAILURES = 180
+MIN_PROGRESS_DEADLINE_SECONDS = 600
 RUN_AS = 10001  # the user of the worker image (worker_image/Dockerfile)
 # The keys of the Secret a pool outside the operator's namespace gets its Redis credentials from.
 REDIS_PASSWORD_KEY = "redis-password"
 REDIS_CA_KEY = "ca.crt"
+# Remote pools: where the provider keys' Secret is mounted (files, 0440: the pod's group is its fsGroup).
+PROVIDER_KEYS_VOLUME = "provider-keys"
+PROVIDER_KEYS_DIR = "/etc/zimage/provider-keys"
+PROVIDER_KEYS_MODE = 0o440
+# Pods without spec.resources: a forwarder only waits on HTTP; a function worker runs one CPU-bound job.
+FORWARDER_RESOURCES = {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}}
+FUNCTION_RESOURCES = {"requests": {"cpu": "1", "memory": "512Mi"}, "limits": {"memory": "2Gi"}}
+# Neither loads a model: a forwarder is ready in seconds, a function worker once its module is imported.
+FORWARDER_STARTUP = (2, 30)
+FUNCTION_STARTUP = (5, 60)
 
 
 def worker_name(md_name: str) -> str:
@@ -144,6 +196,7 @@ def desired_objects(
     storage_mount_path: str = "/var/lib/zimage/images",
     storage_secret: str | None = None,
     redis_auth: RedisAuth | None = None,
+    forwarder_image: str = DEFAULT_FORWARDER_IMAGE,
 ) -> dict[str, dict[str, Any]]:
     """The children a ModelDeployment should have, keyed by lower-case kind (``deployment``, ``service``,
     ``poddisruptionbudget``, and ``persistentvolumeclaim`` and ``job`` when the cache asks for them).
@@ -156,53 +209,49 @@ def desired_objects(
     ``storage_claim`` the chart's image volume, mounted at ``storage_mount_path`` by workers of pools in the
     operator's namespace (the claim lives there) whose spec has no ``storage``; ``storage_secret`` a Secret
     whose keys become the workers' environment (the store's credentials; optional in the pod); ``redis_auth``
-    the workers' Redis password and CA (``RedisAuth``; a ``secret`` child when the pool needs a copy).
+    the workers' Redis password and CA (``RedisAuth``; a ``secret`` child when the pool needs a copy);
+    ``forwarder_image`` what a remote pool's forwarders run (the operator's image).
     Raises pydantic's ValidationError or ValueError for a spec the operator must reject.
     """
     meta = md["metadata"]
     name, namespace = meta["name"], meta["namespace"]
     spec = ModelDeploymentSpec.model_validate(md.get("spec") or {})
-    if errors := spec.cross_field_errors():
+    if errors := spec.cross_field_errors(name):
         raise ValueError("; ".join(errors))
     parent = _Parent(name, namespace, meta["uid"])
-    cache = spec.cache
-    claim = cache.existing_claim or (cache_claim_name(name) if cache.size else None)
-    # With a preload Job as the only writer, workers cannot corrupt the cache; without one they must download.
-    read_only_cache = cache.preload
     images_claim = None if spec.storage or operator_namespace not in (None, namespace) else storage_claim
     redis_env, redis_secret = _redis_auth(redis_auth, parent, operator_namespace)
-    env = _worker_env(
-        spec,
-        name,
-        namespace,
-        _worker_redis_url(redis_url, namespace, operator_namespace),
+    queue_env = _queue_env(name, namespace, _worker_redis_url(redis_url, namespace, operator_namespace), redis_env)
+    store_env = _store_env(
         spec.storage.url if spec.storage else (Path(storage_mount_path).as_uri() if images_claim else storage_url),
         job_retention_seconds,
-        redis_env,
     )
-    cache_volume: dict[str, Any] = (
-        {"name": CACHE_VOLUME, "persistentVolumeClaim": {"claimName": claim}}
-        if claim
-        else {"name": CACHE_VOLUME, "emptyDir": {}}
-    )
-    volumes = [cache_volume, {"name": TMP_VOLUME, "emptyDir": {}}]
-    mounts = _mounts(cache.mount_path, read_only=read_only_cache)
-    worker_volumes = list(volumes)
+    images: tuple[list[dict[str, Any]], list[dict[str, Any]]] = ([], [])  # volumes, mounts
     if images_claim:
-        worker_volumes.append({"name": IMAGES_VOLUME, "persistentVolumeClaim": {"claimName": images_claim}})
-        mounts.append({"name": IMAGES_VOLUME, "mountPath": storage_mount_path})
-    worker = _without_none(
+        images = (
+            [{"name": IMAGES_VOLUME, "persistentVolumeClaim": {"claimName": images_claim}}],
+            [{"name": IMAGES_VOLUME, "mountPath": storage_mount_path}],
+        )
+    grace = max(MIN_GRACE_SECONDS, longest_timeout_seconds)
+    cache_volumes: list[dict[str, Any]] = []
+    if spec.backend == "remote" and spec.remote:
+        container, volumes = _forwarder(spec, spec.remote, namespace, queue_env, store_env, forwarder_image)
+        # A draining forwarder finishes the calls in hand: each at most timeoutSeconds, maxAttempts times.
+        grace, startup = spec.remote.timeout_seconds * spec.remote.max_attempts, FORWARDER_STARTUP
+    elif spec.backend == "function" and spec.function:
+        container, volumes = _function_worker(spec, spec.function.entry_point, queue_env, store_env)
+        startup = FUNCTION_STARTUP
+    else:
+        container, volumes, cache_volumes = _diffusers_worker(spec, name, queue_env, store_env)
+        startup = (STARTUP_PERIOD_SECONDS, STARTUP_FAILURES)
+    container = _without_none(
         {
-            "name": WORKER_CONTAINER,
-            "image": spec.image,
-            "imagePullPolicy": spec.image_pull_policy,
-            "env": env,
+            **container,
             "envFrom": [{"secretRef": {"name": storage_secret, "optional": True}}] if storage_secret else None,
             "ports": [{"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
-            "resources": _resources(spec.resources),
-            "volumeMounts": mounts,
+            "volumeMounts": [*container["volumeMounts"], *images[1]],
             "securityContext": _container_security(),
-            "startupProbe": _probe("/readyz", STARTUP_PERIOD_SECONDS, STARTUP_FAILURES),
+            "startupProbe": _probe("/readyz", *startup),
             "readinessProbe": _probe("/readyz", 5, 3),
             # Liveness only sees the HTTP thread; a long generation holds the GPU, not that thread.
             "livenessProbe": _probe("/healthz", 20, 3),
@@ -214,15 +263,15 @@ def desired_objects(
     )
     pod_spec = _without_none(
         {
-            "containers": [worker],
-            "volumes": worker_volumes,
+            "containers": [container],
+            "volumes": [*volumes, *images[0]],
             "securityContext": _pod_security(),
             # The worker needs no API access; a mounted token would only be something to steal.
             "automountServiceAccountToken": False,
             # Service links inject <SERVICE>_* variables, and a Service named zimage-* would land in ZIMAGE_*.
             "enableServiceLinks": False,
             # The grace period includes preStop; the rest is the drain of the job in hand.
-            "terminationGracePeriodSeconds": max(MIN_GRACE_SECONDS, longest_timeout_seconds) + PRE_STOP_SECONDS,
+            "terminationGracePeriodSeconds": grace + PRE_STOP_SECONDS,
             **_placement(spec),
         }
     )
@@ -240,7 +289,7 @@ def desired_objects(
                 # One surge pod loads while one old pod drains: rollouts progress even with no spare GPU.
                 "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 1}},
                 "revisionHistoryLimit": 3,
-                "progressDeadlineSeconds": 2 * STARTUP_PERIOD_SECONDS * STARTUP_FAILURES,
+                "progressDeadlineSeconds": max(MIN_PROGRESS_DEADLINE_SECONDS, 2 * startup[0] * startup[1]),
                 "template": template,
             },
         },
@@ -266,24 +315,129 @@ def desired_objects(
             },
         },
     }
-    if cache.size and not cache.existing_claim:
-        objects["persistentvolumeclaim"] = {
-            "apiVersion": "v1",
-            "kind": "PersistentVolumeClaim",
-            "metadata": parent.metadata(cache_claim_name(name), "model-cache"),
-            "spec": _without_none(
-                {
-                    "accessModes": list(cache.access_modes),
-                    "resources": {"requests": {"storage": cache.size}},
-                    "storageClassName": cache.storage_class_name,
-                }
-            ),
-        }
-    if cache.preload:
-        objects["job"] = _preload_job(spec, parent, volumes)
+    cache = spec.cache
+    if spec.backend == "diffusers":  # only a diffusers pool keeps a model (the CRD refuses a cache elsewhere)
+        if cache.size and not cache.existing_claim:
+            objects["persistentvolumeclaim"] = {
+                "apiVersion": "v1",
+                "kind": "PersistentVolumeClaim",
+                "metadata": parent.metadata(cache_claim_name(name), "model-cache"),
+                "spec": _without_none(
+                    {
+                        "accessModes": list(cache.access_modes),
+                        "resources": {"requests": {"storage": cache.size}},
+                        "storageClassName": cache.storage_class_name,
+                    }
+                ),
+            }
+        if cache.preload:
+            objects["job"] = _preload_job(spec, parent, cache_volumes)
     if redis_secret:  # first, so it is there when the pods start
         objects = {"secret": redis_secret, **objects}
     return objects
+
+
+def _diffusers_worker(
+    spec: ModelDeploymentSpec, name: str, queue_env: list[dict[str, Any]], store_env: list[dict[str, Any]]
+) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+    """The GPU worker container (without what every backend's has), its volumes, and the cache's volumes (which
+    the preload Job shares)."""
+    cache = spec.cache
+    claim = cache.existing_claim or (cache_claim_name(name) if cache.size else None)
+    cache_volume: dict[str, Any] = (
+        {"name": CACHE_VOLUME, "persistentVolumeClaim": {"claimName": claim}}
+        if claim
+        else {"name": CACHE_VOLUME, "emptyDir": {}}
+    )
+    volumes = [cache_volume, {"name": TMP_VOLUME, "emptyDir": {}}]
+    container = {
+        "name": WORKER_CONTAINER,
+        "image": spec.image,
+        "imagePullPolicy": spec.image_pull_policy,
+        "env": _worker_env(spec, queue_env, store_env),
+        "resources": _resources(spec.resources),
+        # With a preload Job as the only writer, workers cannot corrupt the cache; without one they must download.
+        "volumeMounts": _mounts(cache.mount_path, read_only=cache.preload),
+    }
+    return container, list(volumes), volumes
+
+
+def _function_worker(
+    spec: ModelDeploymentSpec, entry_point: str, queue_env: list[dict[str, Any]], store_env: list[dict[str, Any]]
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A CPU worker: the worker's queue loop with the function engine, no model, no cache."""
+    env = [
+        *queue_env,
+        {"name": "ZIMAGE_ENGINE", "value": "function"},
+        {"name": "ZIMAGE_FUNCTION", "value": entry_point},
+        {"name": "HOME", "value": "/tmp"},  # the root filesystem is read-only
+        *store_env,
+    ]
+    container = {
+        "name": WORKER_CONTAINER,
+        "image": spec.image,
+        "imagePullPolicy": spec.image_pull_policy,
+        "command": ["zimage-worker"],
+        "env": _with_user_env(env, spec),
+        "resources": _resources(spec.resources) or copy.deepcopy(FUNCTION_RESOURCES),
+        "volumeMounts": [{"name": TMP_VOLUME, "mountPath": "/tmp"}],
+    }
+    return container, [{"name": TMP_VOLUME, "emptyDir": {}}]
+
+
+def _forwarder(
+    spec: ModelDeploymentSpec,
+    remote: RemoteBackend,
+    namespace: str,
+    queue_env: list[dict[str, Any]],
+    store_env: list[dict[str, Any]],
+    image: str,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A remote pool's forwarder: the operator's image, the keys as files, the provider's settings as values."""
+    container = {
+        "name": FORWARDER_CONTAINER,
+        "image": image,
+        "imagePullPolicy": spec.image_pull_policy,
+        "command": ["zimage-forwarder"],
+        "env": _with_user_env(
+            [*queue_env, {"name": "HOME", "value": "/tmp"}, *remote_env(spec, remote, namespace), *store_env], spec
+        ),
+        "resources": _resources(spec.resources) or copy.deepcopy(FORWARDER_RESOURCES),
+        "volumeMounts": [
+            {"name": TMP_VOLUME, "mountPath": "/tmp"},
+            {"name": PROVIDER_KEYS_VOLUME, "mountPath": PROVIDER_KEYS_DIR, "readOnly": True},
+        ],
+    }
+    volumes = [
+        {"name": TMP_VOLUME, "emptyDir": {}},
+        {
+            "name": PROVIDER_KEYS_VOLUME,
+            "secret": {"secretName": remote.keys_secret, "defaultMode": PROVIDER_KEYS_MODE},
+        },
+    ]
+    return container, volumes
+
+
+def remote_env(spec: ModelDeploymentSpec, remote: RemoteBackend, namespace: str) -> list[dict[str, Any]]:
+    """The forwarder's provider settings (the module docstring's layout): values only, never a key."""
+    values: dict[str, Any] = {
+        "ZIMAGE_REMOTE_API": remote.api,
+        "ZIMAGE_REMOTE_BASE_URL": remote.base_url,
+        "ZIMAGE_REMOTE_MODEL": remote.model,
+        "ZIMAGE_REMOTE_KEYS_DIR": PROVIDER_KEYS_DIR,
+        "ZIMAGE_REMOTE_KEY_POOL": f"{namespace}/{remote.keys_secret}",
+        "ZIMAGE_REMOTE_REQUESTS_PER_WINDOW": remote.limits.requests_per_window,
+        "ZIMAGE_REMOTE_WINDOW_SECONDS": remote.limits.window_seconds,
+        "ZIMAGE_REMOTE_TOKENS_PER_WINDOW": remote.limits.tokens_per_window,
+        "ZIMAGE_REMOTE_CONCURRENCY": remote.limits.concurrency,
+        "ZIMAGE_REMOTE_TIMEOUT_SECONDS": remote.timeout_seconds,
+        "ZIMAGE_REMOTE_MAX_ATTEMPTS": remote.max_attempts,
+        "ZIMAGE_CONCURRENCY_PER_REPLICA": remote.concurrency_per_replica,
+    }
+    if spec.fallbacks:
+        chains = spec.fallbacks.model_dump(by_alias=True, exclude_none=True)
+        values["ZIMAGE_FALLBACKS"] = json.dumps(chains, separators=(",", ":"))
+    return [{"name": k, "value": str(v)} for k, v in values.items() if v is not None]
 
 
 def _redis_auth(
@@ -372,21 +526,31 @@ def _model_env(spec: ModelDeploymentSpec) -> list[dict[str, Any]]:
     return env
 
 
-def _worker_env(
-    spec: ModelDeploymentSpec,
-    name: str,
-    namespace: str,
-    redis_url: str,
-    storage_url: str | None,
-    job_retention_seconds: int | None = None,
-    redis_env: list[dict[str, Any]] | None = None,
-) -> list[dict[str, Any]]:
-    env: list[dict[str, Any]] = [
+def _queue_env(name: str, namespace: str, redis_url: str, redis_env: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Where every pod of a pool takes its jobs from and who it is, whatever its backend."""
+    return [
         {"name": "ZIMAGE_REDIS_URL", "value": redis_url},
-        *(redis_env or []),
+        *redis_env,
         {"name": "ZIMAGE_QUEUE", "value": queue_name(namespace, name)},
         {"name": "ZIMAGE_WORKER_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "ZIMAGE_HTTP_PORT", "value": str(METRICS_PORT)},
+    ]
+
+
+def _store_env(storage_url: str | None, job_retention_seconds: int | None) -> list[dict[str, Any]]:
+    env = []
+    if storage_url:
+        env.append({"name": "ZIMAGE_STORAGE_URL", "value": storage_url})
+    if job_retention_seconds is not None:  # the records a worker finishes expire after the operator's retention
+        env.append({"name": "ZIMAGE_JOB_RETENTION_SECONDS", "value": str(job_retention_seconds)})
+    return env
+
+
+def _worker_env(
+    spec: ModelDeploymentSpec, queue_env: list[dict[str, Any]], store_env: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [
+        *queue_env,
         *_model_env(spec),
         {"name": "ZIMAGE_MAX_BATCH_SIZE", "value": str(spec.batching.max_batch_size)},
         {"name": "ZIMAGE_MAX_WAIT_MILLISECONDS", "value": str(spec.batching.max_wait_milliseconds)},
@@ -395,10 +559,7 @@ def _worker_env(
     ]
     if spec.acceleration.attention_backend:
         env.append({"name": "ZIMAGE_ATTENTION_BACKEND", "value": spec.acceleration.attention_backend})
-    if storage_url:
-        env.append({"name": "ZIMAGE_STORAGE_URL", "value": storage_url})
-    if job_retention_seconds is not None:  # the records a worker finishes expire after the operator's retention
-        env.append({"name": "ZIMAGE_JOB_RETENTION_SECONDS", "value": str(job_retention_seconds)})
+    env += store_env
     if spec.cache.preload:
         # The cache is read-only: a worker must use what the preload Job put there, not start a download.
         env.append({"name": "HF_HUB_OFFLINE", "value": "1"})

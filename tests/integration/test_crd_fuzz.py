@@ -158,6 +158,13 @@ def schema_invalid(draw: st.DrawFn, kind: str) -> dict[str, Any]:
     return base
 
 
+REMOTE = {
+    "api": "chat",
+    "baseUrl": "https://llm.example/v1",
+    "model": "m",
+    "keysSecret": "k",
+    "limits": {"requestsPerWindow": 4},
+}
 CROSS_FIELD = {
     "ImageJob": [
         {"task": "image-to-image"},
@@ -173,6 +180,9 @@ CROSS_FIELD = {
         {"env": [{"name": "ZIMAGE_REDIS_URL", "value": "redis://evil"}]},
         {"env": [{"name": "A", "value": "1"}, {"name": "A", "value": "2"}]},
         {"resources": {"requests": {"nvidia.com/gpu": 1}, "limits": {"nvidia.com/gpu": 2}}},
+        # What CEL cannot see (resources keep unknown fields) or does not say: the operator's cross_field_errors.
+        {"backend": "remote", "remote": REMOTE, "resources": {"limits": {"nvidia.com/gpu": 1}}},
+        {"backend": "remote", "remote": REMOTE, "env": [{"name": "ZIMAGE_REMOTE_BASE_URL", "value": "http://evil"}]},
     ],
 }
 

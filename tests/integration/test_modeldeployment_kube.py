@@ -280,5 +280,78 @@ def test_printer_columns_resolve_in_a_real_status(env: dict[str, Any]) -> None:
     kube.kubectl("apply", "-n", NS, "-f", "-", input=yaml.safe_dump(md("columns")))
     wait_for(lambda: ((get(kube, "md", "columns") or {}).get("status") or {}).get("selector"), what="status")
     table = kube.kubectl("get", "md", "columns", "-n", NS).stdout.splitlines()
-    assert table[0].split() == ["NAME", "VARIANT", "READY", "DESIRED", "QUEUE", "AGE"]
-    assert table[1].split()[:5] == ["columns", "turbo", "0", "0", "0"]
+    assert table[0].split() == ["NAME", "BACKEND", "VARIANT", "READY", "DESIRED", "QUEUE", "AGE"]
+    assert table[1].split()[:6] == ["columns", "diffusers", "turbo", "0", "0", "0"]
+
+
+REMOTE = {
+    "api": "chat",
+    "baseUrl": "https://llm.example/v1",
+    "model": "gpt-x",
+    "keysSecret": "provider-keys",
+    "limits": {"requestsPerWindow": 4},
+    "concurrencyPerReplica": 2,
+}
+
+
+def backend_md(name: str, **spec: Any) -> dict[str, Any]:
+    return {"apiVersion": "zimage.dev/v1alpha1", "kind": "ModelDeployment", "metadata": {"name": name}, "spec": spec}
+
+
+@pytest.mark.parametrize(
+    ("spec", "complaint"),
+    [
+        ({"backend": "remote"}, "spec.remote is required with backend remote"),
+        ({"remote": REMOTE}, "spec.remote is required with backend remote"),
+        ({"backend": "function"}, "spec.function is required with backend function"),
+        ({"backend": "function", "function": {"entryPoint": "builtin:blur"}}, "entryPoint builtin:<name> names"),
+        ({"backend": "remote", "remote": REMOTE, "cache": {"size": "1Gi", "preload": True}}, "spec.cache"),
+        ({"backend": "function", "function": {"entryPoint": "m:f"}, "cache": {"existingClaim": "c"}}, "spec.cache"),
+        ({"fallbacks": {"rateLimited": ["other", "loop"]}}, "spec.fallbacks may not name the ModelDeployment"),
+        ({"backend": "remote", "remote": {**REMOTE, "baseUrl": "ftp://x"}}, "spec.remote.baseUrl"),
+    ],
+)
+def test_the_api_server_refuses_backend_specs_that_cannot_work(
+    env: dict[str, Any], spec: dict[str, Any], complaint: str
+) -> None:
+    """The CRD's CEL rules (and schema) answer at once, so a broken pool is never stored; a dry run is enough."""
+    kube: Kube = env["kube"]
+    proc = kube.kubectl(
+        "apply", "-n", NS, "--dry-run=server", "-f", "-", input=yaml.safe_dump(backend_md("loop", **spec)), check=False
+    )
+    assert proc.returncode != 0 and complaint in proc.stderr, proc.stderr
+
+
+def test_remote_and_function_pools_are_accepted_and_rendered(env: dict[str, Any]) -> None:
+    kube: Kube = env["kube"]
+    remote = backend_md(
+        "provider-a",
+        backend="remote",
+        remote=REMOTE,
+        fallbacks={"unavailable": ["provider-b"], "failed": ["compose"]},
+        scaling={"maxReplicas": 4, "scaleDownDelaySeconds": 2},
+    )
+    function = backend_md("compose", backend="function", function={"entryPoint": "builtin:compose"})
+    kube.kubectl("apply", "-n", NS, "-f", "-", input=yaml.safe_dump_all([remote, function]))
+    stored = get(kube, "md", "provider-a")
+    assert stored and stored["spec"]["remote"]["limits"]["windowSeconds"] == 60  # defaulted by the API server
+    fwd = wait_for(lambda: get(kube, "deployment", "provider-a-worker"), what="forwarder Deployment")
+    pod = fwd["spec"]["template"]["spec"]
+    [c] = pod["containers"]
+    assert c["command"] == ["zimage-forwarder"] and "nvidia.com/gpu" not in json.dumps(c.get("resources"))
+    assert {"name": "provider-keys", "mountPath": "/etc/zimage/provider-keys", "readOnly": True} in c["volumeMounts"]
+    assert any((v.get("secret") or {}).get("secretName") == "provider-keys" for v in pod["volumes"])
+    env_vars = {e["name"]: e.get("value") for e in c["env"]}
+    assert env_vars["ZIMAGE_REMOTE_BASE_URL"] == "https://llm.example/v1"
+    assert env_vars["ZIMAGE_QUEUE"] == f"{NS}/provider-a"
+    worker = wait_for(lambda: get(kube, "deployment", "compose-worker"), what="function worker Deployment")
+    [w] = worker["spec"]["template"]["spec"]["containers"]
+    assert w["command"] == ["zimage-worker"]
+    assert {e["name"]: e.get("value") for e in w["env"]}["ZIMAGE_FUNCTION"] == "builtin:compose"
+    # 5 queued calls at 2 per forwarder: 3 replicas (targetQueuePerReplica, 4 by default, would give 2).
+    q = JobQueue.from_url(env["redis"])
+    for _ in range(5):
+        q.enqueue(message(keys.queue_name(NS, "provider-a")))
+    wait_for(lambda: replicas(kube, "provider-a") == 3, timeout=10, what="3 forwarders")
+    table = kube.kubectl("get", "md", "provider-a", "compose", "-n", NS).stdout.splitlines()
+    assert sorted(row.split()[:2] for row in table[1:]) == [["compose", "function"], ["provider-a", "remote"]]
