@@ -141,3 +141,20 @@ class Layout:
 
 FLAT = Layout(tagged=False)
 TAGGED = Layout(tagged=True)
+
+
+# -- API key pools (remote ModelDeployment backends) -----------------------------------------------------------
+# Each pool key (one API key of an external provider) has three Redis keys, all carrying the pool's hash tag on
+# any deployment, so a pool lives on one slot and one script decides for all its keys:
+# ``zimage:keypool:{pool}:<key id>:log`` (sorted set: lease -> start, microseconds of Redis TIME, the sliding
+# window's log), ``...:live`` (sorted set: lease -> expiry, the requests in flight) and ``...:meta`` (hash: lease
+# -> tokens counted for it, plus the fields below). Each has a TTL that every write extends.
+KEYPOOL_TOKENS = "~tokens"  # the sum of the window's token counts
+KEYPOOL_BLOCKED = "~blocked"  # rate limited until (microseconds)
+KEYPOOL_BENCHED = "~benched"  # benched by the circuit breaker until (microseconds)
+KEYPOOL_FAILURES = "~failures"  # consecutive failures
+
+
+def keypool(pool: str, key_id: str, part: str) -> str:
+    """One of a pool key's Redis keys: ``part`` is ``log``, ``live`` or ``meta``."""
+    return f"{PREFIX}:keypool:{{{pool}}}:{key_id}:{part}"
