@@ -103,8 +103,9 @@ class EventApplier:
                     JOBS_FINISHED.labels(phase=phase, reason=reason).inc()
                 if phase not in TERMINAL_PHASES and folded.progress_at not in (None, last):
                     self._remember_progress(first.uid, folded.progress_at)  # a finished job's is forgotten
-            for k8s_event, key in folded.events:  # named by job and transition: recorded once per transition
-                rt.recorder.record(obj, *k8s_event, key)
+            # Named by job and transition: recorded once per transition. Posted before the caller acks the worker
+            # events, so a replica that dies here leaves them pending and the next one replays the Events.
+            await asyncio.gather(*(rt.recorder.record_now(obj, *k8s_event, key) for k8s_event, key in folded.events))
             return
         raise StatusConflict(
             f"ImageJob {first.namespace}/{first.name} kept changing under {MAX_CONFLICT_RETRIES} writes"

@@ -212,7 +212,12 @@ def event_patch(
         return patch, ("Normal", Reason.STARTED, msg)
 
     if event.type == "rerouted":
-        msg = f"moved to the fallback model {event.message}: its own model had no ready worker in time"
+        why = {
+            "ProviderUnavailable": "its provider was unavailable",
+            "ProviderRateLimited": "its provider's keys stayed rate-limited",
+            "ProviderFailed": "its provider failed it",
+        }.get(event.reason or "", "its own model had no ready worker in time")
+        msg = f"moved to the fallback model {event.message}: {why}"
         patch = _status_patch(
             status,
             ev_time,

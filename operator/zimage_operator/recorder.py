@@ -62,6 +62,20 @@ class Recorder:
         except asyncio.QueueFull:
             EVENTS_DROPPED.inc()
 
+    async def record_now(
+        self, obj: dict[str, Any], type_: str, reason: str, message: str, key: str | None = None
+    ) -> None:
+        """Post at once, for a caller that acks its source only after (a worker event's transitions: a replica
+        killed between the status write and a queued post lost the Event; redelivered, it is replayed under its
+        key). A failure is counted and logged, never raised."""
+        if not self.wanted(type_):
+            return
+        try:
+            await self._post(Pending(involved(obj), type_, reason, message, key))
+        except Exception as e:
+            EVENTS_DROPPED.inc()
+            log.warning("could not record Event %s: %s", reason, e)
+
     async def once(self) -> None:
         """Post what is queued (up to POSTS_PER_PASS at a time); wait a little for the first one."""
         batch = await take_batch(self.queue, POSTS_PER_PASS, IDLE_WAIT_SECONDS)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import annotated_types
 from pydantic import (
@@ -125,17 +125,24 @@ class BulkMarked(WireModel):
     non-bulk job writes stays readable by it during a rolling upgrade."""
 
     bulk: bool = False
+    # Newer optional fields, written only when set for the same reason (their wire names).
+    only_when_set: ClassVar[tuple[str, ...]] = ()
 
     @model_serializer(mode="wrap")
     def _bulk_only_when_set(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
         data: dict[str, object] = handler(self)
         if not self.bulk:
             data.pop("bulk", None)
+        for name in self.only_when_set:
+            if data.get(name) is None:
+                data.pop(name, None)
         return data
 
 
 class JobMessage(BulkMarked):
     """What goes on a model's stream. Everything a worker needs; nothing it must look up elsewhere."""
+
+    only_when_set: ClassVar[tuple[str, ...]] = ("fallbackChain",)
 
     uid: str = Field(min_length=1)
     namespace: str
@@ -147,6 +154,9 @@ class JobMessage(BulkMarked):
     max_retries: int = Field(DEFAULT_MAX_RETRIES, ge=0, le=20)
     timeout_seconds: int | None = Field(None, ge=1)
     enqueued_at: float = Field(default_factory=time.time)
+    # Where a job goes next when its deployment fails it (fallbacks by failure class): set when it first moves to
+    # a fallback, the rest of the first deployment's list; [] when none is left. Written only when set.
+    fallback_chain: list[str] | None = Field(None, max_length=5)
     # bulk (BulkMarked): a job of the API's bulk mode, with no ImageJob behind it, its state in Redis only.
     # Workers copy it into their events, so the operator skips them without asking the API server for a job
     # that is not there.
@@ -171,6 +181,8 @@ class ResultImage(WireModel):
 class JobEvent(BulkMarked):
     """A worker's report about one job, read by the operator from the events stream."""
 
+    only_when_set: ClassVar[tuple[str, ...]] = ("text",)
+
     type: EventType
     uid: str
     namespace: str
@@ -180,6 +192,8 @@ class JobEvent(BulkMarked):
     step: int | None = None
     total_steps: int | None = None
     results: list[ResultImage] | None = None
+    # What a text step answered (a remote backend's chat completion); None for image jobs.
+    text: str | None = Field(None, max_length=100_000)
     reason: str | None = None
     message: str | None = None
     run_seconds: float | None = None

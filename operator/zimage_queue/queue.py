@@ -264,41 +264,55 @@ class JobQueue:
         moved = 0
         self.ensure_queue(target)
         for d in self.take(queue, "fallback-router", count=count, block_ms=0):
-            priority = d.stream.rsplit(":", 1)[-1]
-            msg = d.message.model_copy(update={"queue": target})
-            event = JobEvent(
-                type="rerouted",
-                uid=msg.uid,
-                namespace=msg.namespace,
-                name=msg.name,
-                reason="FallbackModel",
-                message=target_model,
-                bulk=msg.bulk,
-            )
-            if self.k.tagged:
-                moved += self._move_across(d, target, event)
-                continue
-            moved += int(
-                self._move(
-                    keys=[keys.job(msg.uid), d.stream, keys.EVENTS_STREAM, keys.stream(target, priority)],  # type: ignore[arg-type]
-                    args=[
-                        keys.WORKER_GROUP,
-                        d.entry_id,
-                        event.model_dump_json(by_alias=True),
-                        msg.model_dump_json(by_alias=True),
-                    ],
-                )
-            )
+            moved += self.move(d, target, target_model)
         return moved
 
-    def _move_across(self, d: Delivery, target: str, event: JobEvent | None = None) -> int:
+    def move(
+        self,
+        d: Delivery,
+        target: str,
+        target_model: str,
+        reason: str = "FallbackModel",
+        update: dict[str, Any] | None = None,
+    ) -> int:
+        """Move a taken job to the queue ``target`` (of the ModelDeployment ``target_model``) at its priority, and
+        report it (``rerouted``, with ``reason``: why it left). ``update`` changes fields of its message."""
+        msg = d.message.model_copy(update={"queue": target, **(update or {})})
+        event = JobEvent(
+            type="rerouted",
+            uid=msg.uid,
+            namespace=msg.namespace,
+            name=msg.name,
+            reason=reason,
+            message=target_model,
+            bulk=msg.bulk,
+        )
+        self.ensure_queue(target)
+        if self.k.tagged:
+            return self._move_across(d, target, event, msg)
+        priority = d.stream.rsplit(":", 1)[-1]
+        return int(
+            self._move(
+                keys=[keys.job(msg.uid), d.stream, keys.EVENTS_STREAM, keys.stream(target, priority)],  # type: ignore[arg-type]
+                args=[
+                    keys.WORKER_GROUP,
+                    d.entry_id,
+                    event.model_dump_json(by_alias=True),
+                    msg.model_dump_json(by_alias=True),
+                ],
+            )
+        )
+
+    def _move_across(
+        self, d: Delivery, target: str, event: JobEvent | None = None, message: JobMessage | None = None
+    ) -> int:
         """A reroute between two slots (cluster): mark the source record, create the target record and entry,
         point the index at the target, then settle the source entry and leave a tombstone. Each step is safe
         to repeat, and a worker that finds a half-done move (``begin``) finishes it instead of running the job."""
         uid = d.message.uid
         source = self._job(d)
         priority = d.stream.rsplit(":", 1)[-1]
-        msg = d.message.model_copy(update={"queue": target})
+        msg = message or d.message.model_copy(update={"queue": target})
         if event is None:
             event = JobEvent(
                 type="rerouted",
