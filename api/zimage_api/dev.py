@@ -32,6 +32,8 @@ BIN = Path(sys.executable).parent
 POOLS_POLL_SECONDS = 2.0
 # A chart's operator in the cluster draws a random priority below this; kopf pauses the lower one.
 TAKEOVER_PRIORITY = 2**31
+SERVES = ("ZIMAGE_MODEL_SOURCE", "ZIMAGE_REMOTE_BASE_URL", "ZIMAGE_FUNCTION")  # what a started process runs
+POD_ONLY_ENV = ("MODELS_DIR", "HF_HOME", "HOME", "HF_HUB_OFFLINE")
 
 
 def _exe(name: str) -> str:
@@ -81,6 +83,7 @@ class DevStack:
     takeover: str | None = None  # a chart release's peering object to take over from its operator
     say: Callable[[str], None] = print
     list_pools: Callable[[list[str]], list[dict[str, Any]]] | None = None
+    read_secret: Callable[[str, str], dict[str, str]] | None = None
     children: dict[str, Child] = field(default_factory=dict)
     api_key: str = ""
     _redis: RedisServer | None = None
@@ -133,24 +136,47 @@ class DevStack:
         return child
 
     def worker_env(self, md: dict[str, Any], index: int) -> dict[str, str]:
-        from zimage_operator.types import ModelDeploymentSpec
+        """What the operator would give the pool's pod (``workload.desired_objects``: the same command and plain
+        settings for every backend), with this machine's Redis, store and ports, and the keys of a remote pool
+        copied from its Secret into the state directory."""
+        return self.worker_process(md, index)[1]
+
+    def worker_process(self, md: dict[str, Any], index: int) -> tuple[list[str], dict[str, str]]:
+        from zimage_operator import workload
 
         meta = md["metadata"]
-        model = ModelDeploymentSpec.model_validate(md.get("spec") or {}).model
+        rendered = workload.desired_objects({**md, "metadata": {"uid": "dev", **meta}}, redis_url="", replicas=1)
+        container = rendered["deployment"]["spec"]["template"]["spec"]["containers"][0]
+        pod = {e["name"]: str(e["value"]) for e in container.get("env", []) if "value" in e}
+        for pod_only in POD_ONLY_ENV:  # paths inside the pod (its cache volume, its read-only root)
+            pod.pop(pod_only, None)
         env = {
             **os.environ,
+            **pod,
             "ZIMAGE_REDIS_URL": self.redis_url or "",
             "ZIMAGE_QUEUE": queue_name(meta["namespace"], meta["name"]),
             "ZIMAGE_WORKER_NAME": f"dev-{meta['name']}-{index}",
             "ZIMAGE_STORAGE_URL": self.images.as_uri(),
             "ZIMAGE_HTTP_PORT": "0",
-            "ZIMAGE_MODEL_SOURCE": self.model_source or model.source,
-            "ZIMAGE_VARIANT": model.variant,
-            "ZIMAGE_DTYPE": model.dtype,
         }
-        if model.revision:
-            env["ZIMAGE_REVISION"] = model.revision
-        return env
+        if self.model_source and "ZIMAGE_MODEL_SOURCE" in env:
+            env["ZIMAGE_MODEL_SOURCE"] = self.model_source
+        if "ZIMAGE_REMOTE_KEYS_DIR" in pod:
+            secret = ((md.get("spec") or {}).get("remote") or {}).get("keysSecret", "")
+            env["ZIMAGE_REMOTE_KEYS_DIR"] = str(self._keys(meta["namespace"], secret))
+        command = container.get("command") or ["zimage-worker"]
+        return [_exe(command[0]), *command[1:]], env
+
+    def _keys(self, namespace: str, secret: str) -> Path:
+        """A remote pool's keys Secret as files (one per key, like its pod's volume), readable by this user only."""
+        directory = self.state / "keys" / namespace / secret
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        data = (self.read_secret or kube_secret)(namespace, secret)
+        for kid, value in data.items():
+            path = directory / kid
+            path.touch(mode=0o600)
+            path.write_text(value)
+        return directory
 
     def sync_pools(self, pools: list[dict[str, Any]], now: float) -> None:
         """Workers for the pools there are (started, or restarted with backoff after dying); none for the gone."""
@@ -165,9 +191,13 @@ class DevStack:
         for name, md in wanted.items():
             child = self.children.get(name)
             if child is None:
-                child = self._add(name, [_exe("zimage-worker")], self.worker_env(md, int(name.rsplit("/", 1)[1])))
+                argv, env = self.worker_process(md, int(name.rsplit("/", 1)[1]))
+                child = self._add(name, argv, env)
                 child.start()
-                self.say(f"started {name} (model {child.env['ZIMAGE_MODEL_SOURCE']})")
+                serves = (
+                    env.get("ZIMAGE_MODEL_SOURCE") or env.get("ZIMAGE_REMOTE_BASE_URL") or env.get("ZIMAGE_FUNCTION")
+                )
+                self.say(f"started {name} ({Path(argv[0]).name}: {serves})")
         self._restart_dead(now)
 
     def _restart_dead(self, now: float) -> None:
@@ -203,6 +233,18 @@ class DevStack:
             child.stop()
         if self._redis is not None:
             self._redis.stop()
+
+
+def kube_secret(namespace: str, name: str) -> dict[str, str]:
+    import base64
+
+    from kubernetes import client
+
+    from zimage_operator.k8s import load_configuration, with_timeouts
+
+    api = client.CoreV1Api(with_timeouts(client.ApiClient(load_configuration())))
+    secret = api.read_namespaced_secret(name, namespace, _request_timeout=10)
+    return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
 
 
 def kube_pools(namespaces: list[str]) -> list[dict[str, Any]]:

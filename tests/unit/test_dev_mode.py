@@ -68,3 +68,39 @@ def test_a_dead_worker_is_restarted_with_backoff(stack: dev.DevStack) -> None:
     stack.sync_pools([pool("turbo")], now=1000.0)
     assert child.failures == 2 and child.next_start - 1000.0 >= 1.0  # the backoff grows with the failures
     stack.stop()
+
+
+def test_remote_and_function_pools_run_what_their_pods_would(
+    stack: dev.DevStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The processes come from the operator's own rendering: a remote pool gets a forwarder with the provider's
+    settings and a private copy of its keys Secret; a function pool a worker running its entry point."""
+    monkeypatch.setattr(dev, "_exe", lambda name: name)
+    monkeypatch.delenv("MODELS_DIR", raising=False)
+    stack.read_secret = lambda ns, name: {"k1": "sk-one", "k2": "sk-two"} if (ns, name) == ("team-a", "keys") else {}
+    remote = {
+        "metadata": {"name": "provider-a", "namespace": "team-a"},
+        "spec": {
+            "backend": "remote",
+            "remote": {"api": "images", "baseUrl": "https://api.example/v1", "model": "gpt-image-1",
+                       "keysSecret": "keys", "limits": {"requestsPerWindow": 4, "windowSeconds": 1}},
+            "fallbacks": {"unavailable": ["local"]},
+        },
+    }  # fmt: skip
+    argv, env = stack.worker_process(remote, 0)
+    assert argv == ["zimage-forwarder"]
+    assert (env["ZIMAGE_REMOTE_BASE_URL"], env["ZIMAGE_REMOTE_REQUESTS_PER_WINDOW"]) == ("https://api.example/v1", "4")
+    assert env["ZIMAGE_FALLBACKS"] == '{"unavailable":["local"]}' and env["ZIMAGE_QUEUE"] == "team-a/provider-a"
+    keys = Path(env["ZIMAGE_REMOTE_KEYS_DIR"])
+    assert {p.name: p.read_text() for p in keys.iterdir()} == {"k1": "sk-one", "k2": "sk-two"}
+    assert all(p.stat().st_mode & 0o077 == 0 for p in keys.iterdir())
+    function = {
+        "metadata": {"name": "compose", "namespace": "team-a"},
+        "spec": {"backend": "function", "function": {"entryPoint": "builtin:compose"}},
+    }
+    argv, env = stack.worker_process(function, 0)
+    assert argv == ["zimage-worker"] and (env["ZIMAGE_ENGINE"], env["ZIMAGE_FUNCTION"]) == (
+        "function",
+        "builtin:compose",
+    )
+    assert env["ZIMAGE_STORAGE_URL"] == stack.images.as_uri() and "MODELS_DIR" not in env
