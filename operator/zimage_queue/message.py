@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 import annotated_types
 from pydantic import (
@@ -17,6 +17,7 @@ from pydantic import (
     Field,
     SerializerFunctionWrapHandler,
     ValidationInfo,
+    WithJsonSchema,
     field_validator,
     model_serializer,
     model_validator,
@@ -48,6 +49,18 @@ VARIANT_DEFAULTS = {
 }
 # An object-store URI: s3://bucket/key, file:///path, or http(s)://...
 URI_PATTERN = r"^(s3|file|https?)://.+$"
+
+# A function step's argument (GenerationParams.args): a scalar or a list of scalars. The CRD states it as an object
+# of any fields (a structural schema has no unions); the operator and the API validate the values with pydantic.
+StepScalar = Annotated[str, Field(max_length=2048)] | bool | int | float
+StepArgs = Annotated[
+    dict[
+        Annotated[str, Field(min_length=1, max_length=63)],
+        StepScalar | Annotated[list[StepScalar], Field(max_length=64)],
+    ],
+    Field(max_length=32),
+    WithJsonSchema({"type": "object", "additionalProperties": True}),
+]
 
 
 class CamelModel(BaseModel):
@@ -88,6 +101,23 @@ class GenerationParams(WireModel):
     )
     strength: float | None = Field(None, ge=0, le=1, description="How far to move from the input image.")
     output_format: OutputFormat = Field("png", description="Encoding of the stored images.")
+    # Newer than the rest: written only when set, so a release before it still reads every other job's message.
+    args: StepArgs | None = Field(
+        None,
+        description="Arguments of a function step (backend function), by name: a string, number, boolean or list "
+        "of them; a string that is an image URI is read as an input.",
+    )
+
+    # Optional fields written only when set (their wire names), as in BulkMarked.
+    only_when_set: ClassVar[tuple[str, ...]] = ("args",)
+
+    @model_serializer(mode="wrap")
+    def _only_when_set(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
+        data: dict[str, object] = handler(self)
+        for name in self.only_when_set:
+            if data.get(name) is None:
+                data.pop(name, None)
+        return data
 
     @field_validator("width", "height", mode="before")
     @classmethod

@@ -11,7 +11,7 @@ from types import FrameType
 
 from zimage_queue import JobQueue, logs
 from zimage_worker import metrics
-from zimage_worker.engine import NOOP, TINY_RANDOM, load_engine, warm_up
+from zimage_worker.engine import NOOP, TINY_RANDOM, Engine, load_engine, warm_up
 from zimage_worker.health import serve
 from zimage_worker.loop import Worker
 from zimage_worker.settings import WorkerSettings
@@ -48,22 +48,31 @@ def main(argv: list[str] | None = None) -> int:
         else serve(cfg.http_port, live=lambda: worker is None or worker.watchdog.live(), ready=lambda: ready)
     )
     t0 = time.perf_counter()
-    engine = load_engine(
-        cfg.model_source,
-        variant=cfg.variant,
-        device=cfg.device,
-        dtype=cfg.dtype,
-        models_dir=cfg.models_dir,
-        revision=cfg.revision,
-        compile=cfg.compile,
-        attention_backend=cfg.attention_backend,
-    )
-    metrics.MODEL_LOAD_SECONDS.set(time.perf_counter() - t0)
-    if cfg.warmup:
-        size = cfg.warmup_size or (64 if cfg.model_source in (TINY_RANDOM, NOOP) else 1024)
-        seconds = warm_up(engine, size, batch=cfg.max_batch_size)
-        metrics.WARMUP_SECONDS.set(seconds)
-        log.info("warm-up at %dx%d (batch %d) took %.2fs", size, size, cfg.max_batch_size, seconds)
+    engine: Engine
+    if cfg.engine == "function":
+        # A CPU step: no model, no torch (a function worker's image may not have it), nothing to warm up.
+        from zimage_worker.functions import FunctionEngine
+
+        engine = FunctionEngine(cfg.function)
+        metrics.MODEL_LOAD_SECONDS.set(time.perf_counter() - t0)
+        log.info("function engine: %s", cfg.function)
+    else:
+        engine = load_engine(
+            cfg.model_source,
+            variant=cfg.variant,
+            device=cfg.device,
+            dtype=cfg.dtype,
+            models_dir=cfg.models_dir,
+            revision=cfg.revision,
+            compile=cfg.compile,
+            attention_backend=cfg.attention_backend,
+        )
+        metrics.MODEL_LOAD_SECONDS.set(time.perf_counter() - t0)
+        if cfg.warmup:
+            size = cfg.warmup_size or (64 if cfg.model_source in (TINY_RANDOM, NOOP) else 1024)
+            seconds = warm_up(engine, size, batch=cfg.max_batch_size)
+            metrics.WARMUP_SECONDS.set(seconds)
+            log.info("warm-up at %dx%d (batch %d) took %.2fs", size, size, cfg.max_batch_size, seconds)
     queue = JobQueue.from_url(
         cfg.redis_url,
         cfg.redis_credentials,
@@ -77,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg.queue,
         cfg.worker_name,
         heartbeat_seconds=cfg.heartbeat_seconds,
-        max_batch_size=cfg.max_batch_size,
+        max_batch_size=1 if cfg.engine == "function" else cfg.max_batch_size,  # a function: one job at a time
         max_wait_ms=cfg.max_wait_milliseconds,
         stuck_base_seconds=cfg.stuck_base_seconds,
         stuck_step_seconds=cfg.stuck_step_seconds,

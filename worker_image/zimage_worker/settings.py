@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import socket
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from zimage_queue.clients import RedisAuthSettings
@@ -21,6 +22,9 @@ class WorkerSettings(BaseSettings, RedisAuthSettings):  # ZIMAGE_REDIS_PASSWORD,
 
     redis_url: str = "redis://localhost:6379/0"
     queue: str = Field("default/z-image-turbo", description="namespace/ModelDeployment whose jobs to serve")
+    # diffusers: a model from model_source (tiny-random and noop included). function: a CPU step, no model.
+    engine: Literal["diffusers", "function"] = "diffusers"
+    function: str = Field("", description="The function engine's entry point: module:function or builtin:<name>")
     model_source: str = Field("tiny-random", description="MODELS_DIR name, local path, hub id, tiny-random, noop")
     models_dir: str | None = Field(None, validation_alias="MODELS_DIR")
     variant: str = "turbo"
@@ -51,3 +55,11 @@ class WorkerSettings(BaseSettings, RedisAuthSettings):  # ZIMAGE_REDIS_PASSWORD,
     warmup_size: int = Field(0, ge=0, le=2048, description="Warm-up image side; 0: 1024, or 64 for tiny-random")
     compile: bool = Field(False, description="torch.compile the transformer's repeated blocks (regional)")
     attention_backend: str | None = Field(None, description="diffusers attention backend, e.g. flash, _native_cudnn")
+
+    @model_validator(mode="after")
+    def _function_named(self) -> WorkerSettings:
+        if self.engine == "function" and not self.function:
+            raise ValueError(
+                "ZIMAGE_FUNCTION (module:function or builtin:<name>) is required with ZIMAGE_ENGINE=function"
+            )
+        return self
