@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel
 
 from zimage_operator import types as t
+from zimage_operator import workflow_types as wt
 
 _KEEP = {
     "type",
@@ -48,6 +49,9 @@ def _structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"cannot express union in a structural schema: {node}")
         merged = {**_structural(options[0], defs), **{k: v for k, v in node.items() if k != "anyOf"}}
         return _structural(merged, defs)
+    if node.get("x-kubernetes-preserve-unknown-fields"):  # any JSON value (a list, a string, an object)
+        kept = {k: v for k, v in node.items() if k == "description"}
+        return {**kept, "x-kubernetes-preserve-unknown-fields": True}
     if "const" in node:
         node = {**node, "enum": [node.pop("const")]}
     out = {k: v for k, v in node.items() if k in _KEEP}
@@ -196,6 +200,22 @@ def crds() -> dict[str, dict[str, Any]]:
             ],
             scale=True,
             rules=t.MODELDEPLOYMENT_RULES,
+        ),
+        "imageworkflow.yaml": _crd(
+            "ImageWorkflow",
+            wt.IMAGEWORKFLOW_PLURAL,
+            "iw",
+            wt.ImageWorkflowSpec,
+            wt.ImageWorkflowStatus,
+            [
+                {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+                {"name": "Progress", "type": "string", "jsonPath": ".status.progress.summary"},
+                {"name": "Jobs", "type": "integer", "jsonPath": ".status.progress.jobsDone", "priority": 1},
+                {"name": "Duration", "type": "string", "jsonPath": ".status.duration"},
+                _age(),
+            ],
+            scale=False,
+            spec_rules=wt.SPEC_RULES,
         ),
     }
 

@@ -262,6 +262,16 @@ def event_patch(
         )
         if event.worker:
             patch["worker"] = event.worker
+        if event.text is not None:
+            patch["text"] = event.text
+            patch["message"] = msg = f"answered {len(event.text)} characters"
+            patch["conditions"] = _status_patch(
+                status,
+                ev_time,
+                generation,
+                "Succeeded",
+                [(Cond.RUNNING, False, Reason.COMPLETED, msg), (Cond.SUCCEEDED, True, Reason.COMPLETED, msg)],
+            )["conditions"]
         return patch, ("Normal", Reason.COMPLETED, msg)
 
     if event.type in ("failed", "cancelled"):

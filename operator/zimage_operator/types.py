@@ -114,6 +114,7 @@ class ImageJobStatus(CamelModel):
     run_seconds: float | None = None
     duration: str | None = Field(None, description="Run time of the finished job, for the Duration column.")
     results: list[ResultImage] | None = None
+    text: str | None = Field(None, description="What a text step answered (a remote chat model's reply).")
     routed_to: str | None = Field(None, description="The fallback ModelDeployment the job was moved to, if any.")
     message: str | None = Field(None, max_length=32768)
     spec_digest: dict[str, str] | None = Field(
