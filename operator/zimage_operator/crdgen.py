@@ -49,7 +49,7 @@ def _structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"cannot express union in a structural schema: {node}")
         merged = {**_structural(options[0], defs), **{k: v for k, v in node.items() if k != "anyOf"}}
         return _structural(merged, defs)
-    if node.get("x-kubernetes-preserve-unknown-fields"):  # any JSON value (a list, a string, an object)
+    if node.get("x-kubernetes-preserve-unknown-fields") and "type" not in node:  # any JSON value
         kept = {k: v for k, v in node.items() if k == "description"}
         return {**kept, "x-kubernetes-preserve-unknown-fields": True}
     if "const" in node:
