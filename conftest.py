@@ -169,7 +169,7 @@ def kube_cluster(state: Path) -> Iterator[Kube]:
 
 def install_crds(kube: Kube) -> Kube:
     kube.kubectl("apply", "-f", str(REPO / "crds"))
-    for name in ("imagejobs.zimage.dev", "modeldeployments.zimage.dev"):
+    for name in ("imagejobs.zimage.dev", "modeldeployments.zimage.dev", "imageworkflows.zimage.dev"):
         kube.kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s")
     return kube
 

@@ -17,9 +17,9 @@ import prometheus_client
 from kubernetes.client import ApiClient
 from pydantic import ValidationError
 
-from zimage_operator import events, pools, resync, retention
+from zimage_operator import events, pools, resync, retention, workflows
 from zimage_operator.admission import Admitter
-from zimage_operator.handlers import imagejob, modeldeployment  # noqa: F401  (registers handlers)
+from zimage_operator.handlers import imagejob, imageworkflow, modeldeployment  # noqa: F401  (registers handlers)
 from zimage_operator.k8s import AsyncKube, Kube, load_configuration
 from zimage_operator.peering import PeeringGate
 from zimage_operator.recorder import Recorder
@@ -27,6 +27,7 @@ from zimage_operator.runtime import Runtime
 from zimage_operator.settings import OperatorSettings
 from zimage_operator.shards import SelectorError, parse_selector, peering_name
 from zimage_operator.types import GROUP, IMAGEJOB_PLURAL, MODELDEPLOYMENT_PLURAL
+from zimage_operator.workflow_types import IMAGEWORKFLOW_PLURAL
 from zimage_queue import JobQueue, logs, supervise
 
 log = logging.getLogger("zimage_operator")
@@ -59,7 +60,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     supervise.widen_thread_pool(cfg.admission_concurrency + cfg.events_concurrency + 8)
     if cfg.shard_selector:
         # Server-side: the API server sends this shard's watches only its own objects.
-        for plural in (IMAGEJOB_PLURAL, MODELDEPLOYMENT_PLURAL):
+        for plural in (IMAGEJOB_PLURAL, MODELDEPLOYMENT_PLURAL, IMAGEWORKFLOW_PLURAL):
             settings.watching.label_selectors[GROUP, plural] = cfg.shard_selector
     # With --peering, a standby replica resumes the handlers this long after the active one stopped renewing.
     settings.peering.lifetime = cfg.peering_lifetime_seconds
@@ -82,6 +83,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     memo.runtime = rt
     memo.admitter = admitter = Admitter(rt)
     memo.edits_reported = OrderedDict()
+    memo.workflows = book = workflows.WorkflowBook()
     if cfg.shard:
         log.info(
             "shard %s: namespaces %s, selector %r; events group %s, lease %s",
@@ -108,6 +110,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
         ("housekeeping", imagejob.Housekeeping(rt).once, lambda: cfg.housekeeping_seconds),
         ("model-pools", lambda: pools.run_once(rt), lambda: cfg.pool_tick_seconds),
         ("resync", resync.Resync(rt, applier).once, lambda: 1.0),
+        ("workflows", workflows.WorkflowLoop(rt, book).once, lambda: 0.0),
     ]
     gc = retention.ImageRetention(rt)
     if gc.enabled:

@@ -23,6 +23,7 @@ from kubernetes.dynamic import DynamicClient
 from kubernetes.dynamic.exceptions import ResourceNotFoundError
 
 from zimage_operator.types import GROUP, IMAGEJOB_PLURAL, MODELDEPLOYMENT_PLURAL, VERSION
+from zimage_operator.workflow_types import IMAGEWORKFLOW_PLURAL
 
 log = logging.getLogger(__name__)
 # policy/v1 PodDisruptionBudget is GA since Kubernetes 1.21; v1beta1 serves the fields we set before that.
@@ -139,6 +140,34 @@ class Kube:
             if e.status == 409:
                 raise StatusConflict(f"{plural} {namespace}/{name} changed since version {resource_version}") from e
             raise
+
+    def patch_workflow_status(
+        self, namespace: str, name: str, status: dict[str, Any], resource_version: str | None
+    ) -> dict[str, Any] | None:
+        """Merge-patch an ImageWorkflow's status onto that version (else StatusConflict); the object written, or
+        None when it is gone."""
+        body: dict[str, Any] = {"status": status, "metadata": {"resourceVersion": resource_version}}
+        try:
+            obj: dict[str, Any] = self.custom.patch_namespaced_custom_object_status(
+                GROUP, VERSION, namespace, IMAGEWORKFLOW_PLURAL, name, body
+            )
+            return obj
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            if e.status == 409:
+                raise StatusConflict(f"imageworkflow {namespace}/{name} changed since {resource_version}") from e
+            raise
+
+    def delete_workflow(self, namespace: str, name: str) -> None:
+        """Delete an ImageWorkflow; its step jobs go with it (owner references)."""
+        try:
+            self.custom.delete_namespaced_custom_object(
+                GROUP, VERSION, namespace, IMAGEWORKFLOW_PLURAL, name, propagation_policy="Background"
+            )
+        except ApiException as e:
+            if e.status != 404:
+                raise
 
     def patch_model_status(self, namespace: str, name: str, status: dict[str, Any]) -> bool:
         return self._patch_status(MODELDEPLOYMENT_PLURAL, namespace, name, status)

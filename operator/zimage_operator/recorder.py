@@ -54,8 +54,11 @@ class Recorder:
     def wanted(self, type_: str) -> bool:
         return type_ != "Normal" or self.normal
 
-    def record(self, obj: dict[str, Any], type_: str, reason: str, message: str, key: str | None = None) -> None:
-        if not self.wanted(type_):
+    def record(
+        self, obj: dict[str, Any], type_: str, reason: str, message: str, key: str | None = None, always: bool = False
+    ) -> None:
+        """``always``: a Normal Event recorded even without ZIMAGE_NORMAL_EVENTS (a workflow's few transitions)."""
+        if not (always or self.wanted(type_)):
             return
         try:
             self.queue.put_nowait(Pending(involved(obj), type_, reason, message, key))

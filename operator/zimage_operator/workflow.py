@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from pydantic import ValidationError
 
 from zimage_operator.conditions import iso, parse_iso, set_condition
 from zimage_operator.types import API_VERSION, TENANT_LABEL, ImageJobSpec
+from zimage_operator.types import Reason as JobReason
 from zimage_operator.workflow_types import (
     MAX_ITEMS,
     STEP_LABEL,
@@ -38,6 +40,7 @@ from zimage_operator.workflow_types import (
     WorkflowStep,
 )
 
+FALLBACK_REASON = JobReason.FALLBACK
 TEMPLATE = re.compile(r"\{\{\s*([^{}]*?)\s*\}\}")
 _PATH_PART = re.compile(r"\.([A-Za-z_][A-Za-z0-9_-]*)|\[(\d+)\]")
 FINISHED = frozenset({"Succeeded", "Failed", "Cancelled", "Skipped"})
@@ -66,6 +69,7 @@ class Reason:
     STEP_FAILED = "StepFailed"
     CANCELLED = "Cancelled"
     DELETED = "Deleted"
+    SPEC_CHANGED = "SpecChanged"
 
 
 class NotReady(Exception):
@@ -369,6 +373,11 @@ class Plan:
     requeue: bool = False  # look again soon even without a job event (a model may appear)
 
 
+def spec_digest(spec: ImageWorkflowSpec) -> str:
+    data = spec.model_dump(by_alias=True, mode="json", exclude={"cancel"})
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def job_name(workflow: str, step: str, index: int | None, attempt: int) -> str:
     name = f"{workflow}-{step}" + (f"-{index}" if index is not None else "") + (f"-r{attempt}" if attempt else "")
     if len(name) > 253:
@@ -387,10 +396,14 @@ def job_outcome(job: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         if text is not None:
             kept["text"] = str(text)[:MAX_TEXT]
         kept["images"] = [r["uri"] for r in status.get("results") or [] if r.get("uri")]
+    if phase in ("Failed", "Cancelled"):
+        kept["message"] = str(status.get("message") or phase)[:4096]
     if status.get("routedTo"):
         kept["routedTo"] = status["routedTo"]
-    if phase in ("Failed", "Cancelled") or status.get("routedTo"):
-        kept["message"] = str(status.get("message") or phase)[:4096]
+        # Why it moved: the Queued condition the move set keeps it after the job's message moved on.
+        moved = next((c for c in status.get("conditions") or [] if c.get("reason") == FALLBACK_REASON), None)
+        why = (moved or {}).get("message") or status.get("message") or ""
+        kept["message"] = f"{kept['message']}; {why}" if phase in ("Failed", "Cancelled") else why
     if status.get("finishedAt"):
         kept["finishedAt"] = status["finishedAt"]
     return phase, kept
@@ -469,11 +482,24 @@ def plan(
                 out.events.append(("Warning", Reason.MODEL_NOT_FOUND, msg))
             return out
         status["phase"] = "Running"
+        status["specDigest"] = spec_digest(spec)
         status["startedAt"] = iso(now)
         status["message"] = f"{len(spec.steps)} steps"
         condition(Cond.ACCEPTED, True, Reason.ADMITTED, f"{len(spec.steps)} steps, acyclic")
         condition(Cond.RUNNING, True, Reason.STEPS_RUNNING, "steps are running")
         status["steps"] = [{"name": s.name, "model": s.model, "phase": "Pending", "instances": []} for s in spec.steps]
+    elif status.get("specDigest") and status["specDigest"] != spec_digest(spec):
+        # An edit CEL could not see (inputs, params): the workflow would no longer describe what ran.
+        status.setdefault("steps", [])
+        finish("Failed", Reason.SPEC_CHANGED, "spec changed after the workflow started (only cancel may change)")
+        out.cancel = [
+            i["job"]
+            for st in status["steps"]
+            for i in st.get("instances") or []
+            if i.get("phase") == "Running" and i.get("job")
+        ]
+        out.status = status
+        return out
     if generation is not None:
         status["observedGeneration"] = generation
 
@@ -560,9 +586,7 @@ def plan(
                 s.name,
                 index,
                 st["count"] if st.get("fannedOut") else None,
-                item=(lambda s=s, index=index: item_of(s, spec.inputs, steps, index))
-                if s.for_each is not None
-                else None,
+                item=_item_getter(s, spec.inputs, steps, index) if s.for_each is not None else None,
             )
             try:
                 explicit_ready(s, st, steps, index)
@@ -602,6 +626,12 @@ def plan(
     _progress(status, steps, spec)
     out.status = status if status != old else None
     return out
+
+
+def _item_getter(
+    s: WorkflowStep, inputs: dict[str, Any], steps: dict[str, dict[str, Any]], index: int
+) -> Callable[[], Any]:
+    return lambda: item_of(s, inputs, steps, index)
 
 
 def _failures(steps: dict[str, dict[str, Any]]) -> list[str]:

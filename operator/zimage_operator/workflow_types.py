@@ -124,6 +124,7 @@ class ImageWorkflowStatus(CamelModel):
     finished_at: str | None = None
     duration: str | None = None
     message: str | None = Field(None, max_length=32768)
+    spec_digest: str | None = Field(None, description="A hash of the spec as admitted (cancel aside).")
 
 
 # CEL (checked by the API server before anything is stored): unique step names, dependencies that exist and are not
@@ -140,7 +141,8 @@ SPEC_RULES: list[dict[str, Any]] = [
         "message": "steps[].dependsOn: every name must be another step of this workflow",
     },
     {
-        "rule": "self == oldSelf || (self.cancel && self.steps == oldSelf.steps && self.inputs == oldSelf.inputs)",
+        # (CEL cannot see inside inputs and params, which hold any JSON: the operator checks status.specDigest)
+        "rule": "self == oldSelf || (self.cancel && self.steps == oldSelf.steps)",
         "message": "spec is immutable once created, except setting cancel: true",
     },
     {"rule": "!oldSelf.cancel || self.cancel", "message": "spec.cancel cannot be unset"},

@@ -281,9 +281,11 @@ def test_a_fallback_move_is_recorded_with_its_reason() -> None:
     inst = c.step_status("enhance")["instances"][0]
     assert inst["routedTo"] == "llm-b" and "unavailable" in inst["message"]
     assert [e for e in c.events if e[1] == "StepRerouted"]
-    c.finish("shoe-enhance", text="t", routedTo="llm-b", message="answered")
+    moved = {"type": "Queued", "reason": "FallbackModel", "message": "moved to the fallback model llm-b: why"}
+    c.finish("shoe-enhance", text="t", routedTo="llm-b", message="answered", conditions=[moved])
     c.step()
-    assert c.step_status("enhance")["instances"][0]["routedTo"] == "llm-b"
+    inst = c.step_status("enhance")["instances"][0]
+    assert inst["routedTo"] == "llm-b" and inst["message"] == "moved to the fallback model llm-b: why"
 
 
 def test_a_job_never_seen_is_created_again_after_a_while() -> None:
@@ -324,3 +326,17 @@ def test_topological_order_and_cycles() -> None:
     assert [s.name for s in wfp.topological(spec)] == ["enhance", "background", "compose", "resize"]
     assert wfp.find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
     assert wfp.find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+
+
+def test_a_spec_edit_after_admission_fails_the_workflow() -> None:
+    c = Cluster(product())
+    c.step()
+    c.wf["spec"]["inputs"]["idea"] = "a blue shoe"  # CEL cannot see inside inputs
+    p = c.step()
+    assert p.cancel == ["shoe-enhance"]
+    assert c.status["phase"] == "Failed" and "spec changed" in c.status["message"]
+    c2 = Cluster(product())
+    c2.step()
+    c2.wf["spec"]["cancel"] = True  # the one edit allowed
+    c2.step()
+    assert c2.status["phase"] == "Cancelled"

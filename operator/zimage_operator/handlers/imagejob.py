@@ -20,6 +20,7 @@ from zimage_operator.lease import LeaseLost
 from zimage_operator.metrics import JOBS_FINISHED
 from zimage_operator.runtime import Runtime
 from zimage_operator.types import GROUP, IMAGEJOB_PLURAL, TERMINAL_PHASES, VERSION
+from zimage_operator.workflow_types import WORKFLOW_LABEL
 from zimage_queue.keys import queue_name
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,8 @@ async def track(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any
     admitter: Admitter = memo.admitter
     raw = dict(body)
     meta = raw.get("metadata") or {}
+    if WORKFLOW_LABEL in (meta.get("labels") or {}):  # a workflow's step job: its workflow looks again
+        memo.workflows.observe_job(raw, deleted=event.get("type") == "DELETED")
     uid = meta.get("uid", "")
     status = raw.get("status") or {}
     finished = status.get("phase") in TERMINAL_PHASES
