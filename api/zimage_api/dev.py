@@ -84,6 +84,8 @@ class DevStack:
     say: Callable[[str], None] = print
     list_pools: Callable[[list[str]], list[dict[str, Any]]] | None = None
     read_secret: Callable[[str, str], dict[str, str]] | None = None
+    operator: bool = True  # False: only the pools' processes (the embedded workflow engine drives the jobs)
+    pool_workers: dict[str, int] = field(default_factory=dict)  # processes per pool name, else ``workers``
     children: dict[str, Child] = field(default_factory=dict)
     api_key: str = ""
     _redis: RedisServer | None = None
@@ -106,7 +108,8 @@ class DevStack:
         argv += (
             ["--peering", self.takeover, "--priority", str(TAKEOVER_PRIORITY)] if self.takeover else ["--standalone"]
         )
-        self._add("operator", argv, {**base, "ZIMAGE_MODEL_RECHECK_SECONDS": "2"})
+        if self.operator:
+            self._add("operator", argv, {**base, "ZIMAGE_MODEL_RECHECK_SECONDS": "2"})
         if self.api_port is not None:
             from zimage_api.local import DEV_KEY
 
@@ -183,7 +186,7 @@ class DevStack:
         wanted: dict[str, dict[str, Any]] = {}
         for md in pools:
             meta = md["metadata"]
-            for i in range(self.workers):
+            for i in range(self.pool_workers.get(meta["name"], self.workers)):
                 wanted[f"worker/{meta['namespace']}/{meta['name']}/{i}"] = md
         for name in [n for n in self.children if n.startswith("worker/") and n not in wanted]:
             self.children.pop(name).stop()

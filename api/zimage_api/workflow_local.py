@@ -1,0 +1,234 @@
+"""Workflows with no cluster: the embedded engine behind ``zimage workflow run`` (and the workflow benchmark).
+
+The same planner as the operator's (``zimage_operator.workflow.plan``) drives the workflow; its step jobs are
+admitted with the operator's own decision (``reconcile.admit``) straight onto a Redis queue, worker events move their
+status with the operator's ``event_patch``, and every ModelDeployment of the file is served by local processes as
+its pod would be (``zimage dev``'s ``DevStack``, without an operator or an API): forwarders for remote pools, function
+workers, and GPU workers (the tiny model unless a real source is asked for).
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from zimage_operator import reconcile, workflow
+from zimage_operator.conditions import iso
+from zimage_operator.types import TERMINAL_PHASES
+from zimage_queue import JobQueue
+from zimage_queue.keys import queue_name
+
+LOCAL_NAMESPACE = "local"
+EVENTS_GROUP = "workflow-local"
+
+
+@dataclass
+class LocalJobs:
+    """Step jobs on a local queue: created with the operator's admission, moved by worker events."""
+
+    queue: JobQueue
+    models: dict[str, dict[str, Any]]
+    jobs: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> ImageJob-shaped dict
+    by_uid: dict[str, str] = field(default_factory=dict)
+    consumer: str = field(default_factory=lambda: f"workflow-{uuid.uuid4().hex[:8]}")
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def create(self, body: dict[str, Any]) -> None:
+        meta = body["metadata"]
+        if meta["name"] in self.jobs:
+            return  # the planner asked again (idempotent, as on a cluster)
+        job = copy.deepcopy(body)
+        job["metadata"].update(uid=str(uuid.uuid4()), generation=1, creationTimestamp=iso(_now()))
+        job["status"] = {}
+        model = self.models.get(job["spec"]["model"])
+        decision = reconcile.admit(spec=job["spec"], status={}, meta=job["metadata"], model=model, now=_now())
+        with self.lock:
+            self.jobs[meta["name"]] = job
+            self.by_uid[job["metadata"]["uid"]] = meta["name"]
+            reconcile_merge(job["status"], decision.patch)
+        if decision.action == "enqueue" and decision.message is not None:
+            self.queue.enqueue(decision.message, job["spec"].get("priority", "normal"))
+
+    def cancel(self, name: str) -> None:
+        job = self.jobs.get(name)
+        if job is None:
+            return
+        self.queue.cancel(job["metadata"]["uid"])
+        patch = reconcile.cancel_patch(job["status"], _now(), 1, "Cancelled", "cancelled with its workflow")
+        if patch:
+            with self.lock:
+                reconcile_merge(job["status"], patch)
+
+    def pump(self, block_ms: int = 200) -> int:
+        """Apply the worker events there are (waiting up to ``block_ms`` for the first); how many were applied."""
+        got = self.queue.read_events(self.consumer, count=500, block_ms=block_ms, group=EVENTS_GROUP)
+        applied = 0
+        for _, ev in got:
+            name = self.by_uid.get(ev.uid)
+            if name is None:
+                continue
+            with self.lock:
+                job = self.jobs[name]
+                patch, _ = reconcile.event_patch(job["status"], ev, _now(), min_interval=0)
+                if patch:
+                    reconcile_merge(job["status"], patch)
+                    applied += 1
+        if got:
+            self.queue.ack_events([entry for entry, _ in got], group=EVENTS_GROUP)
+        return applied
+
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        with self.lock:
+            return copy.deepcopy(self.jobs)
+
+    def unfinished(self) -> int:
+        with self.lock:
+            return sum(1 for j in self.jobs.values() if (j.get("status") or {}).get("phase") not in TERMINAL_PHASES)
+
+
+def reconcile_merge(target: dict[str, Any], patch: dict[str, Any]) -> None:
+    from zimage_api.store import merge_patch
+
+    merge_patch(target, patch)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def run_workflow(
+    wf: dict[str, Any],
+    jobs: LocalJobs,
+    *,
+    timeout: float | None = None,
+    on_change: Callable[[dict[str, Any]], None] | None = None,
+    stop: threading.Event | None = None,
+) -> dict[str, Any]:
+    """Drive one workflow to its end (or ``timeout`` seconds, or ``stop``): returns it with its final status."""
+    wf = copy.deepcopy(wf)
+    meta = wf.setdefault("metadata", {})
+    meta.setdefault("namespace", LOCAL_NAMESPACE)
+    meta.setdefault("uid", str(uuid.uuid4()))
+    meta.setdefault("generation", 1)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        if stop is not None and stop.is_set() and not (wf.get("spec") or {}).get("cancel"):
+            wf["spec"]["cancel"] = True
+        plan = workflow.plan(wf, jobs.snapshot(), _now(), lambda m: m in jobs.models)
+        for body in plan.create:
+            jobs.create(body)
+        for name in plan.cancel:
+            jobs.cancel(name)
+        if plan.status is not None:
+            wf["status"] = plan.status
+            if on_change is not None:
+                on_change(wf)
+        phase = (wf.get("status") or {}).get("phase")
+        if phase in workflow.WORKFLOW_TERMINAL:
+            return wf
+        if phase == "Pending" and plan.requeue and not any(jobs.models.get(s["model"]) for s in wf["spec"]["steps"]):
+            return wf  # a model the file does not have: nothing will change
+        if deadline is not None and time.monotonic() >= deadline:
+            raise TimeoutError(f"workflow {meta.get('name')} still {phase} after {timeout:g}s")
+        if plan.create:
+            continue  # new jobs may already be done; nothing to wait for
+        jobs.pump(block_ms=200)
+
+
+# -- the file and the processes that serve it ---------------------------------------------------------------------
+
+
+@dataclass
+class WorkflowFile:
+    workflows: list[dict[str, Any]]
+    models: list[dict[str, Any]]
+    secrets: dict[str, dict[str, str]]
+
+
+def read_file(text: str, namespace: str = LOCAL_NAMESPACE) -> WorkflowFile:
+    """ImageWorkflows, ModelDeployments and Secrets (keys of remote pools) from one multi-document YAML."""
+    import yaml
+
+    from zimage_operator.types import API_VERSION
+
+    out = WorkflowFile([], [], {})
+    for doc in yaml.safe_load_all(text):
+        if not doc:
+            continue
+        for d in (doc.get("items") or []) if doc.get("kind") == "List" else [doc]:
+            kind = d.get("kind")
+            d.setdefault("metadata", {})["namespace"] = namespace
+            if kind == "ImageWorkflow" and d.get("apiVersion") == API_VERSION:
+                out.workflows.append(d)
+            elif kind == "ModelDeployment" and d.get("apiVersion") == API_VERSION:
+                out.models.append(d)
+            elif kind == "Secret":
+                data = {k: base64.b64decode(v).decode() for k, v in (d.get("data") or {}).items()}
+                data.update({k: str(v) for k, v in (d.get("stringData") or {}).items()})
+                out.secrets[d["metadata"]["name"]] = data
+    return out
+
+
+def put_input(images: Path, tenant: str, path: Path) -> str:
+    """A local file copied into the tenant's part of the store (as an upload): the URI steps read it from."""
+    uploads = images / "tenants" / tenant / "uploads"
+    uploads.mkdir(parents=True, exist_ok=True)
+    target = uploads / f"{uuid.uuid4().hex[:8]}-{path.name}"
+    shutil.copyfile(path, target)
+    return target.as_uri()
+
+
+@contextmanager
+def local_pools(
+    models: list[dict[str, Any]],
+    secrets: dict[str, dict[str, str]],
+    state: Path,
+    *,
+    model_source: str | None = "tiny-random",
+    workers: dict[str, int] | None = None,
+    redis_url: str | None = None,
+    say: Callable[[str], None] = lambda _: None,
+) -> Iterator[tuple[LocalJobs, Path]]:
+    """Redis and one process per pool (``workers`` per pool name to change that), serving ``models``; yields the
+    step-job store to run workflows on and the images folder."""
+    from zimage_api.dev import DevStack
+
+    def read_secret(_namespace: str, name: str) -> dict[str, str]:
+        if name not in secrets:
+            raise KeyError(f"no Secret named {name!r} in the file (a remote pool's keysSecret)")
+        return secrets[name]
+
+    stack = DevStack(
+        [LOCAL_NAMESPACE],
+        state,
+        workers=1,
+        model_source=model_source,
+        redis_url=redis_url,
+        api_port=None,
+        say=say,
+        list_pools=lambda _ns: models,
+        read_secret=read_secret,
+        operator=False,
+        pool_workers=workers or {},
+    )
+    stack.start()
+    try:
+        stack.sync_pools(models, time.monotonic())
+        keeper = threading.Thread(target=stack.run, name="local-pools", daemon=True)
+        keeper.start()
+        queue = JobQueue.from_url(stack.redis_url or "", visibility_ms=60_000)
+        for md in models:  # the groups exist before the first job, as the operator's pool loop makes them
+            queue.ensure_queue(queue_name(LOCAL_NAMESPACE, md["metadata"]["name"]))
+        yield LocalJobs(queue, {md["metadata"]["name"]: md for md in models}), stack.images
+    finally:
+        stack.stop()
