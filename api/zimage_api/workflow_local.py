@@ -203,6 +203,8 @@ def local_pools(
     step-job store to run workflows on and the images folder."""
     from zimage_api.dev import DevStack
 
+    models = [{**md, "metadata": {**md["metadata"], "namespace": LOCAL_NAMESPACE}} for md in models]
+
     def read_secret(_namespace: str, name: str) -> dict[str, str]:
         if name not in secrets:
             raise KeyError(f"no Secret named {name!r} in the file (a remote pool's keysSecret)")
