@@ -70,7 +70,8 @@ class LocalJobs:
                 reconcile_merge(job["status"], patch)
 
     def pump(self, block_ms: int = 200) -> int:
-        """Apply the worker events there are (waiting up to ``block_ms`` for the first); how many were applied."""
+        """Apply the worker events there are (waiting up to ``block_ms`` for the first); how many of them matter to
+        a workflow (a job's end, or its move to a fallback). Progress only moves the job's own status."""
         got = self.queue.read_events(self.consumer, count=500, block_ms=block_ms, group=EVENTS_GROUP)
         applied = 0
         for _, ev in got:
@@ -82,14 +83,14 @@ class LocalJobs:
                 patch, _ = reconcile.event_patch(job["status"], ev, _now(), min_interval=0)
                 if patch:
                     reconcile_merge(job["status"], patch)
-                    applied += 1
+                    applied += ev.type in ("succeeded", "failed", "cancelled", "rerouted")
         if got:
             self.queue.ack_events([entry for entry, _ in got], group=EVENTS_GROUP)
         return applied
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
-        with self.lock:
-            return copy.deepcopy(self.jobs)
+        """The jobs as they are (the planner only reads them; ``pump`` runs on the same thread)."""
+        return self.jobs
 
     def unfinished(self) -> int:
         with self.lock:
@@ -142,7 +143,12 @@ def run_workflow(
             raise TimeoutError(f"workflow {meta.get('name')} still {phase} after {timeout:g}s")
         if plan.create:
             continue  # new jobs may already be done; nothing to wait for
-        jobs.pump(block_ms=200)
+        # Plan again when a job ended or moved, or every second (a stop, a deadline); events that arrive together
+        # are applied together.
+        until = time.monotonic() + 1.0
+        while not jobs.pump(block_ms=200) and time.monotonic() < until:
+            if stop is not None and stop.is_set():
+                break
 
 
 # -- the file and the processes that serve it ---------------------------------------------------------------------

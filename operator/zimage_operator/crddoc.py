@@ -32,6 +32,31 @@ _NOTES = {
     "records a Warning Event (reason SpecChanged), and the job runs with the spec it was admitted with.",
     "ImageJob:status.kopf": "The operator framework's (kopf) handler bookkeeping.",
     "ModelDeployment:status.kopf": "The operator framework's (kopf) handler bookkeeping.",
+    # ImageWorkflow: zimage_operator.workflow (the planner) and zimage_operator.workflows (the operator's loop).
+    "ImageWorkflow:spec": "An edit that reaches the operator anyway (no CEL before Kubernetes 1.25; the any-JSON "
+    "inputs and params) changes status.specDigest's hash: the workflow fails (reason SpecChanged) and its running "
+    "step jobs are cancelled. Rules across steps (cycles, references, params that are not ImageJob fields) are "
+    "checked by the operator when it admits the workflow: condition Accepted False, reason InvalidSpec.",
+    "ImageWorkflow:status.phase": "Pending until every step's ModelDeployment exists; Running once admitted; "
+    "Succeeded, Failed or Cancelled, which are final.",
+    "ImageWorkflow:status.conditions[].type": "Accepted, Running, and the final phase's: Succeeded, Failed or "
+    "Cancelled.",
+    "ImageWorkflow:status.startedAt": "When the operator admitted the workflow.",
+    "ImageWorkflow:status.duration": "From startedAt to finishedAt, for the Duration column.",
+    "ImageWorkflow:status.message": "While Pending, the ModelDeployments it waits for; at the end, why (every "
+    "failed step job with its reason).",
+    "ImageWorkflow:status.kopf": "Unused: the operator's ImageWorkflow handler only watches (no kopf handler state).",
+    "ImageWorkflow:status.steps[].succeeded": "Instances that succeeded.",
+    "ImageWorkflow:status.steps[].message": "Why the step failed before any job ran: its forEach did not resolve "
+    "to a list, or to more than 256 items.",
+    "ImageWorkflow:status.steps[].instances[].index": "The forEach item's position (0 without forEach).",
+    "ImageWorkflow:status.steps[].instances[].attempt": "0 for the first job; retry n is a new ImageJob whose "
+    "name ends in -r<n>.",
+    "ImageWorkflow:status.steps[].instances[].phase": "Failed also when its job was cancelled by anything but "
+    "the workflow; Cancelled when the workflow cancelled it; Skipped when the workflow ended before it started.",
+    "ImageWorkflow:status.steps[].instances[].message": "Why it failed (the job's reason, or a reference or "
+    "params that made no valid job), or why its job was moved to a fallback (with routedTo).",
+    "ImageWorkflow:status.steps[].instances[].startedAt": "When the workflow created the job of this attempt.",
 }
 
 
@@ -78,6 +103,8 @@ def _type(kind: str, path: str, node: dict[str, Any]) -> str:
     if kind_of == "array":
         items = node.get("items") or {}
         return f"array of {_type(kind, path + '[]', items)}"
+    if not kind_of and node.get("x-kubernetes-preserve-unknown-fields"):
+        return "any JSON value"
     fmt = node.get("format")
     return f"{kind_of} ({fmt})" if fmt else str(kind_of)
 
@@ -231,8 +258,9 @@ def render(crds: dict[str, dict[str, Any]] | None = None) -> str:
         "",
         "# Custom resource reference",
         "",
-        "Every field of the `ImageJob` and `ModelDeployment` custom resources, from the CRDs' `openAPIV3Schema`",
-        "(generated from `operator/zimage_operator/types.py`). The API server enforces the limits when an object is",
+        "Every field of the `ImageJob`, `ImageWorkflow` and `ModelDeployment` custom resources, from the CRDs'",
+        "`openAPIV3Schema` (generated from `operator/zimage_operator/types.py` and `workflow_types.py`; workflows",
+        "are described in `docs/workflows.md`). The API server enforces the limits when an object is",
         "created or updated, and fills in a default when the field is missing from an object that is present; the",
         "operator reads specs with the same models, so it applies the same defaults. Rules across fields (for",
         "example `minReplicas <= maxReplicas`, or `inputImage` for image-to-image) cannot be said in a schema: the",

@@ -216,6 +216,7 @@ def crds() -> dict[str, dict[str, Any]]:
             ],
             scale=False,
             spec_rules=wt.SPEC_RULES,
+            rules=wt.OBJECT_RULES,
         ),
     }
 

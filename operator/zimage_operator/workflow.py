@@ -141,7 +141,10 @@ def spec_errors(spec: ImageWorkflowSpec) -> list[str]:
                 errors.append(f"{where}: refers to itself")
         for key in s.params:
             if key in RESERVED_PARAMS:
-                errors.append(f"{where}.params.{key}: set by the workflow (step model, priority, timeoutSeconds)")
+                errors.append(
+                    f"{where}.params.{key}: set by the workflow (the step's model, priority, timeoutSeconds; "
+                    "retries are the step's retries)"
+                )
             elif key not in ImageJobSpec.model_fields and key not in _ALIASES:
                 errors.append(f"{where}.params.{key}: not an ImageJob field")
         for expr in [*references(s.params), *references(s.for_each)]:
@@ -590,6 +593,8 @@ def plan(
             )
             try:
                 explicit_ready(s, st, steps, index)
+                if scope.item is not None:
+                    scope.item()  # a job of a step mapped over X waits for its own X job, used or not
                 params = render(s.params, scope)
                 body = job_body(
                     wf,

@@ -147,3 +147,7 @@ SPEC_RULES: list[dict[str, Any]] = [
     },
     {"rule": "!oldSelf.cancel || self.cancel", "message": "spec.cancel cannot be unset"},
 ]
+# On the whole object: the workflow's name is the value of its step jobs' zimage.dev/workflow label.
+OBJECT_RULES: list[dict[str, Any]] = [
+    {"rule": "size(self.metadata.name) <= 63", "message": "metadata.name: at most 63 characters (a label value)"},
+]

@@ -340,3 +340,13 @@ def test_a_spec_edit_after_admission_fails_the_workflow() -> None:
     c2.wf["spec"]["cancel"] = True  # the one edit allowed
     c2.step()
     assert c2.status["phase"] == "Cancelled"
+
+
+def test_a_step_mapped_over_another_waits_for_its_own_job_even_without_using_it() -> None:
+    wf = mapped(2)
+    wf["spec"]["steps"][1]["params"] = {"prompt": "job {{ index }}"}  # neither item nor enhance's outputs used
+    c = Cluster(wf)
+    c.step()
+    assert not c.step().create
+    c.finish("batch-enhance-1", text="x")
+    assert [b["metadata"]["name"] for b in c.step().create] == ["batch-bg-1"]
