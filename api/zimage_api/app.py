@@ -1,4 +1,4 @@
-"""The FastAPI app: wiring, health, metrics. Routes live in routes_jobs and routes_openai."""
+"""The FastAPI app: wiring, health, metrics. Routes live in routes_jobs, routes_workflows and routes_openai."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from zimage_api import docs_ui, errors, routes_jobs, routes_openai
+from zimage_api import docs_ui, errors, routes_jobs, routes_openai, routes_workflows
 from zimage_api.apikeys import KeyRing
 from zimage_api.bodylimit import BodyLimit
 from zimage_api.deps import Parts
@@ -93,6 +93,7 @@ def create_app(
     errors.install(app)
     docs_ui.install(app)
     app.include_router(routes_jobs.router)
+    app.include_router(routes_workflows.router)
     app.include_router(routes_openai.router)
 
     # Inside ``measure``, so its refusals are counted too.

@@ -134,7 +134,7 @@ def install(app: FastAPI) -> None:
 _STATUS_TEXT = {
     "400": "Invalid request: the field at fault in error.param",
     "401": "Missing or invalid API key",
-    "404": "No such job, image or model",
+    "404": "No such job, workflow, image or model",
     "429": "A limit was reached: retry after Retry-After seconds",
 }
 

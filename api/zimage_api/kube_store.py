@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -12,6 +13,7 @@ from kubernetes.client.rest import ApiException
 from zimage_api.store import JobExists, StaleVersion
 from zimage_operator.k8s import load_configuration, with_timeouts
 from zimage_operator.types import API_VERSION, GROUP, IMAGEJOB_PLURAL, MODELDEPLOYMENT_PLURAL, VERSION
+from zimage_operator.workflow_types import IMAGEWORKFLOW_PLURAL
 
 # A ModelDeployment read for one submit serves the next ones this long: a burst of bulk jobs costs the API
 # server one read, not one per job. A missing model is asked again every time (it may be created any moment).
@@ -34,24 +36,35 @@ class KubeJobStore:
         self.clock = clock
         self._models: dict[str, tuple[float, dict[str, Any]]] = {}
 
-    def create_job(
-        self, name: str, spec: dict[str, Any], labels: dict[str, str], annotations: dict[str, str]
+    def _create(
+        self,
+        kind: str,
+        plural: str,
+        name: str,
+        spec: dict[str, Any],
+        labels: dict[str, str],
+        annotations: dict[str, str],
     ) -> dict[str, Any]:
         body = {
             "apiVersion": API_VERSION,
-            "kind": "ImageJob",
+            "kind": kind,
             "metadata": {"name": name, "labels": labels, "annotations": annotations},
             "spec": spec,
         }
         try:
             obj: dict[str, Any] = self.custom.create_namespaced_custom_object(
-                GROUP, VERSION, self.namespace, IMAGEJOB_PLURAL, body
+                GROUP, VERSION, self.namespace, plural, body
             )
         except ApiException as e:
             if e.status == 409:
                 raise JobExists(name) from e
             raise
         return obj
+
+    def create_job(
+        self, name: str, spec: dict[str, Any], labels: dict[str, str], annotations: dict[str, str]
+    ) -> dict[str, Any]:
+        return self._create("ImageJob", IMAGEJOB_PLURAL, name, spec, labels, annotations)
 
     def _get(self, plural: str, name: str) -> dict[str, Any] | None:
         try:
@@ -68,12 +81,17 @@ class KubeJobStore:
     def list_jobs(
         self, labels: dict[str, str], limit: int, continue_token: str | None
     ) -> tuple[list[dict[str, Any]], str | None]:
+        return self._list(IMAGEJOB_PLURAL, labels, limit, continue_token)
+
+    def _list(
+        self, plural: str, labels: dict[str, str], limit: int, continue_token: str | None
+    ) -> tuple[list[dict[str, Any]], str | None]:
         selector = ",".join(f"{k}={v}" for k, v in labels.items())
         kwargs: dict[str, Any] = {"label_selector": selector, "limit": limit}
         if continue_token:
             kwargs["_continue"] = continue_token
         try:
-            out = self.custom.list_namespaced_custom_object(GROUP, VERSION, self.namespace, IMAGEJOB_PLURAL, **kwargs)
+            out = self.custom.list_namespaced_custom_object(GROUP, VERSION, self.namespace, plural, **kwargs)
         except ApiException as e:
             if e.status == 410:  # the continue token expired: the client starts over
                 raise ValueError("page token expired; list again from the start") from e
@@ -96,6 +114,37 @@ class KubeJobStore:
             raise
         return True
 
+    # -- workflows ----------------------------------------------------------------------------------------
+    def create_workflow(
+        self, name: str, spec: dict[str, Any], labels: dict[str, str], annotations: dict[str, str]
+    ) -> dict[str, Any]:
+        try:
+            return self._create("ImageWorkflow", IMAGEWORKFLOW_PLURAL, name, spec, labels, annotations)
+        except ApiException as e:
+            if e.status == 422:  # the CRD's schema or CEL rules refused it: the caller's mistake
+                raise ValueError(_refusal(e)) from e
+            raise
+
+    def get_workflow(self, name: str) -> dict[str, Any] | None:
+        return self._get(IMAGEWORKFLOW_PLURAL, name)
+
+    def list_workflows(
+        self, labels: dict[str, str], limit: int, continue_token: str | None
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        return self._list(IMAGEWORKFLOW_PLURAL, labels, limit, continue_token)
+
+    def patch_workflow(self, name: str, patch: dict[str, Any]) -> dict[str, Any] | None:
+        """A JSON merge patch (the client sends dicts as application/merge-patch+json)."""
+        try:
+            obj: dict[str, Any] = self.custom.patch_namespaced_custom_object(
+                GROUP, VERSION, self.namespace, IMAGEWORKFLOW_PLURAL, name, patch
+            )
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+        return obj
+
     def get_model(self, name: str) -> dict[str, Any] | None:
         now = self.clock()
         cached = self._models.get(name)
@@ -116,3 +165,11 @@ class KubeJobStore:
 
     def ready(self) -> None:
         self.custom.list_namespaced_custom_object(GROUP, VERSION, self.namespace, MODELDEPLOYMENT_PLURAL, limit=1)
+
+
+def _refusal(e: ApiException) -> str:
+    """The API server's reason for refusing an object (its Status message)."""
+    try:
+        return str(json.loads(e.body or "{}").get("message") or e.reason)
+    except (TypeError, ValueError):
+        return str(e.reason)

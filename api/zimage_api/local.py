@@ -1,7 +1,8 @@
 """Local mode: the API with a private Redis, a worker thread and an in-memory job store; no cluster.
 
 ``zimage serve`` runs it. What the operator does in a cluster (worker events -> job status) is done here by
-applying the operator's own ``event_patch`` to the in-memory jobs.
+applying the operator's own ``event_patch`` to the in-memory jobs; its workflow loop, by ``LocalWorkflows``
+(the operator's planner over the in-memory workflows, step jobs admitted onto the local queue).
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from fastapi import FastAPI
 
 from zimage_api.app import create_app
 from zimage_api.settings import ApiSettings
-from zimage_api.store import MemoryJobStore
-from zimage_operator import reconcile
+from zimage_api.store import JobExists, MemoryJobStore
+from zimage_operator import reconcile, workflow
+from zimage_operator.workflow_types import WORKFLOW_LABEL
 from zimage_queue import JobEvent, JobQueue
 from zimage_queue.keys import queue_name
 from zimage_queue.server import RedisServer
@@ -50,6 +52,59 @@ class LocalOperator:
     def __call__(self, ev: JobEvent) -> None:
         now = datetime.now(UTC)
         self.store.update_status(ev.uid, lambda status: reconcile.event_patch(status, ev, now, min_interval=0)[0])
+
+
+class LocalWorkflows:
+    """The operator's workflow loop in-process: ``workflow.plan`` on every unfinished workflow of the store, its step
+    jobs created in the store and admitted with ``reconcile.admit`` onto the local queue (``LocalOperator`` then
+    moves them with the worker events), cancelled jobs cancelled on the queue, the status written back."""
+
+    def __init__(self, store: MemoryJobStore, queue: JobQueue) -> None:
+        self.store = store
+        self.queue = queue
+
+    def once(self) -> None:
+        for wf in self.store.unfinished_workflows(workflow.WORKFLOW_TERMINAL):
+            name = wf["metadata"]["name"]
+            now = datetime.now(UTC)
+            jobs = self.store.jobs_labelled({WORKFLOW_LABEL: name})
+            plan = workflow.plan(wf, jobs, now, lambda model: self.store.get_model(model) is not None)
+            for body in plan.create:
+                self._create(body, now)
+            for job in plan.cancel:
+                self._cancel(job, now)
+            if plan.status is not None:
+                self.store.set_workflow_status(name, plan.status)
+
+    def _create(self, body: dict[str, Any], now: datetime) -> None:
+        meta = body["metadata"]
+        try:
+            job = self.store.create_job(meta["name"], body["spec"], meta.get("labels") or {}, {})
+        except JobExists:
+            return  # the planner asked again (idempotent, as on a cluster)
+        model = self.store.get_model(job["spec"]["model"])
+        decision = reconcile.admit(spec=job["spec"], status={}, meta=job["metadata"], model=model, now=now)
+        self.store.patch_job_status(meta["name"], decision.patch)
+        if decision.action == "enqueue" and decision.message is not None:
+            self.queue.enqueue(decision.message, job["spec"].get("priority", "normal"))
+
+    def _cancel(self, name: str, now: datetime) -> None:
+        job = self.store.get_job(name)
+        if job is None:
+            return
+        self.queue.cancel(job["metadata"]["uid"])
+        patch = reconcile.cancel_patch(
+            job.get("status") or {}, now, job["metadata"].get("generation"), "Cancelled", "cancelled with its workflow"
+        )
+        if patch:
+            self.store.patch_job_status(name, patch)
+
+    def run(self, stop: threading.Event, interval: float = 0.1) -> None:
+        while not stop.wait(interval):
+            try:
+                self.once()
+            except Exception:  # a bug in one pass must not end local mode's workflows
+                log.exception("local workflow pass failed")
 
 
 @dataclass
@@ -109,9 +164,19 @@ def local_api(
             t = threading.Thread(target=w.run, kwargs={"block_ms": 200}, name=f"worker-{i}", daemon=True)
             t.start()
             running.append((w, t))
+        stop_workflows = threading.Event()
+        flows = threading.Thread(
+            target=LocalWorkflows(store, JobQueue.from_url(srv.url)).run,
+            args=(stop_workflows,),
+            name="workflows",
+            daemon=True,
+        )
+        flows.start()
         try:
             yield LocalApi(app, settings, srv.url, images, q)
         finally:
+            stop_workflows.set()
+            flows.join(timeout=30)
             for w, _ in running:
                 w.request_stop()
             for _, t in running:

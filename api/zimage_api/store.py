@@ -11,12 +11,12 @@ import threading
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from zimage_operator.conditions import iso
 from zimage_operator.types import API_VERSION, TENANT_LABEL
 
-__all__ = ["TENANT_LABEL", "JobExists", "JobStore", "MemoryJobStore", "merge_patch"]
+__all__ = ["TENANT_LABEL", "JobExists", "JobStore", "MemoryJobStore", "WorkflowStore", "merge_patch"]
 
 MODEL_LABEL = "zimage.dev/model"
 REQUEST_HASH_ANNOTATION = "zimage.dev/request-sha256"
@@ -57,6 +57,29 @@ class JobStore(Protocol):
         ...
 
 
+@runtime_checkable
+class WorkflowStore(Protocol):
+    """ImageWorkflows, beside the jobs (both stores; not the bulk store). Same dict shapes as the jobs."""
+
+    namespace: str
+
+    def create_workflow(
+        self, name: str, spec: dict[str, Any], labels: dict[str, str], annotations: dict[str, str]
+    ) -> dict[str, Any]:
+        """Create and return the workflow; raise JobExists when the name is taken."""
+        ...
+
+    def get_workflow(self, name: str) -> dict[str, Any] | None: ...
+
+    def list_workflows(
+        self, labels: dict[str, str], limit: int, continue_token: str | None
+    ) -> tuple[list[dict[str, Any]], str | None]: ...
+
+    def patch_workflow(self, name: str, patch: dict[str, Any]) -> dict[str, Any] | None:
+        """A merge patch on the object (``{"spec": {"cancel": true}}``); the patched workflow, None when gone."""
+        ...
+
+
 class StaleVersion(Exception):
     """The job changed between our read and our write."""
 
@@ -79,11 +102,12 @@ def new_job(
     labels: dict[str, str],
     annotations: dict[str, str],
     now: datetime,
+    kind: str = "ImageJob",
 ) -> dict[str, Any]:
-    """A new job as the API server would hand it back (a fresh uid, generation 1), without a status."""
+    """A new job (or ``kind``) as the API server would hand it back (a fresh uid, generation 1), without a status."""
     return {
         "apiVersion": API_VERSION,
-        "kind": "ImageJob",
+        "kind": kind,
         "metadata": {
             "name": name,
             "namespace": namespace,
@@ -105,6 +129,7 @@ class MemoryJobStore:
         self._models = {m["metadata"]["name"]: m for m in models}
         self._jobs: dict[str, dict[str, Any]] = {}
         self._names: dict[str, str] = {}  # uid -> name: worker events carry the uid
+        self._workflows: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
 
     def create_job(
@@ -156,6 +181,65 @@ class MemoryJobStore:
                 raise StaleVersion(f"job {name} changed since version {resource_version}")
             merge_patch(obj["status"], status)
             return True
+
+    # -- workflows (local mode runs them in-process: ``zimage_api.local.LocalWorkflows``) ------------------
+    def create_workflow(
+        self, name: str, spec: dict[str, Any], labels: dict[str, str], annotations: dict[str, str]
+    ) -> dict[str, Any]:
+        with self._lock:
+            if name in self._workflows:
+                raise JobExists(name)
+            now = datetime.now(UTC)
+            obj = {**new_job(self.namespace, name, spec, labels, annotations, now, "ImageWorkflow"), "status": {}}
+            self._workflows[name] = obj
+            return _copy(obj)
+
+    def get_workflow(self, name: str) -> dict[str, Any] | None:
+        with self._lock:
+            obj = self._workflows.get(name)
+            return _copy(obj) if obj else None
+
+    def list_workflows(
+        self, labels: dict[str, str], limit: int, continue_token: str | None
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        with self._lock:
+            names = sorted(
+                n
+                for n, o in self._workflows.items()
+                if all(o["metadata"]["labels"].get(k) == v for k, v in labels.items())
+                and (continue_token is None or n > continue_token)
+            )
+            page = [_copy(self._workflows[n]) for n in names[:limit]]
+        return page, (names[limit - 1] if len(names) > limit else None)
+
+    def patch_workflow(self, name: str, patch: dict[str, Any]) -> dict[str, Any] | None:
+        with self._lock:
+            obj = self._workflows.get(name)
+            if obj is None:
+                return None
+            merge_patch(obj, patch)
+            if "spec" in patch:
+                obj["metadata"]["generation"] = obj["metadata"].get("generation", 1) + 1
+            return _copy(obj)
+
+    def set_workflow_status(self, name: str, status: dict[str, Any]) -> None:
+        """Replace the workflow's status (the in-process planner's write)."""
+        with self._lock:
+            obj = self._workflows.get(name)
+            if obj is not None:
+                obj["status"] = copy.deepcopy(status)
+
+    def unfinished_workflows(self, terminal: frozenset[str]) -> list[dict[str, Any]]:
+        with self._lock:
+            return [_copy(o) for o in self._workflows.values() if (o.get("status") or {}).get("phase") not in terminal]
+
+    def jobs_labelled(self, labels: dict[str, str]) -> dict[str, dict[str, Any]]:
+        with self._lock:
+            return {
+                n: _copy(o)
+                for n, o in self._jobs.items()
+                if all(o["metadata"]["labels"].get(k) == v for k, v in labels.items())
+            }
 
     def get_model(self, name: str) -> dict[str, Any] | None:
         return self._models.get(name)
