@@ -1,6 +1,6 @@
 """The product pipeline for N items: the naive loop a team writes first, next to the workflow engine.
 
-    python -m bench.workflow                      # 100 items, 4 keys at 1 request / 2 s each, 2-3 s latency
+    python -m bench.workflow                      # 100 items, 4 keys at 4 requests / 10 s each, 3-4 s latency
     python -m bench.workflow --items 20 --naive-items 5
 
 Each item goes through the example pipeline (docs/examples/workflow-product.yaml): an LLM call to the provider
@@ -59,7 +59,9 @@ def product_photo(folder: Path) -> Path:
     return path
 
 
-def pools(base_url: str, keys: int, window: int) -> tuple[list[dict[str, Any]], dict[str, dict[str, str]]]:
+def pools(
+    base_url: str, keys: int, per_window: int, window: int, args_batch: int = 8
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, str]]]:
     def md(name: str, spec: dict[str, Any]) -> dict[str, Any]:
         return {
             "apiVersion": "zimage.dev/v1alpha1",
@@ -73,13 +75,13 @@ def pools(base_url: str, keys: int, window: int) -> tuple[list[dict[str, Any]], 
         "baseUrl": base_url,
         "model": "gpt-4o-mini",
         "keysSecret": "llm-keys",
-        "limits": {"requestsPerWindow": 1, "windowSeconds": window},
+        "limits": {"requestsPerWindow": per_window, "windowSeconds": window},
         "maxAttempts": 5,
         "concurrencyPerReplica": 128,
     }
     models = [
         md("llm", {"backend": "remote", "remote": remote}),
-        md("z-image", {"model": {"variant": "turbo"}}),
+        md("z-image", {"model": {"variant": "turbo"}, "batching": {"maxBatchSize": args_batch}}),
         md("compose", {"backend": "function", "function": {"entryPoint": "bench.workflow:burn_compose"}}),
         md("resize", {"backend": "function", "function": {"entryPoint": "builtin:resize"}}),
     ]
@@ -145,7 +147,7 @@ def wait_for_workers(queue: Any, expected: dict[str, int], timeout: float = 180.
 def run_engine(args: argparse.Namespace, provider: Any, state: Path) -> dict[str, Any]:
     from zimage_api.workflow_local import LOCAL_NAMESPACE, local_pools, put_input, run_workflow
 
-    models, secrets = pools(provider.url, args.keys, args.window)
+    models, secrets = pools(provider.url, args.keys, args.per_window, args.window)
     workers = {"compose": args.compose_workers, "llm": args.forwarders}
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     with local_pools(models, secrets, state, workers=workers) as (jobs, images):
@@ -161,6 +163,11 @@ def run_engine(args: argparse.Namespace, provider: Any, state: Path) -> dict[str
         for m in re.finditer(r"worst event-loop lag ([0-9.]+)s", log.read_text())
     ]
     status = done["status"]
+    for st in status["steps"]:  # where the time went: each stage's first start and last end, from the first start
+        starts = [i["startedAt"] for i in st["instances"] if i.get("startedAt")]
+        ends = [i["finishedAt"] for i in st["instances"] if i.get("finishedAt")]
+        if starts and ends:
+            print(f"  {st['name']:<12} {min(starts)[11:19]} -> {max(ends)[11:19]}  ({len(st['instances'])} jobs)")
     failed = sum(1 for s in status["steps"] for i in s["instances"] if i.get("phase") == "Failed")
     return {
         "phase": status["phase"],
@@ -223,8 +230,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--items", type=int, default=100)
     p.add_argument("--keys", type=int, default=4, help="provider keys in the pool (K)")
-    p.add_argument("--window", type=int, default=2, help="each key may send 1 request per this many seconds")
-    p.add_argument("--latency", default="2-3", help="provider latency in seconds, or LOW-HIGH (uniform)")
+    p.add_argument("--per-window", type=int, default=4, help="each key may send this many requests per --window")
+    p.add_argument(
+        "--window", type=int, default=10, help="seconds (the seed's 4 requests/min per key, scaled 6x: 4 per 10 s)"
+    )
+    p.add_argument("--latency", default="3-4", help="provider latency in seconds, or LOW-HIGH (uniform)")
     p.add_argument("--cpu", type=float, default=0.5, help="CPU seconds each compose step burns")
     p.add_argument("--compose-workers", type=int, default=2)
     p.add_argument("--forwarders", type=int, default=1)
@@ -234,8 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     lo, _, hi = args.latency.partition("-")
     latency: float | tuple[float, float] = (float(lo), float(hi)) if hi else float(lo)
-    rate = 1 / args.window
-    keys = {f"sk-{i}": f"1/{args.window}s" for i in range(args.keys)}
+    rate = args.per_window / args.window
+    keys = {f"sk-{i}": f"{args.per_window}/{args.window}s" for i in range(args.keys)}
     with (
         tempfile.TemporaryDirectory(prefix="zimage-bench-wf-") as tmp,
         ProviderStandIn(keys, latency=latency, seed=7) as provider,
