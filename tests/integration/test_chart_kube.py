@@ -82,6 +82,8 @@ def can_i(kube: Kube, sa: str, verb: str, resource: str, *extra: str) -> bool:
 # What each component's tests need (left), and a sample of what they must not be able to do (right).
 OPERATOR_NEEDS = [
     ("watch", "imagejobs.zimage.dev"), ("delete", "imagejobs.zimage.dev"), ("watch", "modeldeployments.zimage.dev"),
+    ("create", "imagejobs.zimage.dev"),  # a workflow's step jobs
+    ("watch", "imageworkflows.zimage.dev"), ("patch", "imageworkflows.zimage.dev", "--subresource=status"),
     ("patch", "imagejobs.zimage.dev", "--subresource=status"),
     ("patch", "modeldeployments.zimage.dev", "--subresource=status"),
     ("create", "deployments.apps"), ("patch", "deployments.apps"), ("create", "services"),
@@ -90,7 +92,7 @@ OPERATOR_NEEDS = [
     ("watch", "customresourcedefinitions.apiextensions.k8s.io"), ("watch", "namespaces"),  # kopf's observation
 ]  # fmt: skip
 OPERATOR_DENIED = [
-    ("patch", "imagejobs.zimage.dev"), ("patch", "modeldeployments.zimage.dev"), ("create", "imagejobs.zimage.dev"),
+    ("patch", "imagejobs.zimage.dev"), ("patch", "modeldeployments.zimage.dev"), ("patch", "imageworkflows.zimage.dev"),
     ("get", "secrets"), ("list", "secrets"), ("create", "pods"), ("delete", "pods"), ("delete", "deployments.apps"),
     ("create", "roles.rbac.authorization.k8s.io"), ("list", "imagejobs.zimage.dev", "-n", "default"),
     ("create", "pods", "--subresource=exec"), ("create", "customresourcedefinitions.apiextensions.k8s.io"),
@@ -100,6 +102,7 @@ API_NEEDS = [
     ("create", "imagejobs.zimage.dev"), ("get", "imagejobs.zimage.dev"), ("list", "imagejobs.zimage.dev"),
     ("patch", "imagejobs.zimage.dev", "--subresource=status"),
     ("get", "modeldeployments.zimage.dev"), ("list", "modeldeployments.zimage.dev"),
+    ("create", "imageworkflows.zimage.dev"), ("patch", "imageworkflows.zimage.dev"),
 ]  # fmt: skip
 API_DENIED = [
     ("get", "secrets"), ("delete", "imagejobs.zimage.dev"), ("patch", "imagejobs.zimage.dev"),

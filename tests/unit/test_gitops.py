@@ -32,6 +32,7 @@ DOC = REPO / "docs" / "gitops.md"
 SCRIPTS = {
     "ImageJob": REPO / "docs" / "gitops" / "argocd-health-imagejob.lua",
     "ModelDeployment": REPO / "docs" / "gitops" / "argocd-health-modeldeployment.lua",
+    "ImageWorkflow": REPO / "docs" / "gitops" / "argocd-health-imageworkflow.lua",
 }
 KUSTOMIZE = REPO / "docs" / "examples" / "kustomize"
 ARGO_STATUSES = {"Healthy", "Progressing", "Degraded", "Suspended", "Missing"}
