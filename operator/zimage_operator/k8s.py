@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
 import ssl
 from datetime import UTC, datetime
@@ -76,7 +77,8 @@ def load_configuration() -> client.Configuration:
     try:
         config.load_incluster_config(client_configuration=cfg)
     except config.ConfigException:
-        config.load_kube_config(client_configuration=cfg)
+        # KUBECONFIG as it is now: the client reads it once, when kubernetes.config is first imported.
+        config.load_kube_config(config_file=os.environ.get("KUBECONFIG") or None, client_configuration=cfg)
     return cfg
 
 
