@@ -113,8 +113,11 @@ async def main():
     grants = []
     await r.ping()
     print("ready", flush=True)
-    while not go.exists():  # all three start together
+    while not go.exists():
         await asyncio.sleep(0.002)
+    # All three start together, at the instant the go file names (seeing the file first must not win the first
+    # window: that decides how the window is shared, not the pool).
+    await asyncio.sleep(max(0.0, float(go.read_text()) - time.time()))
     end = time.monotonic() + seconds
 
     async def worker():
@@ -135,7 +138,6 @@ asyncio.run(main())
 """
 
 
-@pytest.mark.skip(reason="failed in the clean-clone CI (one key unused: [11, 0, 25]); to debug")
 def test_three_processes_never_exceed_a_key(redis_url: str, tmp_path: Path) -> None:
     spec = json.dumps({k: {"requests": v.requests, "per_seconds": v.per_seconds} for k, v in LIMITS.items()})
     go = tmp_path / "go"
@@ -151,7 +153,8 @@ def test_three_processes_never_exceed_a_key(redis_url: str, tmp_path: Path) -> N
     for p in procs:
         assert p.stdout is not None
         assert p.stdout.readline().strip() == "ready", p.communicate(timeout=30)
-    go.touch()
+    (tmp_path / "go.new").write_text(str(time.time() + 0.2))
+    (tmp_path / "go.new").replace(go)  # whole when it appears
     grants: list[tuple[str, int]] = []
     per_process = []
     for p in procs:
@@ -161,7 +164,8 @@ def test_three_processes_never_exceed_a_key(redis_url: str, tmp_path: Path) -> N
         per_process.append(len(got))
         grants += got
     assert_within_limits(grants, LIMITS)
-    assert all(n > 0 for n in per_process), per_process  # every process got grants: they really competed
+    # Every process got grants: they really competed (each window is shared, not swept by the first to wake).
+    assert all(n > 0 for n in per_process), f"grants per process: {per_process}"
     per_key = Counter(k for k, _ in grants)
     for key_id, lim in LIMITS.items():
         assert lim.requests is not None

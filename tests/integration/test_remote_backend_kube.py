@@ -71,7 +71,6 @@ def apply(kube: Kube, ns: str, *objs: dict[str, Any]) -> None:
     kube.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": objs}))
 
 
-@pytest.mark.skip(reason="failed in the clean-clone CI (ij/direct not Succeeded in 120 s); passes alone; to debug")
 def test_imagejobs_on_remote_pools_and_their_fallback(crds: Kube, dev_stack: tuple[DevStack, str]) -> None:
     stack, ns = dev_stack
     with ProviderStandIn(["sk-a"], down=True) as a, ProviderStandIn(["sk-b"]) as b:
