@@ -41,6 +41,7 @@ from zimage_operator.workflow_types import (
 )
 
 FALLBACK_REASON = JobReason.FALLBACK
+SPEC_CHANGED_MESSAGE = "spec changed after the workflow started (only cancel may change)"
 TEMPLATE = re.compile(r"\{\{\s*([^{}]*?)\s*\}\}")
 _PATH_PART = re.compile(r"\.([A-Za-z_][A-Za-z0-9_-]*)|\[(\d+)\]")
 FINISHED = frozenset({"Succeeded", "Failed", "Cancelled", "Skipped"})
@@ -493,16 +494,8 @@ def plan(
         status["steps"] = [{"name": s.name, "model": s.model, "phase": "Pending", "instances": []} for s in spec.steps]
     elif status.get("specDigest") and status["specDigest"] != spec_digest(spec):
         # An edit CEL could not see (inputs, params): the workflow would no longer describe what ran.
-        status.setdefault("steps", [])
-        finish("Failed", Reason.SPEC_CHANGED, "spec changed after the workflow started (only cancel may change)")
-        out.cancel = [
-            i["job"]
-            for st in status["steps"]
-            for i in st.get("instances") or []
-            if i.get("phase") == "Running" and i.get("job")
-        ]
-        out.status = status
-        return out
+        steps = {st["name"]: st for st in status.get("steps") or []}
+        return _wind_down(out, status, old, steps, spec, now, finish, (Reason.SPEC_CHANGED, SPEC_CHANGED_MESSAGE))
     if generation is not None:
         status["observedGeneration"] = generation
 
@@ -660,8 +653,10 @@ def _wind_down(
     spec: ImageWorkflowSpec,
     now: datetime,
     finish: Callable[[str, str, str], None],
+    failure: tuple[str, str] | None = None,
 ) -> Plan:
-    """Cancel (spec.cancel) or fail (a job failed for good): running jobs are cancelled, pending ones skipped."""
+    """Cancel (spec.cancel) or fail (a job failed for good, or ``failure``'s reason and message): running jobs are
+    cancelled, pending ones skipped."""
     failures = _failures(steps)
     for st in steps.values():
         for inst in st["instances"]:
@@ -676,7 +671,9 @@ def _wind_down(
             cancelled = any(i.get("phase") == "Cancelled" for i in st["instances"])
             st["phase"] = "Cancelled" if cancelled else "Skipped"
             st.setdefault("finishedAt", iso(now))
-    if spec.cancel and not failures:
+    if failure is not None:
+        finish("Failed", *failure)
+    elif spec.cancel and not failures:
         finish("Cancelled", Reason.CANCELLED, "cancelled; its running steps were cancelled")
     else:
         finish("Failed", Reason.STEP_FAILED, "; ".join(failures)[:4096])

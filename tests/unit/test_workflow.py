@@ -335,6 +335,7 @@ def test_a_spec_edit_after_admission_fails_the_workflow() -> None:
     p = c.step()
     assert p.cancel == ["shoe-enhance"]
     assert c.status["phase"] == "Failed" and "spec changed" in c.status["message"]
+    assert [s["phase"] for s in c.status["steps"]] == ["Cancelled", "Skipped", "Skipped", "Skipped"]
     c2 = Cluster(product())
     c2.step()
     c2.wf["spec"]["cancel"] = True  # the one edit allowed
