@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -142,6 +143,11 @@ class Kube:
             raise AssertionError(f"kubectl {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
         return proc
 
+    def apply(self, ns: str, *objs: dict[str, Any]) -> None:
+        """``kubectl apply`` these objects in ``ns``, as one List."""
+        items = json.dumps({"apiVersion": "v1", "kind": "List", "items": list(objs)})
+        self.kubectl("apply", "-n", ns, "-f", "-", input=items)
+
 
 @contextmanager
 def kube_cluster(state: Path) -> Iterator[Kube]:
@@ -193,6 +199,45 @@ def namespace(crds: Kube, request: pytest.FixtureRequest) -> Iterator[str]:
     crds.kubectl("create", "namespace", name)
     yield name
     crds.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@contextmanager
+def dev_stack_in(kube: Kube, ns: str, state: Path, monkeypatch: pytest.MonkeyPatch, **options: Any) -> Iterator[Any]:
+    """``zimage dev up`` in-process for namespace ``ns`` (created here, deleted after): the operator and local
+    processes for every pool there (the test bed has no kubelet). Each process's log tail is printed at the end."""
+    from zimage_api.dev import DevStack
+
+    kube.kubectl("create", "namespace", ns)
+    for k, v in kube.env.items():  # dev mode reads the kubeconfig (KUBECONFIG) like a developer's shell
+        monkeypatch.setenv(k, v)
+    stack = DevStack([ns], state, workers=1, api_port=None, say=print, **options)
+    stack.start()
+    runner = threading.Thread(target=stack.run, daemon=True)
+    runner.start()
+    try:
+        yield stack
+    finally:
+        stack._stop.set()
+        runner.join(10)
+        stack.stop()
+        for child in stack.children.values():
+            if child.log_path.exists():
+                print(f"--- {child.name} ---\n{child.log_path.read_text()[-3000:]}")
+        kube.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+
+
+def product_photo_and_mask(folder: Path) -> tuple[Path, Path]:
+    """The example workflow's inputs: a 128x128 photo with a red product, and its mask (white = the product)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    photo = Image.new("RGB", (128, 128), (250, 250, 250))
+    photo.paste((200, 30, 30), (32, 48, 96, 80))
+    photo.save(folder / "sneaker.png")
+    mask = Image.new("L", (128, 128), 0)
+    mask.paste(255, (32, 48, 96, 80))
+    mask.save(folder / "sneaker-mask.png")
+    return folder / "sneaker.png", folder / "sneaker-mask.png"
 
 
 class Processes:

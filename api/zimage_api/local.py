@@ -54,29 +54,22 @@ class LocalOperator:
         self.store.update_status(ev.uid, lambda status: reconcile.event_patch(status, ev, now, min_interval=0)[0])
 
 
-class LocalWorkflows:
-    """The operator's workflow loop in-process: ``workflow.plan`` on every unfinished workflow of the store, its step
-    jobs created in the store and admitted with ``reconcile.admit`` onto the local queue (``LocalOperator`` then
-    moves them with the worker events), cancelled jobs cancelled on the queue, the status written back."""
+class StepJobs:
+    """A workflow's step jobs in a memory store: created and admitted with the operator's decision onto the local
+    queue, or cancelled there; ``LocalOperator`` moves them with the worker events. Local mode's workflows and
+    ``zimage workflow run`` (``zimage_api.workflow_local``) both apply their plans with it."""
 
     def __init__(self, store: MemoryJobStore, queue: JobQueue) -> None:
         self.store = store
         self.queue = queue
 
-    def once(self) -> None:
-        for wf in self.store.unfinished_workflows(workflow.WORKFLOW_TERMINAL):
-            name = wf["metadata"]["name"]
-            now = datetime.now(UTC)
-            jobs = self.store.jobs_labelled({WORKFLOW_LABEL: name})
-            plan = workflow.plan(wf, jobs, now, lambda model: self.store.get_model(model) is not None)
-            for body in plan.create:
-                self._create(body, now)
-            for job in plan.cancel:
-                self._cancel(job, now)
-            if plan.status is not None:
-                self.store.set_workflow_status(name, plan.status)
+    def apply(self, plan: workflow.Plan, now: datetime) -> None:
+        for body in plan.create:
+            self.create(body, now)
+        for name in plan.cancel:
+            self.cancel(name, now)
 
-    def _create(self, body: dict[str, Any], now: datetime) -> None:
+    def create(self, body: dict[str, Any], now: datetime) -> None:
         meta = body["metadata"]
         try:
             job = self.store.create_job(meta["name"], body["spec"], meta.get("labels") or {}, {})
@@ -88,7 +81,7 @@ class LocalWorkflows:
         if decision.action == "enqueue" and decision.message is not None:
             self.queue.enqueue(decision.message, job["spec"].get("priority", "normal"))
 
-    def _cancel(self, name: str, now: datetime) -> None:
+    def cancel(self, name: str, now: datetime) -> None:
         job = self.store.get_job(name)
         if job is None:
             return
@@ -98,6 +91,25 @@ class LocalWorkflows:
         )
         if patch:
             self.store.patch_job_status(name, patch)
+
+
+class LocalWorkflows:
+    """The operator's workflow loop in-process: ``workflow.plan`` on every unfinished workflow of the store, the plan
+    applied by ``StepJobs``, the status written back."""
+
+    def __init__(self, store: MemoryJobStore, queue: JobQueue) -> None:
+        self.store = store
+        self.steps = StepJobs(store, queue)
+
+    def once(self) -> None:
+        for wf in self.store.unfinished_workflows(workflow.WORKFLOW_TERMINAL):
+            name = wf["metadata"]["name"]
+            now = datetime.now(UTC)
+            jobs = self.store.jobs_labelled({WORKFLOW_LABEL: name})
+            plan = workflow.plan(wf, jobs, now, lambda model: self.store.get_model(model) is not None)
+            self.steps.apply(plan, now)
+            if plan.status is not None:
+                self.store.set_workflow_status(name, plan.status)
 
     def run(self, stop: threading.Event, interval: float = 0.1) -> None:
         while not stop.wait(interval):

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import mimetypes
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Response
 from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
@@ -14,7 +13,7 @@ from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
 from zimage_api.deps import App, BaseUrl, Caller, presented_key, principal
 from zimage_api.errors import ApiError
 from zimage_api.schemas import JobList, JobRequest, JobView, ModelList
-from zimage_api.views import image_path, job_view, model_view
+from zimage_api.views import image_path, job_view, model_view, sse_event
 from zimage_operator.types import Phase
 from zimage_queue import keys
 
@@ -82,10 +81,6 @@ async def cancel_job(id: JobId, caller: Caller, app: App, base: BaseUrl) -> JobV
     return job_view(await app.service.cancel(caller, id), app.signer, base)
 
 
-def _sse(event: str, data: dict[str, Any]) -> str:
-    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
-
-
 @router.get(
     "/jobs/{id}/events",
     response_class=StreamingResponse,
@@ -104,9 +99,9 @@ async def job_events(id: JobId, caller: Caller, app: App, base: BaseUrl) -> Stre
                 yield ": keepalive\n\n"
             elif step.type == "progress":
                 p = step.status.get("progress") or {}
-                yield _sse("progress", {"id": id, "step": p.get("step", 0), "totalSteps": p.get("totalSteps", 0)})
+                yield sse_event("progress", {"id": id, "step": p.get("step", 0), "totalSteps": p.get("totalSteps", 0)})
             else:
-                yield _sse(
+                yield sse_event(
                     step.type, job_view(job, app.signer, base, step.status).model_dump(by_alias=True, mode="json")
                 )
 

@@ -25,7 +25,7 @@ from zimage_api.deps import App, BaseUrl, Caller, Parts
 from zimage_api.errors import ApiError, error_body, validation_message
 from zimage_api.signing import UrlSigner
 from zimage_api.store import REQUEST_HASH_ANNOTATION, TENANT_LABEL, JobExists, WorkflowStore
-from zimage_api.views import image_path
+from zimage_api.views import image_path, phase_reason, sse_event
 from zimage_operator import workflow
 from zimage_operator.workflow_types import (
     STEP_NAME,
@@ -136,14 +136,6 @@ def workflow_path(name: str) -> str:
     return f"/v1/workflows/{name}"
 
 
-def _reason(status: dict[str, Any]) -> str | None:
-    phase = status.get("phase")
-    for c in status.get("conditions") or []:
-        if c.get("type") == phase and c.get("status") == "True":
-            return str(c.get("reason"))
-    return None
-
-
 def workflow_view(wf: dict[str, Any], signer: UrlSigner, base_url: str = "") -> WorkflowView:
     meta, spec = wf["metadata"], wf.get("spec") or {}
     status = wf.get("status") or {}
@@ -190,7 +182,7 @@ def workflow_view(wf: dict[str, Any], signer: UrlSigner, base_url: str = "") -> 
     return WorkflowView(
         id=name,
         phase=phase,
-        reason=_reason(status) if phase in workflow.WORKFLOW_TERMINAL else None,
+        reason=phase_reason(status) if phase in workflow.WORKFLOW_TERMINAL else None,
         message=status.get("message"),
         cancel_requested=bool(spec.get("cancel")),
         progress=WorkflowProgress.model_validate(progress),
@@ -422,10 +414,6 @@ async def cancel_workflow(id: WorkflowId, caller: Caller, app: App, base: BaseUr
     return workflow_view(patched, app.signer, base)
 
 
-def _sse(event: str, data: dict[str, Any]) -> str:
-    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
-
-
 @router.get(
     "/workflows/{id}/events",
     response_class=StreamingResponse,
@@ -445,13 +433,13 @@ async def workflow_events(id: WorkflowId, caller: Caller, app: App, base: BaseUr
         quiet = 0.0
         while True:
             if current is None or (current["metadata"].get("labels") or {}).get(TENANT_LABEL) != caller.tenant:
-                yield _sse("error", error_body(404, f"workflow {id!r} was deleted", "id", "workflow_not_found"))
+                yield sse_event("error", error_body(404, f"workflow {id!r} was deleted", "id", "workflow_not_found"))
                 return
             view = workflow_view(current, app.signer, base)
             seen = json.dumps([current.get("status") or {}, view.cancel_requested], sort_keys=True)
             if seen != last:
                 last, quiet = seen, 0.0
-                yield _sse(view.phase.lower(), view.model_dump(by_alias=True, mode="json"))
+                yield sse_event(view.phase.lower(), view.model_dump(by_alias=True, mode="json"))
                 if view.phase in workflow.WORKFLOW_TERMINAL:
                     return
             elif quiet >= KEEPALIVE_SECONDS:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from zimage_api.aliases import variant_of
@@ -12,6 +13,11 @@ from zimage_operator.types import TERMINAL_PHASES
 from zimage_queue import QueueStats
 
 
+def sse_event(event: str, data: dict[str, Any]) -> str:
+    """One Server-Sent Events frame: the event's name and its JSON data."""
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
 def job_path(name: str) -> str:
     return f"/v1/jobs/{name}"
 
@@ -20,7 +26,8 @@ def image_path(name: str, index: int) -> str:
     return f"{job_path(name)}/images/{index}"
 
 
-def _reason(status: dict[str, Any]) -> str | None:
+def phase_reason(status: dict[str, Any]) -> str | None:
+    """The reason of the condition named after the object's phase (why a job or workflow ended)."""
     phase = status.get("phase")
     for c in status.get("conditions") or []:
         if c.get("type") == phase and c.get("status") == "True":
@@ -53,7 +60,7 @@ def job_view(
         mode="bulk" if is_bulk(job) else "imagejob",
         model=spec.get("model", ""),
         phase=phase,
-        reason=_reason(status) if phase in TERMINAL_PHASES else None,
+        reason=phase_reason(status) if phase in TERMINAL_PHASES else None,
         message=status.get("message"),
         progress=Progress(step=progress.get("step", 0), total_steps=progress.get("totalSteps", 0)),
         attempts=status.get("attempts"),

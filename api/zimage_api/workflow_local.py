@@ -17,14 +17,15 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from zimage_operator import reconcile, workflow
-from zimage_operator.conditions import iso
-from zimage_operator.types import TERMINAL_PHASES
+from zimage_api.local import LocalOperator, StepJobs
+from zimage_api.store import MemoryJobStore
+from zimage_operator import workflow
+from zimage_operator.workflow_types import WORKFLOW_LABEL
 from zimage_queue import JobQueue
 from zimage_queue.keys import queue_name
 
@@ -32,75 +33,27 @@ LOCAL_NAMESPACE = "local"
 EVENTS_GROUP = "workflow-local"
 
 
-@dataclass
 class LocalJobs:
-    """Step jobs on a local queue: created with the operator's admission, moved by worker events."""
+    """Step jobs on a local queue, kept in a memory store: ``StepJobs`` admits and cancels them as the operator
+    would, and the worker events read here move them (``LocalOperator``, the operator's ``event_patch``)."""
 
-    queue: JobQueue
-    models: dict[str, dict[str, Any]]
-    jobs: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> ImageJob-shaped dict
-    by_uid: dict[str, str] = field(default_factory=dict)
-    consumer: str = field(default_factory=lambda: f"workflow-{uuid.uuid4().hex[:8]}")
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def create(self, body: dict[str, Any]) -> None:
-        meta = body["metadata"]
-        if meta["name"] in self.jobs:
-            return  # the planner asked again (idempotent, as on a cluster)
-        job = copy.deepcopy(body)
-        job["metadata"].update(uid=str(uuid.uuid4()), generation=1, creationTimestamp=iso(_now()))
-        job["status"] = {}
-        model = self.models.get(job["spec"]["model"])
-        decision = reconcile.admit(spec=job["spec"], status={}, meta=job["metadata"], model=model, now=_now())
-        with self.lock:
-            self.jobs[meta["name"]] = job
-            self.by_uid[job["metadata"]["uid"]] = meta["name"]
-            reconcile_merge(job["status"], decision.patch)
-        if decision.action == "enqueue" and decision.message is not None:
-            self.queue.enqueue(decision.message, job["spec"].get("priority", "normal"))
-
-    def cancel(self, name: str) -> None:
-        job = self.jobs.get(name)
-        if job is None:
-            return
-        self.queue.cancel(job["metadata"]["uid"])
-        patch = reconcile.cancel_patch(job["status"], _now(), 1, "Cancelled", "cancelled with its workflow")
-        if patch:
-            with self.lock:
-                reconcile_merge(job["status"], patch)
+    def __init__(self, queue: JobQueue, models: dict[str, dict[str, Any]]) -> None:
+        self.queue = queue
+        self.models = models
+        self.store = MemoryJobStore(LOCAL_NAMESPACE, list(models.values()))
+        self.steps = StepJobs(self.store, queue)
+        self.apply_event = LocalOperator(self.store)
+        self.consumer = f"workflow-{uuid.uuid4().hex[:8]}"
 
     def pump(self, block_ms: int = 200) -> int:
         """Apply the worker events there are (waiting up to ``block_ms`` for the first); how many of them matter to
         a workflow (a job's end, or its move to a fallback). Progress only moves the job's own status."""
         got = self.queue.read_events(self.consumer, count=500, block_ms=block_ms, group=EVENTS_GROUP)
-        applied = 0
         for _, ev in got:
-            name = self.by_uid.get(ev.uid)
-            if name is None:
-                continue
-            with self.lock:
-                job = self.jobs[name]
-                patch, _ = reconcile.event_patch(job["status"], ev, _now(), min_interval=0)
-                if patch:
-                    reconcile_merge(job["status"], patch)
-                    applied += ev.type in ("succeeded", "failed", "cancelled", "rerouted")
+            self.apply_event(ev)
         if got:
             self.queue.ack_events([entry for entry, _ in got], group=EVENTS_GROUP)
-        return applied
-
-    def snapshot(self) -> dict[str, dict[str, Any]]:
-        """The jobs as they are (the planner only reads them; ``pump`` runs on the same thread)."""
-        return self.jobs
-
-    def unfinished(self) -> int:
-        with self.lock:
-            return sum(1 for j in self.jobs.values() if (j.get("status") or {}).get("phase") not in TERMINAL_PHASES)
-
-
-def reconcile_merge(target: dict[str, Any], patch: dict[str, Any]) -> None:
-    from zimage_api.store import merge_patch
-
-    merge_patch(target, patch)
+        return sum(1 for _, ev in got if ev.type in ("succeeded", "failed", "cancelled", "rerouted"))
 
 
 def _now() -> datetime:
@@ -125,11 +78,11 @@ def run_workflow(
     while True:
         if stop is not None and stop.is_set() and not (wf.get("spec") or {}).get("cancel"):
             wf["spec"]["cancel"] = True
-        plan = workflow.plan(wf, jobs.snapshot(), _now(), lambda m: m in jobs.models)
-        for body in plan.create:
-            jobs.create(body)
-        for name in plan.cancel:
-            jobs.cancel(name)
+        now = _now()
+        plan = workflow.plan(
+            wf, jobs.store.jobs_labelled({WORKFLOW_LABEL: meta["name"]}), now, jobs.models.__contains__
+        )
+        jobs.steps.apply(plan, now)
         if plan.status is not None:
             wf["status"] = plan.status
             if on_change is not None:

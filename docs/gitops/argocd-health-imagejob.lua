@@ -1,6 +1,7 @@
--- Argo CD health check for zimage.dev/v1alpha1 ImageJob (docs/gitops.md).
--- Succeeded: Healthy. Failed, Cancelled: Degraded (neither produced the images; a job never resumes).
--- No status yet, Pending, Queued, Running: Progressing, with the operator's message and step progress.
+-- Argo CD health check for zimage.dev/v1alpha1 ImageJob and ImageWorkflow (docs/gitops.md): the same phases.
+-- Succeeded: Healthy. Failed, Cancelled: Degraded (neither produced the images; neither ever resumes).
+-- No status yet, Pending, Queued, Running: Progressing, with the operator's message and progress (a job's
+-- steps, a workflow's steps done out of all).
 local hs = {}
 
 local function condition(status, kind)
@@ -18,7 +19,11 @@ end
 local status = obj.status
 if status == nil or status.phase == nil then
   hs.status = "Progressing"
-  hs.message = "Waiting for the zimage operator to admit the job"
+  local what = "job"
+  if obj.kind == "ImageWorkflow" then
+    what = "workflow"
+  end
+  hs.message = "Waiting for the zimage operator to admit the " .. what
   return hs
 end
 
@@ -35,7 +40,7 @@ if phase == "Succeeded" then
 end
 
 if phase == "Failed" or phase == "Cancelled" then
-  -- The condition named after the phase carries the reason (InvalidSpec, Timeout, WorkerError, Cancelled, ...).
+  -- The condition named after the phase carries the reason (InvalidSpec, Timeout, WorkerError, StepFailed, ...).
   local c = condition(status, phase)
   local label = phase
   if c ~= nil and c.reason ~= nil and c.reason ~= phase then

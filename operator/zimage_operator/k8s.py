@@ -125,8 +125,8 @@ class Kube:
 
     def _patch_status(
         self, plural: str, namespace: str, name: str, status: dict[str, Any], resource_version: str | None = None
-    ) -> bool:
-        """Merge-patch the status subresource; False when the object is gone.
+    ) -> dict[str, Any] | None:
+        """Merge-patch the status subresource; the object written, or None when it is gone.
 
         With ``resource_version`` the patch applies only to that version of the object, else StatusConflict.
         """
@@ -134,11 +134,13 @@ class Kube:
         if resource_version:
             body["metadata"] = {"resourceVersion": resource_version}
         try:
-            self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, plural, name, body)
-            return True
+            obj: dict[str, Any] = self.custom.patch_namespaced_custom_object_status(
+                GROUP, VERSION, namespace, plural, name, body
+            )
+            return obj
         except ApiException as e:
             if e.status == 404:
-                return False
+                return None
             if e.status == 409:
                 raise StatusConflict(f"{plural} {namespace}/{name} changed since version {resource_version}") from e
             raise
@@ -146,38 +148,30 @@ class Kube:
     def patch_workflow_status(
         self, namespace: str, name: str, status: dict[str, Any], resource_version: str | None
     ) -> dict[str, Any] | None:
-        """Merge-patch an ImageWorkflow's status onto that version (else StatusConflict); the object written, or
-        None when it is gone."""
-        body: dict[str, Any] = {"status": status, "metadata": {"resourceVersion": resource_version}}
-        try:
-            obj: dict[str, Any] = self.custom.patch_namespaced_custom_object_status(
-                GROUP, VERSION, namespace, IMAGEWORKFLOW_PLURAL, name, body
-            )
-            return obj
-        except ApiException as e:
-            if e.status == 404:
-                return None
-            if e.status == 409:
-                raise StatusConflict(f"imageworkflow {namespace}/{name} changed since {resource_version}") from e
-            raise
+        """An ImageWorkflow's status onto that version (else StatusConflict); the object written, None if gone."""
+        return self._patch_status(IMAGEWORKFLOW_PLURAL, namespace, name, status, resource_version)
 
-    def delete_workflow(self, namespace: str, name: str) -> None:
-        """Delete an ImageWorkflow; its step jobs go with it (owner references)."""
+    def _delete(self, plural: str, namespace: str, name: str) -> None:
+        """Delete one of our objects (what it owns goes with it, in the background); gone already is fine."""
         try:
             self.custom.delete_namespaced_custom_object(
-                GROUP, VERSION, namespace, IMAGEWORKFLOW_PLURAL, name, propagation_policy="Background"
+                GROUP, VERSION, namespace, plural, name, propagation_policy="Background"
             )
         except ApiException as e:
             if e.status != 404:
                 raise
 
+    def delete_workflow(self, namespace: str, name: str) -> None:
+        """Delete an ImageWorkflow; its step jobs go with it (owner references)."""
+        self._delete(IMAGEWORKFLOW_PLURAL, namespace, name)
+
     def patch_model_status(self, namespace: str, name: str, status: dict[str, Any]) -> bool:
-        return self._patch_status(MODELDEPLOYMENT_PLURAL, namespace, name, status)
+        return self._patch_status(MODELDEPLOYMENT_PLURAL, namespace, name, status) is not None
 
     def patch_job_status(
         self, namespace: str, name: str, status: dict[str, Any], resource_version: str | None = None
     ) -> bool:
-        return self._patch_status(IMAGEJOB_PLURAL, namespace, name, status, resource_version)
+        return self._patch_status(IMAGEJOB_PLURAL, namespace, name, status, resource_version) is not None
 
     # -- owned children (any kind, through the dynamic client) ---------------------------------------------
     def _resource(self, api_version: str, kind: str) -> Any:
@@ -242,13 +236,7 @@ class Kube:
                 raise
 
     def delete_job(self, namespace: str, name: str) -> None:
-        try:
-            self.custom.delete_namespaced_custom_object(
-                GROUP, VERSION, namespace, IMAGEJOB_PLURAL, name, propagation_policy="Background"
-            )
-        except ApiException as e:
-            if e.status != 404:
-                raise
+        self._delete(IMAGEJOB_PLURAL, namespace, name)
 
     def post_event(self, obj: dict[str, Any], type_: str, reason: str, message: str, key: str | None = None) -> None:
         """Record a Kubernetes Event on the object (see ``event_body``); losing one is not worth failing a

@@ -30,7 +30,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from zimage_operator.conditions import iso, parse_iso, set_condition
-from zimage_operator.types import API_VERSION, TENANT_LABEL, ImageJobSpec
+from zimage_operator.types import API_VERSION, TENANT_LABEL, Cond, ImageJobSpec
 from zimage_operator.types import Reason as JobReason
 from zimage_operator.workflow_types import (
     MAX_ITEMS,
@@ -51,14 +51,6 @@ RECREATE_AFTER_SECONDS = 30.0
 MAX_TEXT = 32768
 # ImageJob params a step may not set: the workflow decides them.
 RESERVED_PARAMS = frozenset({"model", "priority", "timeoutSeconds", "maxRetries"})
-
-
-class Cond:
-    ACCEPTED = "Accepted"
-    RUNNING = "Running"
-    SUCCEEDED = "Succeeded"
-    FAILED = "Failed"
-    CANCELLED = "Cancelled"
 
 
 class Reason:

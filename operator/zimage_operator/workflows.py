@@ -20,7 +20,8 @@ from zimage_operator import reconcile, workflow
 from zimage_operator.conditions import parse_iso
 from zimage_operator.k8s import StatusConflict
 from zimage_operator.lease import LeaseLost
-from zimage_operator.types import GROUP, TERMINAL_PHASES, VERSION, Reason
+from zimage_operator.runtime import newer
+from zimage_operator.types import TERMINAL_PHASES, Reason
 from zimage_operator.workflow_types import WORKFLOW_LABEL
 
 log = logging.getLogger(__name__)
@@ -56,8 +57,8 @@ class WorkflowBook:
             self.jobs.pop(key, None)
             return
         seen = self.workflows.get(key)
-        if seen is not None and _older(meta.get("resourceVersion"), seen["metadata"].get("resourceVersion")):
-            return
+        if seen is not None and not newer(meta.get("resourceVersion"), seen["metadata"].get("resourceVersion")):
+            return  # a watch event older than (or the same as) a write of ours already seen
         self.workflows[key] = body
         self.mark(key)
 
@@ -89,13 +90,6 @@ class WorkflowBook:
         taken = sorted(self.dirty)[:MAX_PER_PASS]
         self.dirty.difference_update(taken)
         return taken
-
-
-def _older(candidate: str | None, than: str | None) -> bool:
-    try:
-        return int(candidate or 0) < int(than or 0)
-    except ValueError:
-        return False
 
 
 class WorkflowLoop:
@@ -157,7 +151,7 @@ class WorkflowLoop:
             if written is not None:
                 book.observe_workflow(written)  # the version just written, until the watch brings it too
         for type_, reason, message in plan.events:
-            rt.recorder.record(_involved(body), type_, reason, message, always=True)
+            rt.recorder.record(body, type_, reason, message, always=True)
         if plan.requeue:
             loop = asyncio.get_running_loop()
             loop.call_later(rt.settings.model_recheck_seconds, book.mark, key)
@@ -187,7 +181,3 @@ class WorkflowLoop:
             await asyncio.to_thread(self.rt.kube.delete_workflow, *key)
             self.book.workflows.pop(key, None)
             self.book.jobs.pop(key, None)
-
-
-def _involved(body: dict[str, Any]) -> dict[str, Any]:
-    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "ImageWorkflow", "metadata": body.get("metadata") or {}}

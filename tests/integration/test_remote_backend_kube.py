@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ import pytest
 from PIL import Image
 
 from bench.provider import ProviderStandIn
-from conftest import Kube
+from conftest import Kube, dev_stack_in
 from zimage_api.dev import DevStack
 
 pytestmark = pytest.mark.kube
@@ -48,27 +47,8 @@ def image_job(name: str, model: str) -> dict[str, Any]:
 @pytest.fixture
 def dev_stack(crds: Kube, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[DevStack, str]]:
     ns = f"remote-{os.getpid()}"
-    crds.kubectl("create", "namespace", ns)
-    for k, v in crds.env.items():  # dev mode reads the kubeconfig (KUBECONFIG) like a developer's shell
-        monkeypatch.setenv(k, v)
-    stack = DevStack([ns], tmp_path / "dev", workers=1, api_port=None, say=print)
-    stack.start()
-    runner = threading.Thread(target=stack.run, daemon=True)
-    runner.start()
-    try:
+    with dev_stack_in(crds, ns, tmp_path / "dev", monkeypatch) as stack:
         yield stack, ns
-    finally:
-        stack._stop.set()
-        runner.join(10)
-        stack.stop()
-        for child in stack.children.values():
-            if child.log_path.exists():
-                print(f"--- {child.name} ---\n{child.log_path.read_text()[-3000:]}")
-        crds.kubectl("delete", "namespace", ns, "--wait=false", check=False)
-
-
-def apply(kube: Kube, ns: str, *objs: dict[str, Any]) -> None:
-    kube.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": objs}))
 
 
 def test_imagejobs_on_remote_pools_and_their_fallback(crds: Kube, dev_stack: tuple[DevStack, str]) -> None:
@@ -76,13 +56,12 @@ def test_imagejobs_on_remote_pools_and_their_fallback(crds: Kube, dev_stack: tup
     with ProviderStandIn(["sk-a"], down=True) as a, ProviderStandIn(["sk-b"]) as b:
         for secret, key in (("keys-a", "sk-a"), ("keys-b", "sk-b")):
             crds.kubectl("create", "secret", "generic", secret, "-n", ns, f"--from-literal=k1={key}")
-        apply(
-            crds,
+        crds.apply(
             ns,
             remote_pool("provider-b", b.url, "keys-b"),
             remote_pool("provider-a", a.url, "keys-a", fallbacks={"unavailable": ["provider-b"]}),
         )
-        apply(crds, ns, image_job("direct", "provider-b"), image_job("moved", "provider-a"))
+        crds.apply(ns, image_job("direct", "provider-b"), image_job("moved", "provider-a"))
         for name in ("direct", "moved"):
             crds.kubectl("wait", "-n", ns, "--for=condition=Succeeded", f"ij/{name}", "--timeout=120s", timeout=130)
         jobs = {

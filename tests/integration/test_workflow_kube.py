@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ import yaml
 from PIL import Image
 
 from bench.provider import ProviderStandIn
-from conftest import REPO, Kube
+from conftest import REPO, Kube, dev_stack_in, product_photo_and_mask
 from zimage_api.dev import DevStack
 
 pytestmark = pytest.mark.kube
@@ -27,36 +26,14 @@ EXAMPLE = REPO / "docs" / "examples" / "workflow-product.yaml"
 @pytest.fixture
 def dev_stack(crds: Kube, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[DevStack, str]]:
     ns = f"wf-{os.getpid()}"
-    crds.kubectl("create", "namespace", ns)
-    for k, v in crds.env.items():
-        monkeypatch.setenv(k, v)
-    stack = DevStack([ns], tmp_path / "dev", workers=1, model_source="tiny-random", api_port=None, say=print)
-    stack.start()
-    runner = threading.Thread(target=stack.run, daemon=True)
-    runner.start()
-    try:
+    with dev_stack_in(crds, ns, tmp_path / "dev", monkeypatch, model_source="tiny-random") as stack:
         yield stack, ns
-    finally:
-        stack._stop.set()
-        runner.join(10)
-        stack.stop()
-        for child in stack.children.values():
-            if child.log_path.exists():
-                print(f"--- {child.name} ---\n{child.log_path.read_text()[-3000:]}")
-        crds.kubectl("delete", "namespace", ns, "--wait=false", check=False)
 
 
 def product_inputs(images: Path, ns: str) -> dict[str, str]:
     """A product photo and its mask in the namespace's (tenant's) part of the store."""
-    uploads = images / "tenants" / ns / "uploads"
-    uploads.mkdir(parents=True, exist_ok=True)
-    photo = Image.new("RGB", (128, 128), (250, 250, 250))
-    photo.paste((200, 30, 30), (32, 48, 96, 80))
-    photo.save(uploads / "sneaker.png")
-    mask = Image.new("L", (128, 128), 0)
-    mask.paste(255, (32, 48, 96, 80))
-    mask.save(uploads / "sneaker-mask.png")
-    return {"product": (uploads / "sneaker.png").as_uri(), "mask": (uploads / "sneaker-mask.png").as_uri()}
+    photo, mask = product_photo_and_mask(images / "tenants" / ns / "uploads")
+    return {"product": photo.as_uri(), "mask": mask.as_uri()}
 
 
 def example(base_url: str, inputs: dict[str, str]) -> list[dict[str, Any]]:
@@ -67,10 +44,6 @@ def example(base_url: str, inputs: dict[str, str]) -> list[dict[str, Any]]:
         if d["kind"] == "ImageWorkflow":
             d["spec"]["inputs"].update(inputs)
     return docs
-
-
-def apply(kube: Kube, ns: str, objs: list[dict[str, Any]]) -> None:
-    kube.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": objs}))
 
 
 def get(kube: Kube, ns: str, what: str) -> Any:
@@ -96,7 +69,7 @@ def test_the_example_workflow_and_a_fallback_on_the_test_bed(crds: Kube, dev_sta
         moved = json.loads(json.dumps(workflow))
         moved["metadata"]["name"] = "sneaker-a"
         moved["spec"]["steps"][0]["model"] = "llm-a"
-        apply(crds, ns, [*docs, llm_a, moved])
+        crds.apply(ns, *docs, llm_a, moved)
 
         for name in ("sneaker", "sneaker-a"):
             crds.kubectl("wait", "-n", ns, "--for=condition=Succeeded", f"iw/{name}", "--timeout=240s", timeout=250)

@@ -10,26 +10,16 @@ import pytest
 from PIL import Image
 
 from bench.provider import ProviderStandIn
-from conftest import REPO
+from conftest import REPO, product_photo_and_mask
 from zimage_api.cli import main
 
 EXAMPLE = REPO / "docs" / "examples" / "workflow-product.yaml"
 
 
-def product_files(tmp: Path) -> tuple[Path, Path]:
-    photo = Image.new("RGB", (128, 128), (250, 250, 250))
-    photo.paste((200, 30, 30), (32, 48, 96, 80))
-    photo.save(tmp / "sneaker.png")
-    mask = Image.new("L", (128, 128), 0)
-    mask.paste(255, (32, 48, 96, 80))
-    mask.save(tmp / "mask.png")
-    return tmp / "sneaker.png", tmp / "mask.png"
-
-
 def test_the_example_runs_locally_and_every_output_is_in_its_status(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    photo, mask = product_files(tmp_path)
+    photo, mask = product_photo_and_mask(tmp_path)
     with ProviderStandIn({"sk-demo-1": "4/1s", "sk-demo-2": "4/1s"}) as llm:
         text = EXAMPLE.read_text().replace("http://127.0.0.1:8090/v1", llm.url)
         (tmp_path / "wf.yaml").write_text(text)

@@ -32,7 +32,7 @@ DOC = REPO / "docs" / "gitops.md"
 SCRIPTS = {
     "ImageJob": REPO / "docs" / "gitops" / "argocd-health-imagejob.lua",
     "ModelDeployment": REPO / "docs" / "gitops" / "argocd-health-modeldeployment.lua",
-    "ImageWorkflow": REPO / "docs" / "gitops" / "argocd-health-imageworkflow.lua",
+    "ImageWorkflow": REPO / "docs" / "gitops" / "argocd-health-imagejob.lua",  # the same phases: one script
 }
 KUSTOMIZE = REPO / "docs" / "examples" / "kustomize"
 ARGO_STATUSES = {"Healthy", "Progressing", "Degraded", "Suspended", "Missing"}
@@ -421,3 +421,24 @@ def test_example_kustomization_renders() -> None:
         assert d["spec"] == source["spec"]
     job = next(d for d in rendered if d["kind"] == "ImageJob")
     assert job["spec"]["model"] == "z-image-turbo"  # the pool it renders next to
+
+
+# --- ImageWorkflow: statuses from the planner (the ImageJob script serves both kinds) ---------------------------------
+
+
+def test_imageworkflow_health_follows_the_planner(lua: ModuleType) -> None:
+    from zimage_operator import workflow
+
+    wf: dict[str, Any] = {
+        "apiVersion": "zimage.dev/v1alpha1",
+        "kind": "ImageWorkflow",
+        "metadata": {"name": "w", "namespace": "n", "generation": 1},
+        "spec": {"steps": [{"name": "a", "model": "m", "params": {"prompt": "x"}}]},
+    }
+    assert health(lua, wf) == ("Progressing", "Waiting for the zimage operator to admit the workflow")
+    wf["status"] = workflow.plan(wf, {}, NOW).status
+    assert health(lua, wf) == ("Progressing", "Running 0/1: 1 steps")
+    job = {"status": {"phase": "Failed", "message": "provider said no"}}
+    wf["status"] = workflow.plan(wf, {"w-a": job}, NOW).status
+    status, message = health(lua, wf)
+    assert status == "Degraded" and message.startswith("Failed (StepFailed): step a job w-a: provider said no")
