@@ -12,6 +12,7 @@ Each process logs to a file under the state directory (printed at start); Ctrl-C
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import secrets
 import shutil
@@ -33,6 +34,11 @@ POOLS_POLL_SECONDS = 2.0
 # A chart's operator in the cluster draws a random priority below this; kopf pauses the lower one.
 TAKEOVER_PRIORITY = 2**31
 SERVES = ("ZIMAGE_MODEL_SOURCE", "ZIMAGE_REMOTE_BASE_URL", "ZIMAGE_FUNCTION")  # what a started process runs
+# Pools whose processes burn CPU (a function's steps; a model's inference where there is no GPU) run below the
+# I/O-bound ones (forwarders, the API, the operator) on this shared machine, as CPU limits keep them apart in pods:
+# otherwise a compose step's seconds of CPU show up as event-loop lag in a forwarder on the same core.
+CPU_BOUND = {"ZIMAGE_FUNCTION", "ZIMAGE_MODEL_SOURCE"}
+CPU_BOUND_NICE = 10
 POD_ONLY_ENV = ("MODELS_DIR", "HF_HOME", "HOME", "HF_HUB_OFFLINE")
 
 
@@ -51,10 +57,14 @@ class Child:
     failures: int = 0
     next_start: float = 0.0
     log: IO[bytes] | None = None
+    nice: int = 0  # added to the process's niceness once started
 
     def start(self) -> None:
         self.log = self.log or self.log_path.open("ab")
         self.proc = subprocess.Popen(self.argv, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
+        if self.nice:
+            with contextlib.suppress(OSError):  # it may already have exited; its restart sets it again
+                os.setpriority(os.PRIO_PROCESS, self.proc.pid, os.getpriority(os.PRIO_PROCESS, 0) + self.nice)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -196,6 +206,8 @@ class DevStack:
             if child is None:
                 argv, env = self.worker_process(md, int(name.rsplit("/", 1)[1]))
                 child = self._add(name, argv, env)
+                if CPU_BOUND.intersection(env):
+                    child.nice = CPU_BOUND_NICE
                 child.start()
                 serves = (
                     env.get("ZIMAGE_MODEL_SOURCE") or env.get("ZIMAGE_REMOTE_BASE_URL") or env.get("ZIMAGE_FUNCTION")

@@ -6,6 +6,7 @@ tests/integration/test_quickstart.py runs the whole developer mode against the t
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -104,3 +105,43 @@ def test_remote_and_function_pools_run_what_their_pods_would(
         "builtin:compose",
     )
     assert env["ZIMAGE_STORAGE_URL"] == stack.images.as_uri() and "MODELS_DIR" not in env
+
+
+def test_cpu_bound_pools_run_below_the_io_bound_ones(stack: dev.DevStack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A function pool's processes (and a model's, here on a CPU) start 10 nicer than this process; a forwarder
+    keeps this process's priority, so compose steps' CPU does not become its event-loop lag."""
+    monkeypatch.setattr(dev, "_exe", lambda name: "sleep")
+    stack.read_secret = lambda ns, name: {"k1": "sk-one"}
+    function = {
+        "metadata": {"name": "compose", "namespace": "team-a"},
+        "spec": {"backend": "function", "function": {"entryPoint": "builtin:compose"}},
+    }
+    remote = {
+        "metadata": {"name": "llm", "namespace": "team-a"},
+        "spec": {
+            "backend": "remote",
+            "remote": {"api": "chat", "baseUrl": "http://127.0.0.1:1/v1", "model": "m", "keysSecret": "keys",
+                       "limits": {"requestsPerWindow": 4, "windowSeconds": 1}},
+        },
+    }  # fmt: skip
+    stack.workers = 1
+    monkeypatch.setattr(dev.Child, "start", _start_sleeping(dev.Child.start))
+    stack.sync_pools([function, remote, pool("turbo")], now=0.0)
+    try:
+        mine = os.getpriority(os.PRIO_PROCESS, 0)
+        nice = {n: os.getpriority(os.PRIO_PROCESS, c.proc.pid) for n, c in stack.children.items() if c.proc}
+        assert nice == {
+            "worker/team-a/compose/0": min(mine + 10, 19),
+            "worker/team-a/turbo/0": min(mine + 10, 19),
+            "worker/team-a/llm/0": mine,
+        }
+    finally:
+        stack.stop()
+
+
+def _start_sleeping(start: Any) -> Any:
+    def run(child: dev.Child) -> None:
+        child.argv = ["sleep", "30"]  # a live process to read the priority of
+        start(child)
+
+    return run
