@@ -7,6 +7,7 @@ import asyncio
 import functools
 import logging
 import random
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -17,7 +18,7 @@ import prometheus_client
 from kubernetes.client import ApiClient
 from pydantic import ValidationError
 
-from zimage_operator import events, pools, resync, retention, workflows
+from zimage_operator import events, history, pools, resync, retention, workflows
 from zimage_operator.admission import Admitter
 from zimage_operator.handlers import imagejob, imageworkflow, modeldeployment  # noqa: F401  (registers handlers)
 from zimage_operator.k8s import AsyncKube, Kube, load_configuration
@@ -112,6 +113,10 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
         ("resync", resync.Resync(rt, applier).once, lambda: 1.0),
         ("workflows", workflows.WorkflowLoop(rt, book).once, lambda: 0.0),
     ]
+    rt.history = history.outbox_for(rt)
+    if cfg.history_url:
+        writer = history.HistoryLoop(rt)
+        loops.append(("history", writer.once, writer.pause))
     gc = retention.ImageRetention(rt)
     if gc.enabled:
         loops.append(("image-retention", gc.once, gc.pause))
@@ -141,7 +146,28 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
         await rt.akube.close()
 
 
+def migrate(argv: list[str]) -> None:
+    """``zimage-operator migrate``: bring the history store's schema to this release's (the operator also does
+    it on start-up; this is for a pre-upgrade hook or a database the operator may not alter)."""
+    p = argparse.ArgumentParser(prog="zimage-operator migrate", description=migrate.__doc__)
+    p.add_argument("--revision", default="head", help="an Alembic revision (default: head)")
+    args = p.parse_args(argv)
+    cfg = OperatorSettings()
+    if not cfg.history_url:
+        p.error("ZIMAGE_HISTORY_URL is not set: no history store to migrate")
+    from zimage_history import db
+
+    logs.configure(logging.INFO)
+    engine = db.connect(cfg.history_url, cfg.history_password or None)
+    db.migrate(engine, args.revision)
+    log.info("history store at revision %s", db.current_revision(engine))
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["migrate"]:
+        migrate(argv[1:])
+        return
     p = argparse.ArgumentParser(prog="zimage-operator", description="Run the zimage kopf operator.")
     p.add_argument("-n", "--namespace", action="append", default=[], help="watch this namespace (repeatable)")
     p.add_argument("-A", "--all-namespaces", action="store_true", help="watch the whole cluster")

@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 
 from kubernetes.client.rest import ApiException
 
+from zimage_operator import history
 from zimage_operator.k8s import KubeError, StatusConflict
 from zimage_operator.metrics import EVENTS_DEAD_LETTERED, JOBS_FINISHED, STATUS_CONFLICTS, STATUS_PATCHES
 from zimage_operator.reconcile import fold_events
@@ -75,6 +76,7 @@ class EventApplier:
                     self.last_progress.pop(first.uid, None)
                     return
             meta = obj["metadata"]
+            routed_to = (obj.get("status") or {}).get("routedTo")
             folded = fold_events(
                 obj.get("status") or {},
                 evs,
@@ -96,6 +98,7 @@ class EventApplier:
                     rt.unfinished.pop(first.uid, None)
                     return
                 rt.observe_job(written)
+                obj = written
                 STATUS_PATCHES.labels(kind=evs[-1].type).inc()
                 phase = folded.patch.get("phase")
                 if phase in TERMINAL_PHASES:
@@ -103,6 +106,7 @@ class EventApplier:
                     JOBS_FINISHED.labels(phase=phase, reason=reason).inc()
                 if phase not in TERMINAL_PHASES and folded.progress_at not in (None, last):
                     self._remember_progress(first.uid, folded.progress_at)  # a finished job's is forgotten
+            await history.record(rt, obj, evs, routed_to)
             # Named by job and transition: recorded once per transition. Posted before the caller acks the worker
             # events, so a replica that dies here leaves them pending and the next one replays the Events.
             await asyncio.gather(*(rt.recorder.record_now(obj, *k8s_event, key) for k8s_event, key in folded.events))

@@ -76,6 +76,8 @@ class Runtime:
     # The shard's events consumer group, and whether an event's job is this shard's (always, unsharded).
     events_group: str = field(init=False)
     owns: Ownership = field(init=False)
+    # Where attempt outcomes go (zimage_history.outbox): the usage counters, and rows for the history store.
+    history: Any = None
 
     def __post_init__(self) -> None:
         self.consumer = self.settings.consumer_name or self.consumer

@@ -76,3 +76,12 @@ class OperatorSettings(BaseSettings, RedisAuthSettings):  # ZIMAGE_REDIS_PASSWOR
     admission_concurrency: int = Field(32, ge=1, le=512)
     events_concurrency: int = Field(32, ge=1, le=512)
     normal_events: bool = False
+    # Job history, usage and cost (zimage_history, docs/history.md): a PostgreSQL URL (no password in it; the
+    # password from its own Secret key), how long rows and hourly usage sums are kept (None: forever), and the
+    # writer's batch. Empty URL: no history store (usage counters and GPU-second quotas still work, from Redis).
+    history_url: str = ""
+    history_password: str = ""
+    history_retention_days: int | None = Field(90, ge=1)
+    history_usage_retention_days: int | None = Field(400, ge=1)
+    history_batch: int = Field(1000, ge=1, le=10_000)
+    history_flush_seconds: float = Field(0.5, gt=0)

@@ -74,6 +74,26 @@ def bulk_index(namespace: str, tenant: str) -> str:
     return f"{PREFIX}:bulk:{namespace}:index:{tenant}"
 
 
+# -- Usage and history (zimage_history) -----------------------------------------------------------------------
+# Rows on their way to PostgreSQL: the operator appends, the history writer inserts and deletes. Capped: past
+# HISTORY_OUTBOX_MAXLEN rows (a long outage at full speed) the oldest go, counted by a metric.
+HISTORY_OUTBOX = f"{PREFIX}:history:outbox"
+HISTORY_FIELD = "row"
+HISTORY_OUTBOX_MAXLEN = 2_000_000
+# A tenant's usage per UTC day (hash: gpuSeconds, cost, images, attempts), for GPU-second quotas at admission;
+# kept long enough to sum a calendar month.
+USAGE_DAY_TTL_SECONDS = 40 * 86400
+USAGE_GPU_SECONDS = "gpuSeconds"
+USAGE_COST = "cost"
+USAGE_IMAGES = "images"
+USAGE_ATTEMPTS = "attempts"
+
+
+def usage_day(tenant: str, day: str) -> str:
+    """``day``: ``YYYYMMDD`` (UTC)."""
+    return f"{PREFIX}:usage:{tenant}:{day}"
+
+
 # Held by the one operator replica that runs the pool and deadline loops.
 OPERATOR_LEASE = f"{PREFIX}:operator-lease"
 

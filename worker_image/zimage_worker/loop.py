@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Collection
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import redis
 
@@ -82,6 +82,7 @@ class Worker:
     ) -> None:
         self.queue = queue
         self.engine = engine
+        self.device = device_name(engine)
         self.store = store
         self.queue_name = queue_name
         self.name = name
@@ -301,6 +302,7 @@ class Worker:
 
     def _run(self, group: list[Delivery]) -> list[Future[str]]:
         t0 = time.perf_counter()
+        usage = {"batch_images": sum(d.message.params.num_images for d in group), "device": self.device}
         metrics.BUSY.set(1)
         self.watchdog.call_started(sum(_total_steps(d.message) for d in group))
         try:
@@ -343,6 +345,7 @@ class Worker:
                     reason="OutOfMemory" if _is_oom(e) else "WorkerError",
                     message=f"{type(e).__name__}: {e}"[:1000],
                     run_seconds=time.perf_counter() - t0,
+                    **usage,
                 ),
                 retry=True,
             )
@@ -360,22 +363,31 @@ class Worker:
                 self.queue.cancelled(
                     d,
                     self._event(
-                        d, "cancelled", reason="Cancelled", message="cancelled while running", run_seconds=run_seconds
+                        d,
+                        "cancelled",
+                        reason="Cancelled",
+                        message="cancelled while running",
+                        run_seconds=run_seconds,
+                        **usage,
                     ),
                 )
                 self._let_go(d)
                 outcomes.append(_resolved(self._count("cancelled")))
             else:
-                outcomes.append(self._finish_later(d, images, run_seconds))
+                outcomes.append(self._finish_later(d, images, run_seconds, usage))
         return outcomes
 
-    def _finish_later(self, d: Delivery, images: list[Image.Image], run_seconds: float) -> Future[str]:
+    def _finish_later(
+        self, d: Delivery, images: list[Image.Image], run_seconds: float, usage: dict[str, Any]
+    ) -> Future[str]:
         if self._finisher is None:  # called outside run(): finish inline
-            return _resolved(self._finish(d, images, run_seconds, hold=False))
+            return _resolved(self._finish(d, images, run_seconds, usage, hold=False))
         self._finishing.acquire()
-        return self._finisher.submit(self._finish, d, images, run_seconds, hold=True)
+        return self._finisher.submit(self._finish, d, images, run_seconds, usage, hold=True)
 
-    def _finish(self, d: Delivery, images: list[Image.Image], run_seconds: float, hold: bool) -> str:
+    def _finish(
+        self, d: Delivery, images: list[Image.Image], run_seconds: float, usage: dict[str, Any], hold: bool
+    ) -> str:
         """Encode and store the images, then record the result and ack (never before)."""
         try:
             results = store_images(self.store, d.message, images)
@@ -388,6 +400,7 @@ class Worker:
                     results=results,
                     run_seconds=round(run_seconds, 4),
                     total_steps=_total_steps(d.message),
+                    **usage,
                 ),
             )
             self.health.ok("finisher", time.monotonic())
@@ -465,3 +478,16 @@ class Worker:
                 torch.cuda.empty_cache()
         except ImportError:
             pass
+
+
+def device_name(engine: object) -> str:
+    """What the engine runs on, for usage records: the GPU's name, or "cpu"."""
+    device = getattr(engine, "device", None)
+    if getattr(device, "type", None) != "cuda":
+        return "cpu"
+    try:
+        import torch
+
+        return str(torch.cuda.get_device_name(device))
+    except Exception:  # a name is nice to have, never worth failing a job
+        return "cuda"

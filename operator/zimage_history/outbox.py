@@ -1,0 +1,93 @@
+"""The operator's rows wait in Redis (``keys.HISTORY_OUTBOX``) until the writer has them in PostgreSQL.
+
+Appending is one pipelined round trip with the tenant's daily usage counters (``keys.usage_day``), which the
+GPU-second quotas read at admission without asking PostgreSQL. The writer reads the oldest rows, inserts them
+(idempotent per uid and attempt) and only then deletes them, so a writer that dies, or two during a lease
+handover, repeat rows and lose none.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from zimage_history.rows import HistoryRow
+from zimage_queue import keys
+
+log = logging.getLogger(__name__)
+
+
+def day_of(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y%m%d")
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class Outbox:
+    def __init__(self, r: Any, maxlen: int = keys.HISTORY_OUTBOX_MAXLEN, store: bool = True) -> None:
+        self.r = r
+        self.maxlen = maxlen
+        self.store = store  # False: no history store; only the usage counters are kept
+
+    def put(self, rows: Iterable[HistoryRow]) -> int:
+        rows = list(rows)
+        if not rows:
+            return 0
+        pipe = self.r.pipeline(transaction=False)
+        for row in rows:
+            if self.store:
+                pipe.xadd(
+                    keys.HISTORY_OUTBOX,
+                    {keys.HISTORY_FIELD: row.model_dump_json(exclude_none=True)},
+                    maxlen=self.maxlen,
+                    approximate=True,
+                )
+            key = keys.usage_day(row.tenant, day_of(row.finished_at))
+            pipe.hincrbyfloat(key, keys.USAGE_GPU_SECONDS, row.gpu_seconds)
+            pipe.hincrbyfloat(key, keys.USAGE_COST, row.cost)
+            pipe.hincrby(key, keys.USAGE_IMAGES, row.images)
+            pipe.hincrby(key, keys.USAGE_ATTEMPTS, 1)
+            pipe.expire(key, keys.USAGE_DAY_TTL_SECONDS)
+        pipe.execute()
+        return len(rows)
+
+    def oldest(self, count: int) -> tuple[list[str], list[HistoryRow]]:
+        """Up to ``count`` rows from the front, with every entry id read (those that do not parse included:
+        they are logged and deleted with the rest, never retried forever)."""
+        ids: list[str] = []
+        rows: list[HistoryRow] = []
+        for entry_id, fields in self.r.xrange(keys.HISTORY_OUTBOX, count=count):
+            ids.append(_s(entry_id))
+            raw = {_s(k): v for k, v in fields.items()}.get(keys.HISTORY_FIELD)
+            try:
+                rows.append(HistoryRow.model_validate_json(raw if raw is not None else b""))
+            except ValidationError as e:
+                log.error("history outbox entry %s dropped: %s", _s(entry_id), e)
+        return ids, rows
+
+    def delete(self, ids: list[str]) -> None:
+        if ids:
+            self.r.xdel(keys.HISTORY_OUTBOX, *ids)
+
+    def length(self) -> int:
+        return int(self.r.xlen(keys.HISTORY_OUTBOX))
+
+
+def usage_since(r: Any, tenant: str, days: list[str]) -> dict[str, float]:
+    """A tenant's usage summed over the given days (``YYYYMMDD``), from the daily counters."""
+    pipe = r.pipeline(transaction=False)
+    for day in days:
+        pipe.hgetall(keys.usage_day(tenant, day))
+    total = {keys.USAGE_GPU_SECONDS: 0.0, keys.USAGE_COST: 0.0, keys.USAGE_IMAGES: 0.0, keys.USAGE_ATTEMPTS: 0.0}
+    for found in pipe.execute():
+        for k, v in (found or {}).items():
+            name = _s(k)
+            if name in total:
+                total[name] += float(_s(v))
+    return total

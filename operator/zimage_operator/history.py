@@ -1,0 +1,71 @@
+"""The operator's side of job history (zimage_history): rows for attempt outcomes as worker events are applied,
+and the supervised loop that writes them to PostgreSQL on the lease holder."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+from zimage_history import metrics
+from zimage_history.db import connect
+from zimage_history.outbox import Outbox
+from zimage_history.rows import OUTCOMES, rows_for
+from zimage_history.writer import HistoryWriter
+from zimage_operator.runtime import Runtime
+from zimage_queue import JobEvent
+
+
+def outbox_for(rt: Runtime) -> Outbox:
+    return Outbox(rt.queue.r, store=bool(rt.settings.history_url))
+
+
+def has_outcome(evs: Sequence[JobEvent]) -> bool:
+    return any(ev.type in OUTCOMES for ev in evs)
+
+
+async def record(rt: Runtime, job: dict[str, Any], evs: Sequence[JobEvent], routed_to: str | None) -> None:
+    """Put the rows of the attempt outcomes among ``evs`` in the outbox (before the events are acked: a replica
+    that dies here replays them, and the store keeps one row per uid and attempt)."""
+    outbox: Outbox | None = rt.history
+    if outbox is None or not has_outcome(evs):
+        return
+    if "spec" not in job:  # the operator's view of an unfinished job keeps its status only
+        found = await rt.akube.get_job(evs[0].namespace, evs[0].name)
+        if found is None or found["metadata"].get("uid") != evs[0].uid:
+            return
+        job = found
+    rows = rows_for(job, evs, rt.model, routed_to)
+    await asyncio.to_thread(outbox.put, rows)
+    if not outbox.store:  # no history store: count here (with one, the writer counts what it inserts)
+        for r in rows:
+            metrics.count_usage(r.tenant, r.deployment, r.gpu_seconds, r.cost)
+
+
+class HistoryLoop:
+    """Writes the outbox into PostgreSQL on the lease holder: batches back to back while rows wait, then a pass
+    every ``history_flush_seconds``; retention once an hour."""
+
+    def __init__(self, rt: Runtime) -> None:
+        cfg = rt.settings
+        self.rt = rt
+        self.writer = HistoryWriter(
+            outbox_for(rt),
+            connect(cfg.history_url, cfg.history_password or None),
+            batch=cfg.history_batch,
+            retention_days=cfg.history_retention_days,
+            usage_retention_days=cfg.history_usage_retention_days,
+        )
+        self.busy = False
+
+    def pause(self) -> float:
+        return 0.0 if self.busy else self.rt.settings.history_flush_seconds
+
+    async def once(self) -> None:
+        self.busy = False
+        if not await asyncio.to_thread(self.rt.lease.held):
+            return
+        n = await asyncio.to_thread(self.writer.write_some)
+        self.busy = n >= self.writer.batch
+        if not self.busy:
+            await asyncio.to_thread(self.writer.purge)
