@@ -128,6 +128,30 @@ def queue(redis_url: str) -> JobQueue:
     return JobQueue.from_url(redis_url, visibility_ms=500)
 
 
+# -- PostgreSQL (the history store) ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[Any]:
+    from zimage_history.server import PostgresServer
+
+    with PostgresServer() as srv:
+        yield srv
+
+
+@pytest.fixture
+def history_url(postgres_server: Any) -> str:
+    """A fresh, empty database on the session's server (no schema yet: the code under test migrates)."""
+    import secrets
+
+    import psycopg
+
+    name = f"t_{secrets.token_hex(6)}"
+    with psycopg.connect(postgres_server.url.replace("+psycopg", ""), autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    return postgres_server.url.rsplit("/", 1)[0] + "/" + name
+
+
 # -- Kubernetes --------------------------------------------------------------------------------------------
 class Kube:
     def __init__(self, env: dict[str, str]) -> None:

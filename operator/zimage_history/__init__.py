@@ -10,6 +10,6 @@
 - :mod:`zimage_history.db`: engines (timeouts) and migrations.
 """
 
-from zimage_history.rows import HistoryRow, Price
+from zimage_history.rows import HistoryRow
 
-__all__ = ["HistoryRow", "Price"]
+__all__ = ["HistoryRow"]

@@ -14,8 +14,9 @@ from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, ValidationError
 
+from zimage_operator.types import Cost
 from zimage_queue import JobEvent
 
 OUTCOMES = ("retrying", "succeeded", "failed", "cancelled")
@@ -24,15 +25,14 @@ GPU_RESOURCE = "nvidia.com/gpu"
 TENANT_LABEL = "zimage.dev/tenant"
 
 
-class Price(BaseModel):
-    """A ModelDeployment's ``spec.cost``."""
-
-    model_config = ConfigDict(populate_by_name=True, extra="ignore")
-
-    per_gpu_hour: float = Field(0.0, alias="perGpuHour")
-    per_image: float = Field(0.0, alias="perImage")
-    per_job: float = Field(0.0, alias="perJob")
-    currency: str = "USD"
+def price_of(pool: dict[str, Any] | None) -> Cost:
+    """The ModelDeployment's ``spec.cost`` (fields of a later release ignored), or free."""
+    raw = ((pool or {}).get("spec") or {}).get("cost") or {}
+    known = {f.alias or name for name, f in Cost.model_fields.items()}
+    try:
+        return Cost.model_validate({k: v for k, v in raw.items() if k in known})
+    except ValidationError:
+        return Cost()
 
 
 class HistoryRow(BaseModel):
@@ -103,7 +103,7 @@ def gpu_seconds(run_seconds: float | None, gpus: float, images: int, batch_image
     return run_seconds * gpus * share
 
 
-def cost_of(price: Price, gpu_secs: float, images: int, succeeded: bool) -> float:
+def cost_of(price: Cost, gpu_secs: float, images: int, succeeded: bool) -> float:
     total = gpu_secs / 3600.0 * price.per_gpu_hour + images * price.per_image + (price.per_job if succeeded else 0)
     return total if math.isfinite(total) else 0.0
 
@@ -145,7 +145,7 @@ def rows_for(
         if ev.type not in OUTCOMES:
             continue
         md = pool(namespace, deployment)
-        price = Price.model_validate((md or {}).get("spec", {}).get("cost") or {})
+        price = price_of(md)
         n = int(spec.get("numImages") or 1)
         results = [r.wire() for r in ev.results or []] if ev.type == "succeeded" else []
         ran = ev.run_seconds is not None and ev.attempt > 0

@@ -74,7 +74,7 @@ job_history = Table(
 )
 # Text search in prompts (``queries.list_jobs(text=...)``): the simple configuration, no stemming or stop words.
 PROMPT_SEARCH = func.to_tsvector(literal_column("'simple'"), func.coalesce(job_history.c.prompt, ""))
-Index("ix_job_history_prompt", PROMPT_SEARCH, postgresql_using="gin")
+Index("ix_job_history_prompt", PROMPT_SEARCH, postgresql_using="gin", _table=job_history)
 
 usage_hourly = Table(
     "usage_hourly",

@@ -332,6 +332,16 @@ class FunctionBackend(CamelModel):
 _ModelName = Annotated[str, Field(min_length=1, max_length=253, pattern=_DNS_NAME)]
 
 
+class Cost(CamelModel):
+    """What the pool's work costs, for usage and per-job cost (docs/history.md): each attempt's GPU-seconds at
+    perGpuHour, plus perImage per image made and perJob per job that succeeded."""
+
+    per_gpu_hour: float = Field(0.0, ge=0, le=1_000_000, description="Price of one GPU for an hour.")
+    per_image: float = Field(0.0, ge=0, le=1_000_000, description="Price of each image made.")
+    per_job: float = Field(0.0, ge=0, le=1_000_000, description="Price of each job that succeeded (text steps too).")
+    currency: str = Field("USD", pattern=r"^[A-Z]{3}$", description="ISO 4217 code; one currency per install.")
+
+
 class Fallbacks(CamelModel):
     """ModelDeployments in the same namespace a job moves to, in order, when this pool cannot serve it."""
 
@@ -430,6 +440,7 @@ class ModelDeploymentSpec(CamelModel):
     acceleration: Acceleration = Field(default_factory=Acceleration)
     scaling: Scaling = Field(default_factory=Scaling)
     fallback: Fallback | None = None
+    cost: Cost | None = Field(None, description="Prices for usage and cost accounting (none: the pool costs 0).")
     fallbacks: Fallbacks | None = Field(
         None, description="Per failure class, the ModelDeployments a job moves to (in order) when it fails here."
     )
