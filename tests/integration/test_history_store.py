@@ -43,7 +43,8 @@ def indexes(engine: Any) -> dict[str, str]:
     with engine.connect() as conn:
         found = conn.execute(
             text(
-                "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = 'public' AND tablename <> 'alembic_version'"
+                "SELECT indexname, indexdef FROM pg_indexes"
+                " WHERE schemaname = 'public' AND tablename <> 'alembic_version'"
             )
         )
         return {name: definition for name, definition in found}
@@ -80,7 +81,7 @@ def test_rows_are_written_once_per_attempt_and_summed_per_hour(history_url: str)
     db.migrate(engine)
     batch = [row("a", 1, "retrying"), row("a", 2), row("b"), row("c", 1, "failed", tenant="other")]
     with engine.begin() as conn:
-        assert len(db.insert_rows(conn, batch + [row("b")])) == 4  # a repeat in the same batch counts once
+        assert len(db.insert_rows(conn, [*batch, row("b")])) == 4  # a repeat in the same batch counts once
     with engine.begin() as conn:
         assert db.insert_rows(conn, [row("a", 2), row("b"), row("d")]) == [row("d")]  # only the new one
     start, end = datetime.fromtimestamp(NOW - 7200, UTC), datetime.fromtimestamp(NOW + 3600, UTC)
