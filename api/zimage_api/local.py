@@ -17,11 +17,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import redis
 from fastapi import FastAPI
 
 from zimage_api.app import create_app
 from zimage_api.settings import ApiSettings
 from zimage_api.store import JobExists, MemoryJobStore
+from zimage_history import db
+from zimage_history.outbox import Outbox
+from zimage_history.rows import OUTCOMES, rows_for
+from zimage_history.writer import HistoryWriter, run_in_thread
 from zimage_operator import reconcile, workflow
 from zimage_operator.workflow_types import WORKFLOW_LABEL
 from zimage_queue import JobEvent, JobQueue
@@ -44,14 +49,27 @@ def local_model(name: str, variant: str) -> dict[str, Any]:
 
 
 class LocalOperator:
-    """Worker events -> in-memory job status, with the operator's pure decision."""
+    """Worker events -> in-memory job status, with the operator's pure decision; attempt outcomes -> the usage
+    counters and the history outbox, as the operator's (``zimage_operator.history.record``)."""
 
-    def __init__(self, store: MemoryJobStore) -> None:
+    def __init__(self, store: MemoryJobStore, outbox: Outbox | None = None) -> None:
         self.store = store
+        self.outbox = outbox
 
     def __call__(self, ev: JobEvent) -> None:
         now = datetime.now(UTC)
-        self.store.update_status(ev.uid, lambda status: reconcile.event_patch(status, ev, now, min_interval=0)[0])
+        routed_to: list[str | None] = []
+
+        def decide(status: dict[str, Any]) -> dict[str, Any] | None:
+            routed_to.append(status.get("routedTo"))
+            return reconcile.event_patch(status, ev, now, min_interval=0)[0]
+
+        self.store.update_status(ev.uid, decide)
+        if self.outbox is not None and ev.type in OUTCOMES:
+            job = self.store.get_job(ev.name)
+            if job is not None and job["metadata"]["uid"] == ev.uid:
+                routed = (routed_to or [None])[0]
+                self.outbox.record(rows_for(job, [ev], lambda _ns, name: self.store.get_model(name), routed))
 
 
 class StepJobs:
@@ -160,7 +178,8 @@ def local_api(
             **overrides,
         )
         store = MemoryJobStore(LOCAL_NAMESPACE, [local_model(model_name, variant)])
-        app = create_app(settings, store, on_event=LocalOperator(store))
+        outbox = Outbox(redis.Redis.from_url(srv.url), store=bool(settings.history_url))
+        app = create_app(settings, store, on_event=LocalOperator(store, outbox))
         q = queue_name(LOCAL_NAMESPACE, model_name)
         engine = engine or load_engine(model, variant=variant, models_dir=models_dir)
         running = []
@@ -184,6 +203,9 @@ def local_api(
             daemon=True,
         )
         flows.start()
+        if settings.history_url:  # the operator's history writer, in-process
+            engine_db = db.connect(settings.history_url, settings.history_password or None)
+            run_in_thread(HistoryWriter(outbox, engine_db), stop_workflows)
         try:
             yield LocalApi(app, settings, srv.url, images, q)
         finally:

@@ -42,6 +42,7 @@ from zimage_api.store import (
     StaleVersion,
     merge_patch,
 )
+from zimage_history import quotas
 from zimage_operator import reconcile
 from zimage_operator.types import TERMINAL_PHASES, ImageJobSpec, Reason
 from zimage_queue import JobEvent, JobQueue
@@ -112,6 +113,23 @@ class JobService:
             )
 
     # -- jobs -----------------------------------------------------------------------------------------
+    async def check_gpu_budget(self, tenant: str) -> None:
+        """429 while the tenant is over its GPU-second budget for the day or the month (ZIMAGE_API_TENANT_QUOTAS),
+        with Retry-After at the budget's renewal."""
+        quota = quotas.quota_for(self.settings.tenant_quotas, tenant)
+        if quota is None:
+            return
+        over = await asyncio.to_thread(quotas.over_budget, self.queue.r, tenant, quota, _now())
+        if over is not None:
+            REJECTED.labels(reason="gpu_quota").inc()
+            message, renews = over
+            raise ApiError(
+                429,
+                f"{message}; new jobs are refused until it renews",
+                code="gpu_quota_exceeded",
+                headers={"Retry-After": str(max(1, int(renews)))},
+            )
+
     def default_model(self) -> str:
         if self.settings.default_model:
             return self.settings.default_model
@@ -206,6 +224,7 @@ class JobService:
         if spec.seed is None:  # resolved into the spec, so the operator's admission builds the very same message
             spec.seed = random.SystemRandom().randrange(2**32)
 
+        await self.check_gpu_budget(p.tenant)
         limit = p.max_concurrent_jobs or self.settings.max_concurrent_jobs
         slot = await asyncio.to_thread(self.quota.reserve, p.tenant, limit)
         if slot is None:

@@ -7,6 +7,7 @@ import re
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from zimage_history.quotas import TenantQuota
 from zimage_queue.clients import RedisAuthSettings
 
 _MODEL_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")
@@ -59,6 +60,11 @@ class ApiSettings(BaseSettings, RedisAuthSettings):  # ZIMAGE_REDIS_PASSWORD, ..
     page_size: int = 50
     host: str = "0.0.0.0"
     port: int = 8080
+    # The job history store (zimage_history; the operator writes it): GET /v1/usage, history in GET /v1/jobs.
+    history_url: str = ""
+    history_password: str = ""
+    # GPU-second budgets per tenant, the operator's ZIMAGE_TENANT_QUOTAS: a tenant over one gets 429.
+    tenant_quotas: dict[str, TenantQuota] = Field(default_factory=dict)
 
     @field_validator("model_aliases")
     @classmethod

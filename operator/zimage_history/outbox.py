@@ -15,6 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from zimage_history import metrics
 from zimage_history.rows import HistoryRow
 from zimage_queue import keys
 
@@ -56,6 +57,14 @@ class Outbox:
             pipe.expire(key, keys.USAGE_DAY_TTL_SECONDS)
         pipe.execute()
         return len(rows)
+
+    def record(self, rows: list[HistoryRow]) -> None:
+        """Put the rows; with no history store, count their usage here (with one, the writer counts what it
+        inserts, once per uid and attempt)."""
+        self.put(rows)
+        if not self.store:
+            for r in rows:
+                metrics.count_usage(r.tenant, r.deployment, r.gpu_seconds, r.cost)
 
     def oldest(self, count: int) -> tuple[list[str], list[HistoryRow]]:
         """Up to ``count`` rows from the front, with every entry id read (those that do not parse included:

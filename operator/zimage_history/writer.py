@@ -5,6 +5,7 @@ Redis; nothing else waits for them."""
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -13,6 +14,7 @@ from sqlalchemy import Engine
 
 from zimage_history import db, metrics, queries
 from zimage_history.outbox import Outbox
+from zimage_queue.supervise import backoff_seconds
 
 log = logging.getLogger(__name__)
 
@@ -80,3 +82,28 @@ class HistoryWriter:
         if deleted:
             log.info("history retention: deleted %d rows older than %d days", deleted, self.retention_days)
         return deleted
+
+
+def run_in_thread(writer: HistoryWriter, stop: threading.Event, idle_seconds: float = 0.5) -> threading.Thread:
+    """The writer's loop on a thread (the local stack; the operator runs it as a supervised task): batches back
+    to back while rows wait, failures retried with backoff."""
+
+    def loop() -> None:
+        failures = 0
+        while not stop.is_set():
+            try:
+                n = writer.write_some()
+                if n < writer.batch:
+                    writer.purge()
+            except Exception as e:
+                failures += 1
+                log.warning("history writer: pass failed (%s: %s); retrying", type(e).__name__, e)
+                stop.wait(backoff_seconds(failures))
+                continue
+            failures = 0
+            if n < writer.batch:
+                stop.wait(idle_seconds)
+
+    thread = threading.Thread(target=loop, name="history-writer", daemon=True)
+    thread.start()
+    return thread

@@ -20,10 +20,12 @@ from typing import Any
 
 import redis
 
+from zimage_history import quotas
 from zimage_operator import reconcile
 from zimage_operator.k8s import StatusConflict
 from zimage_operator.metrics import ADMISSION_BACKLOG, ADMISSIONS, JOBS_ENQUEUED, JOBS_FINISHED
 from zimage_operator.runtime import Runtime
+from zimage_operator.types import TENANT_LABEL
 from zimage_queue.supervise import backoff_seconds, take_batch
 
 log = logging.getLogger(__name__)
@@ -120,7 +122,9 @@ class Admitter:
             model = rt.model(meta["namespace"], spec.get("model", ""))
             if model is None:  # not in the watch's book (yet): ask, before telling the user it is missing
                 model = await asyncio.to_thread(rt.kube.get_model, meta["namespace"], spec.get("model", ""))
-            decision = reconcile.admit(spec=spec, status=status, meta=meta, model=model, now=datetime.now(UTC))
+            now = datetime.now(UTC)
+            over = await self._over_quota(meta, status, now)
+            decision = reconcile.admit(spec=spec, status=status, meta=meta, model=model, now=now, over_quota=over)
             ADMISSIONS.labels(action=decision.action).inc()
             if decision.action == "skip":
                 return None
@@ -161,6 +165,17 @@ class Admitter:
                 return rt.settings.model_recheck_seconds
             return None
         raise StatusConflict(f"ImageJob {_name(body)} kept changing under {CONFLICT_RETRIES} admissions")
+
+    async def _over_quota(self, meta: dict[str, Any], status: dict[str, Any], now: datetime) -> str | None:
+        """Why a job not admitted yet may not run (its tenant's GPU-second budget is spent), or None."""
+        if status.get("phase") not in (None, "Pending"):
+            return None
+        tenant = (meta.get("labels") or {}).get(TENANT_LABEL) or meta["namespace"]
+        quota = quotas.quota_for(self.rt.settings.tenant_quotas, tenant)
+        if quota is None:
+            return None
+        over = await asyncio.to_thread(quotas.over_budget, self.rt.queue.r, tenant, quota, now)
+        return over[0] if over else None
 
     def wake(self, namespace: str) -> None:
         """A ModelDeployment appeared or changed: jobs of its namespace waiting for a model are tried now."""

@@ -7,7 +7,6 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
-from zimage_history import metrics
 from zimage_history.db import connect
 from zimage_history.outbox import Outbox
 from zimage_history.rows import OUTCOMES, rows_for
@@ -35,11 +34,7 @@ async def record(rt: Runtime, job: dict[str, Any], evs: Sequence[JobEvent], rout
         if found is None or found["metadata"].get("uid") != evs[0].uid:
             return
         job = found
-    rows = rows_for(job, evs, rt.model, routed_to)
-    await asyncio.to_thread(outbox.put, rows)
-    if not outbox.store:  # no history store: count here (with one, the writer counts what it inserts)
-        for r in rows:
-            metrics.count_usage(r.tenant, r.deployment, r.gpu_seconds, r.cost)
+    await asyncio.to_thread(outbox.record, rows_for(job, evs, rt.model, routed_to))
 
 
 class HistoryLoop:

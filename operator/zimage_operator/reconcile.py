@@ -64,8 +64,12 @@ def admit(
     model: dict[str, Any] | None,
     now: datetime,
     rng: random.Random | None = None,
+    over_quota: str | None = None,
 ) -> Admission:
-    """Decide what a new (or resumed) ImageJob needs: enqueue it, wait for its model, or fail it."""
+    """Decide what a new (or resumed) ImageJob needs: enqueue it, wait for its model, or fail it.
+
+    ``over_quota``: why the job's tenant is over its GPU-second budget (the caller reads the counters); such a job
+    fails unless it was admitted already (Queued: a resumed admission never fails what it once let in)."""
     gen = meta.get("generation")
     phase = status.get("phase")
     if phase in TERMINAL_PHASES or phase == "Running":
@@ -89,6 +93,18 @@ def admit(
             finishedAt=iso(now),
         )
         return Admission("fail", patch, event=("Warning", Reason.INVALID_SPEC, msg))
+    if over_quota and phase != "Queued":
+        msg = f"{over_quota}; not run"
+        patch = _status_patch(
+            status,
+            now,
+            gen,
+            "Failed",
+            [(Cond.FAILED, True, Reason.GPU_QUOTA_EXCEEDED, msg)],
+            message=msg,
+            finishedAt=iso(now),
+        )
+        return Admission("fail", patch, event=("Warning", Reason.GPU_QUOTA_EXCEEDED, msg))
     if model is None:
         msg = f"ModelDeployment {parsed.model!r} not found in namespace {meta.get('namespace')}; waiting for it"
         patch = _status_patch(

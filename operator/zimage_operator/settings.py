@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from zimage_history.quotas import TenantQuota
 from zimage_operator.types import DEFAULT_FORWARDER_IMAGE
 from zimage_queue.clients import RedisAuthSettings
 
@@ -85,3 +86,7 @@ class OperatorSettings(BaseSettings, RedisAuthSettings):  # ZIMAGE_REDIS_PASSWOR
     history_usage_retention_days: int | None = Field(400, ge=1)
     history_batch: int = Field(1000, ge=1, le=10_000)
     history_flush_seconds: float = Field(0.5, gt=0)
+    # GPU-second budgets per tenant, JSON: {"team-a": {"gpuSecondsPerDay": 3600, "gpuSecondsPerMonth": 60000}}
+    # ("*": every tenant not named). An ImageJob made with kubectl over its tenant's budget fails
+    # (GPUQuotaExceeded); the API refuses its requests with 429 (ZIMAGE_API_TENANT_QUOTAS, the same JSON).
+    tenant_quotas: dict[str, TenantQuota] = Field(default_factory=dict)

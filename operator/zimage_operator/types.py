@@ -51,6 +51,7 @@ class Reason:
 
     MODEL_NOT_FOUND = "ModelNotFound"
     INVALID_SPEC = "InvalidSpec"
+    GPU_QUOTA_EXCEEDED = "GPUQuotaExceeded"
     ENQUEUED = "Enqueued"
     STARTED = "Started"
     COMPLETED = "Completed"
