@@ -311,12 +311,14 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 
 @contextmanager
-def operator_stack(kube: Kube, tmp: Path, namespace: str, **operator_env: str) -> Iterator[tuple[Processes, str]]:
+def operator_stack(
+    kube: Kube, tmp: Path, namespace: str, metrics_port: int = 0, **operator_env: str
+) -> Iterator[tuple[Processes, str]]:
     """A namespace, a private Redis and the operator watching that namespace; all gone afterwards."""
     kube.kubectl("create", "namespace", namespace)
     ps = Processes(tmp)
     with RedisServer() as srv:
-        start_operator(ps, kube, srv.url, namespace, **operator_env)
+        start_operator(ps, kube, srv.url, namespace, metrics_port=metrics_port, **operator_env)
         try:
             yield ps, srv.url
         finally:
@@ -343,7 +345,9 @@ def start_worker(ps: Processes, redis_url: str, queue_name: str, images: Path, *
     return ps.start("worker", [str(BIN / "zimage-worker")], worker_env(redis_url, queue_name, images, **extra))
 
 
-def start_operator(ps: Processes, kube: Kube, redis_url: str, namespace: str, **extra: str) -> subprocess.Popen[bytes]:
+def start_operator(
+    ps: Processes, kube: Kube, redis_url: str, namespace: str, metrics_port: int = 0, **extra: str
+) -> subprocess.Popen[bytes]:
     env = {**kube.env, "ZIMAGE_REDIS_URL": redis_url, "ZIMAGE_MODEL_RECHECK_SECONDS": "1", **extra}
-    argv = [str(BIN / "zimage-operator"), "--standalone", "-n", namespace, "--metrics-port", "0"]
+    argv = [str(BIN / "zimage-operator"), "--standalone", "-n", namespace, "--metrics-port", str(metrics_port)]
     return ps.start("operator", argv, env)

@@ -163,3 +163,57 @@ envFrom:
 annotations: {{- toYaml .Values.storage.s3.serviceAccountAnnotations | nindent 2 }}
 {{- end }}
 {{- end -}}
+
+{{/* The history store (history.*): its URL (no password in it), empty when history is off. bundled: the chart's
+PostgreSQL, user and database "zimage". */}}
+{{- define "zimage.historyUrl" -}}
+{{- $h := .Values.history -}}
+{{- if $h.enabled -}}
+{{- if $h.bundled.enabled -}}postgresql://zimage@{{ include "zimage.fullname" . }}-postgresql.{{ .Release.Namespace }}.svc:5432/zimage
+{{- else -}}{{ required "history.url (or history.bundled.enabled) is required when history.enabled is true" $h.url }}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The Secret holding the history store's password (key history.passwordKey): history.existingSecret, else the
+chart's for the bundled PostgreSQL; empty when there is none. */}}
+{{- define "zimage.historyPasswordSecret" -}}
+{{- $h := .Values.history -}}
+{{- if $h.enabled -}}
+{{- if $h.existingSecret }}{{ $h.existingSecret }}{{ else if $h.bundled.enabled }}{{ include "zimage.fullname" . }}-postgresql-auth{{ end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The history store and the tenants' GPU-second quotas as a process's environment entries (.root; .prefix:
+ZIMAGE_ for the operator, ZIMAGE_API_ for the API; .retention: the operator's retention days too). The password
+comes from a secretKeyRef, never a value. */}}
+{{- define "zimage.historyEnv" -}}
+{{- $root := .root -}}
+{{- $h := $root.Values.history -}}
+{{- with include "zimage.historyUrl" $root }}
+- name: {{ $.prefix }}HISTORY_URL
+  value: {{ . | quote }}
+{{- with include "zimage.historyPasswordSecret" $root }}
+- name: {{ $.prefix }}HISTORY_PASSWORD
+  valueFrom:
+    secretKeyRef: {name: {{ . }}, key: {{ $h.passwordKey }}}
+{{- end }}
+{{- if $.retention }}
+- name: {{ $.prefix }}HISTORY_RETENTION_DAYS
+  value: {{ if $h.retentionDays }}{{ $h.retentionDays | int64 | quote }}{{ else }}"null"{{ end }}
+- name: {{ $.prefix }}HISTORY_USAGE_RETENTION_DAYS
+  value: {{ if $h.usageRetentionDays }}{{ $h.usageRetentionDays | int64 | quote }}{{ else }}"null"{{ end }}
+{{- end }}
+{{- end }}
+{{- with $root.Values.quotas.tenants }}
+- name: {{ $.prefix }}TENANT_QUOTAS
+  value: {{ toJson . | quote }}
+{{- end }}
+{{- end -}}
+
+{{/* History values that cannot work are refused at render time. */}}
+{{- define "zimage.checkHistory" -}}
+{{- $h := .Values.history -}}
+{{- if and $h.bundled.enabled (not $h.enabled) }}{{ fail "history.bundled.enabled needs history.enabled" }}{{ end -}}
+{{- if and $h.enabled $h.bundled.enabled $h.url }}{{ fail "history.url and history.bundled.enabled exclude each other: the bundled PostgreSQL has its own URL" }}{{ end -}}
+{{- end -}}

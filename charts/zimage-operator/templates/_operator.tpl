@@ -72,6 +72,7 @@ spec:
             - name: ZIMAGE_WORKER_REDIS_URL
               value: {{ $root.Values.operator.workerRedisUrl | default (include "zimage.redisUrl" $root) | quote }}
             {{- with include "zimage.redisEnv" (dict "root" $root "operator" true) }}{{ . | trim | nindent 12 }}{{ end }}
+            {{- with include "zimage.historyEnv" (dict "root" $root "prefix" "ZIMAGE_" "retention" true) }}{{ . | trim | nindent 12 }}{{ end }}
             # remote ModelDeployments' forwarder pods run this image (zimage-forwarder)
             - name: ZIMAGE_FORWARDER_IMAGE
               value: {{ include "zimage.image" $root | quote }}
