@@ -37,7 +37,7 @@ from zimage_queue.entries import text
 BULK_LABEL = "zimage.dev/bulk"
 TOKEN_PREFIX = "bulk."
 
-_OBJECT, _STATUS, _VERSION = "object", "status", "rv"
+_OBJECT, _STATUS, _VERSION = keys.F_BULK_OBJECT, "status", "rv"
 _RECORD_FIELDS = (keys.F_STATE, keys.F_ATTEMPTS, keys.F_WORKER, keys.F_FINAL, keys.F_RESULT, keys.F_CANCEL)
 
 # KEYS: job hash ; ARGV: object json, ttl -> 0 when the name is taken. One key: fine on Redis Cluster.

@@ -166,6 +166,7 @@ async def consume_once(rt: Runtime, applier: EventApplier) -> None:
     outcomes = await asyncio.gather(
         *(one([ev for _, ev in group_]) for group_ in jobs.values()), return_exceptions=True
     )
+    await history.record_bulk(rt, [ev for _, ev in batch if ev.bulk])  # before any ack: replayed if it fails
     retry: set[str] = set()
     failure: BaseException | None = None
     for (uid, group_), outcome in zip(jobs.items(), outcomes, strict=True):

@@ -4,6 +4,7 @@ and the supervised loop that writes them to PostgreSQL on the lease holder."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,7 +13,7 @@ from zimage_history.outbox import Outbox
 from zimage_history.rows import OUTCOMES, rows_for
 from zimage_history.writer import HistoryWriter
 from zimage_operator.runtime import Runtime
-from zimage_queue import JobEvent
+from zimage_queue import JobEvent, keys
 
 
 def outbox_for(rt: Runtime) -> Outbox:
@@ -35,6 +36,35 @@ async def record(rt: Runtime, job: dict[str, Any], evs: Sequence[JobEvent], rout
             return
         job = found
     await asyncio.to_thread(outbox.record, rows_for(job, evs, rt.model, routed_to))
+
+
+def bulk_jobs(r: Any, evs: Sequence[JobEvent]) -> dict[str, dict[str, Any]]:
+    """The objects the API keeps for bulk jobs (``keys.bulk_job``), by uid; a job past its retention is absent."""
+    pipe = r.pipeline(transaction=False)
+    for ev in evs:
+        pipe.hget(keys.bulk_job(ev.namespace, ev.name), keys.F_BULK_OBJECT)
+    found: dict[str, dict[str, Any]] = {}
+    for ev, raw in zip(evs, pipe.execute(), strict=True):
+        if raw:
+            obj = json.loads(raw)
+            if (obj.get("metadata") or {}).get("uid") == ev.uid:
+                found[ev.uid] = obj
+    return found
+
+
+async def record_bulk(rt: Runtime, evs: Sequence[JobEvent]) -> None:
+    """Rows for bulk jobs' attempt outcomes (no ImageJob: the job is the object the API keeps in Redis). A label
+    shard cannot tell its own from the event, so each records them: the store keeps one row per uid and attempt."""
+    outbox: Outbox | None = rt.history
+    mine = [ev for ev in evs if ev.bulk and ev.type in OUTCOMES and rt.owns.decided(ev) is not False]
+    if outbox is None or not mine:
+        return
+    jobs = await asyncio.to_thread(bulk_jobs, rt.queue.r, mine)
+    by_job: dict[str, list[JobEvent]] = {}
+    for ev in mine:
+        by_job.setdefault(ev.uid, []).append(ev)
+    rows = [row for uid, job_evs in by_job.items() if uid in jobs for row in rows_for(jobs[uid], job_evs, rt.model)]
+    await asyncio.to_thread(outbox.record, rows)
 
 
 class HistoryLoop:

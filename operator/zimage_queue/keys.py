@@ -69,6 +69,10 @@ def bulk_job(namespace: str, name: str) -> str:
     return f"{PREFIX}:bulk:{namespace}:job:{name}"
 
 
+# The bulk job hash's field holding the job's object (metadata, spec), as the API wrote it at admission.
+F_BULK_OBJECT = "object"
+
+
 def bulk_index(namespace: str, tenant: str) -> str:
     """Sorted set of a tenant's bulk job names by creation time (ms), trimmed by retention and count."""
     return f"{PREFIX}:bulk:{namespace}:index:{tenant}"

@@ -49,7 +49,9 @@ def stack(crds: Kube, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict
             ps, url, keys.queue_name(NS, "z-image-turbo"), tmp / "images",
             ZIMAGE_MAX_BATCH_SIZE="4", ZIMAGE_MAX_WAIT_MILLISECONDS="300",
         )  # fmt: skip
-        yield {"kube": crds, "redis": url, "pg": pg, "engine": db.connect(pg.url, connect_timeout=2), "port": port}
+        engine = db.connect(pg.url, connect_timeout=2)
+        wait_for(lambda: db.current_revision(engine) == "0001", timeout=60, what="the operator migrated the store")
+        yield {"kube": crds, "redis": url, "pg": pg, "engine": engine, "port": port}
 
 
 def phases(kube: Kube, names: list[str]) -> dict[str, str]:

@@ -176,3 +176,36 @@ def test_listing_search_erasure_and_retention(history_url: str) -> None:
         assert {u["key"] for u in queries.usage(conn, start, datetime.now(UTC) + timedelta(hours=1), "tenant")} == {
             "acme", "other"
         }  # fmt: skip
+
+
+def test_bulk_jobs_are_recorded_from_the_object_the_api_keeps(redis_url: str) -> None:
+    """Bulk jobs have no ImageJob: the operator builds their rows from the object the API keeps in Redis, for the
+    events of its shard only, and skips jobs whose object is gone."""
+    import asyncio
+    import json
+    from types import SimpleNamespace
+
+    from zimage_operator.history import record_bulk
+    from zimage_queue import JobEvent
+
+    r = redis.Redis.from_url(redis_url)
+    obj = {
+        "metadata": {"name": "b1", "namespace": "team-a", "uid": "u-b1", "labels": {"zimage.dev/tenant": "acme"}},
+        "spec": {"model": "turbo", "prompt": "a bulk fox", "width": 64, "height": 64, "seed": 3},
+    }
+    r.hset(keys.bulk_job("team-a", "b1"), keys.F_BULK_OBJECT, json.dumps(obj))
+    outbox = Outbox(r)
+    owns = SimpleNamespace(decided=lambda ev: ev.namespace == "team-a")
+    rt = SimpleNamespace(history=outbox, owns=owns, queue=SimpleNamespace(r=r), model=lambda ns, name: None)
+
+    def ev(name: str, uid: str, namespace: str = "team-a") -> JobEvent:
+        return JobEvent(type="succeeded", uid=uid, namespace=namespace, name=name, attempt=1, bulk=True,
+                        run_seconds=2.0, batch_images=2)  # fmt: skip
+
+    progress = JobEvent(type="progress", uid="u-b1", namespace="team-a", name="b1", attempt=1, bulk=True)
+    evs = [progress, ev("b1", "u-b1"), ev("gone", "u-gone"), ev("b9", "u-b9", namespace="elsewhere")]
+    asyncio.run(record_bulk(rt, evs))  # type: ignore[arg-type]
+    _, rows = outbox.oldest(10)
+    assert [(x.name, x.tenant, x.prompt, x.seed, x.gpu_seconds, x.bulk) for x in rows] == [
+        ("b1", "acme", "a bulk fox", 3, 1.0, True)
+    ]
