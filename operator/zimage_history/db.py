@@ -103,13 +103,14 @@ def insert_rows(conn: Connection, rows: list[HistoryRow]) -> list[HistoryRow]:
     unique = {(r.uid, r.attempt): r for r in rows}
     if not unique:
         return []
+    # Rows as parameters of one cached statement (executemany: psycopg pipelines it, SQLAlchemy batches the
+    # RETURNING), not one statement with every value in it, which is compiled afresh each time.
     stmt = (
         pg_insert(job_history)
-        .values([row_values(r) for r in unique.values()])
         .on_conflict_do_nothing(constraint="uq_job_history_attempt")
         .returning(job_history.c.uid, job_history.c.attempt)
     )
-    inserted = {(uid, attempt) for uid, attempt in conn.execute(stmt)}
+    inserted = {(uid, attempt) for uid, attempt in conn.execute(stmt, [row_values(r) for r in unique.values()])}
     new = [r for key, r in unique.items() if key in inserted]
     sums: dict[tuple[str, str, datetime], dict[str, float]] = defaultdict(
         lambda: dict.fromkeys(("attempts", "jobs", "succeeded", "images", "gpu_seconds", "cost"), 0.0)
@@ -123,21 +124,12 @@ def insert_rows(conn: Connection, rows: list[HistoryRow]) -> list[HistoryRow]:
         s["gpu_seconds"] += r.gpu_seconds
         s["cost"] += r.cost
     if sums:
-        up = pg_insert(usage_hourly).values(
-            [
-                {
-                    "tenant": t,
-                    "model": m,
-                    "hour": h,
-                    **{k: (v if k in ("gpu_seconds", "cost") else int(v)) for k, v in s.items()},
-                }
-                for (t, m, h), s in sums.items()
-            ]
-        )
+        up = pg_insert(usage_hourly)
         conn.execute(
             up.on_conflict_do_update(
                 constraint="pk_usage_hourly",
                 set_={c: getattr(usage_hourly.c, c) + getattr(up.excluded, c) for c in next(iter(sums.values()))},
-            )
+            ),
+            [{"tenant": t, "model": m, "hour": h, **_typed(s)} for (t, m, h), s in sums.items()],
         )
     return new
