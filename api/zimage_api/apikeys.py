@@ -10,6 +10,8 @@ An entry (JSON)::
     {"tenant": "team-a", "sha256": "<hex>", "ratePerSecond": 5, "burst": 10, "maxConcurrentJobs": 8, "bulk": true}
 
 ``bulk``: the key's jobs are bulk jobs unless a request asks otherwise (no ImageJob; see zimage_api.redis_store).
+``admin``: the key sees every tenant's usage and job history (``GET /v1/usage``, ``GET /v1/jobs?source=history``,
+``DELETE /v1/history?tenant=``); its own jobs are still its tenant's.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class Principal:
     burst: int | None = None
     max_concurrent_jobs: int | None = None
     bulk: bool = False  # the key's default mode: bulk jobs (no ImageJob)
+    admin: bool = False  # sees every tenant's usage and history
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,7 @@ def parse_entry(kid: str, raw: str) -> KeyEntry:
             burst=data.get("burst"),
             max_concurrent_jobs=data.get("maxConcurrentJobs"),
             bulk=data.get("bulk") is True,
+            admin=data.get("admin") is True,
         ),
         str(data["sha256"]).lower(),
     )

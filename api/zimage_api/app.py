@@ -1,4 +1,5 @@
-"""The FastAPI app: wiring, health, metrics. Routes live in routes_jobs, routes_workflows and routes_openai."""
+"""The FastAPI app: wiring, health, metrics. Routes live in routes_jobs, routes_workflows, routes_openai and
+routes_usage."""
 
 from __future__ import annotations
 
@@ -12,11 +13,12 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from zimage_api import docs_ui, errors, routes_jobs, routes_openai, routes_workflows
+from zimage_api import docs_ui, errors, routes_jobs, routes_openai, routes_usage, routes_workflows
 from zimage_api.apikeys import KeyRing
 from zimage_api.bodylimit import BodyLimit
 from zimage_api.deps import Parts
 from zimage_api.events import EventHub
+from zimage_api.history import History
 from zimage_api.images import ImageAccess
 from zimage_api.limits import ConcurrencyQuota, RateLimiter
 from zimage_api.metrics import REQUEST_SECONDS, REQUESTS
@@ -68,6 +70,7 @@ def create_app(
         key_ring(settings),
         UrlSigner(settings.url_signing_key, settings.url_ttl_seconds),
         ImageAccess(settings.storage_url),
+        History(settings.history_url, settings.history_password, store.namespace) if settings.history_url else None,
     )
 
     @asynccontextmanager
@@ -80,6 +83,8 @@ def create_app(
             await hub.stop()
             await async_redis.aclose()
             sync_redis.close()
+            if parts.history is not None:
+                parts.history.close()
 
     app = FastAPI(
         title="zimage API",
@@ -95,6 +100,7 @@ def create_app(
     app.include_router(routes_jobs.router)
     app.include_router(routes_workflows.router)
     app.include_router(routes_openai.router)
+    app.include_router(routes_usage.router)
 
     # Inside ``measure``, so its refusals are counted too.
     app.add_middleware(BodyLimit, max_bytes=settings.request_limit)

@@ -18,7 +18,7 @@ import traceback
 from types import FrameType
 from typing import NoReturn, cast
 
-from zimage_api import cli_generate, cli_jobs, cli_keys, cli_workflow, dev
+from zimage_api import cli_generate, cli_jobs, cli_keys, cli_usage, cli_workflow, dev
 from zimage_api.cli_config import CliSettings, Register, Shared
 from zimage_api.cli_errors import FAILED, CliError, UserError
 from zimage_queue import logs
@@ -80,6 +80,7 @@ COMMANDS: list[Register] = [
     cli_generate.register,
     register_serve,
     cli_jobs.register,
+    cli_usage.register,
     cli_keys.register,
     dev.register,
     cli_workflow.register,

@@ -60,6 +60,11 @@ FLAGS = {
     "id": "ID",
     "limit": "--limit",
     "phase": "--phase",
+    "from": "--from",
+    "to": "--to",
+    "group_by": "--group-by",
+    "tenant": "--tenant",
+    "q": "--q",
 }
 _BY_WIRE_NAME = {to_camel(field): flag for field, flag in FLAGS.items()}
 _BOUND_ERRORS = {"greater_than_equal", "less_than_equal", "greater_than", "less_than", "multiple_of"}

@@ -1,6 +1,7 @@
 """``zimage jobs list|get|watch|cancel``: a tenant's jobs on a running API (bulk jobs and ImageJobs alike), shown
-as kubectl shows objects: a table, or ``-o json|yaml|name``. IDs may be given as ``job/ID`` (what ``-o name``
-prints), so ``zimage jobs list -o name | xargs zimage jobs cancel`` works."""
+as kubectl shows objects: a table, or ``-o json|yaml|name``. ``jobs list --history`` lists finished jobs from the
+API's history store instead (``--q`` searches the prompts), those gone past their TTL included. IDs may be given
+as ``job/ID`` (what ``-o name`` prints), so ``zimage jobs list -o name | xargs zimage jobs cancel`` works."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from typing import Any
 
 from zimage_api.cli_client import TERMINAL_EVENTS, ApiClient
 from zimage_api.cli_config import Shared
-from zimage_api.cli_errors import Failure
+from zimage_api.cli_errors import Failure, UserError
 from zimage_api.cli_output import StepProgress, job_id, render_jobs
+from zimage_api.cli_usage import ago
 
 PHASES = ["Pending", "Queued", "Running", "Succeeded", "Failed", "Cancelled"]
 
@@ -24,12 +26,22 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], shared: S
     js = j.add_subparsers(dest="jobs_command", required=True, metavar="{list,get,watch,cancel}")
     leaf = [shared.debug, shared.api, shared.output]
 
-    jl = js.add_parser("list", parents=leaf, help="your tenant's jobs: bulk jobs (newest first), then ImageJobs")
+    jl = js.add_parser(
+        "list",
+        parents=leaf,
+        help="your tenant's jobs: bulk jobs (newest first), then ImageJobs; --history: finished ones, newest first",
+    )
     jl.add_argument("--phase", default=None, choices=PHASES)
     jl.add_argument("--model", default=None, help="only this ModelDeployment's jobs")
     jl.add_argument("--limit", type=int, default=50, help="page size (1-500)")
     jl.add_argument("--all", action="store_true", help="follow the pages (up to --max jobs)")
     jl.add_argument("--max", type=int, default=1000)
+    jl.add_argument(
+        "--history", action="store_true", help="finished jobs from the history store (those past their TTL too)"
+    )
+    jl.add_argument("--q", metavar="TEXT", default=None, help="--history: words all in the prompt")
+    jl.add_argument("--since", metavar="DURATION", default=None, help="--history: finished in the last 12h, 7d, ...")
+    jl.add_argument("--tenant", default=None, help="--history with an admin key: this tenant's (default: all)")
     jl.add_argument("--json", dest="output", action="store_const", const="json", help=argparse.SUPPRESS)  # -o json
     jl.set_defaults(func=jobs_list)
 
@@ -89,6 +101,16 @@ def jobs_list(args: argparse.Namespace) -> int:
         params["phase"] = args.phase
     if args.model:
         params["model"] = args.model
+    if args.history:
+        params["source"] = "history"
+        if args.q:
+            params["q"] = args.q
+        if args.since:
+            params["since"] = ago(args.since, datetime.now(UTC))
+        if args.tenant:
+            params["tenant"] = args.tenant
+    elif args.q or args.since or args.tenant:
+        raise UserError("--q, --since and --tenant list the history: add --history")
     jobs: list[dict[str, Any]] = []
     with client(args) as c:
         while True:

@@ -33,6 +33,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], shared: S
     kc.add_argument("--burst", type=int, default=None)
     kc.add_argument("--max-concurrent-jobs", type=int, default=None)
     kc.add_argument("--bulk", action="store_true", help="the key's jobs are bulk jobs (no ImageJob) by default")
+    kc.add_argument(
+        "--admin", action="store_true", help="the key sees every tenant's usage and job history (zimage usage)"
+    )
     kc.add_argument("--secret", default="zimage-api-keys", help="the keys Secret (the chart's api.keysSecret)")
     kc.add_argument("-n", "--namespace", default=None, help="its namespace (default: kubectl's current one)")
     kc.set_defaults(func=create_key)
@@ -71,6 +74,7 @@ def create_key(args: argparse.Namespace) -> int:
             burst=args.burst,
             maxConcurrentJobs=args.max_concurrent_jobs,
             bulk=args.bulk,
+            admin=args.admin,
         )
     except ValueError as e:
         raise UserError(str(e).replace("tenant must", "--tenant must")) from e

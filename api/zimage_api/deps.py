@@ -10,6 +10,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 
 from zimage_api.apikeys import KeyRing, Principal
 from zimage_api.errors import ApiError
+from zimage_api.history import History, disabled
 from zimage_api.images import ImageAccess
 from zimage_api.service import JobService
 from zimage_api.settings import ApiSettings
@@ -23,6 +24,7 @@ class Parts:
     keys: KeyRing
     signer: UrlSigner
     images: ImageAccess
+    history: History | None = None  # ZIMAGE_API_HISTORY_URL: usage, finished jobs past their TTL
 
 
 def parts(request: Request) -> Parts:
@@ -57,6 +59,13 @@ async def principal(
     return found
 
 
+def history(app: Annotated[Parts, Depends(parts)]) -> History:
+    """The history store; 404 ``history_disabled`` when the API has none."""
+    if app.history is None:
+        raise disabled()
+    return app.history
+
+
 def base_url(request: Request, app: Annotated[Parts, Depends(parts)]) -> str:
     return (app.settings.public_url or str(request.base_url)).rstrip("/")
 
@@ -64,3 +73,4 @@ def base_url(request: Request, app: Annotated[Parts, Depends(parts)]) -> str:
 Caller = Annotated[Principal, Depends(principal)]
 App = Annotated[Parts, Depends(parts)]
 BaseUrl = Annotated[str, Depends(base_url)]
+HistoryStore = Annotated[History, Depends(history)]

@@ -49,6 +49,16 @@ class ImageAccess:
         if keys:
             self.store.delete(keys)
 
+    def delete(self, uris: list[str]) -> int:
+        """Delete the objects of this API's storage among ``uris`` (one already gone is no error); how many that
+        were. URIs elsewhere are left (this API cannot reach them)."""
+        if self.store is None:
+            return 0
+        keys = sorted({k for k in map(self.store.key_of, uris) if k is not None})
+        if keys:
+            self.store.delete(keys)
+        return len(keys)
+
     def put_upload(self, key: str, data: bytes, content_type: str) -> str:
         if self.store is None:
             raise ApiError(400, "image: this API takes no uploads (it has no image storage configured)", param="image")

@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 import mimetypes
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Response
 from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
 
-from zimage_api.deps import App, BaseUrl, Caller, presented_key, principal
+from zimage_api.apikeys import Principal
+from zimage_api.deps import App, BaseUrl, Caller, Parts, presented_key, principal
 from zimage_api.errors import ApiError
+from zimage_api.history import HISTORY_PHASES, Source, before_id_of, disabled, history_job, parse_time, scope
+from zimage_api.routes_usage import HISTORY_ANSWERS, TenantParam
 from zimage_api.schemas import JobList, JobRequest, JobView, ModelList
 from zimage_api.views import image_path, job_view, model_view, sse_event
 from zimage_operator.types import Phase
@@ -55,7 +58,10 @@ async def create_job(
     return job_view(job, app.signer, base)
 
 
-@router.get("/jobs", response_model=JobList)
+HISTORY_ONLY = "only with source=history"
+
+
+@router.get("/jobs", response_model=JobList, responses=HISTORY_ANSWERS)
 async def list_jobs(
     caller: Caller,
     app: App,
@@ -64,15 +70,92 @@ async def list_jobs(
     model: Annotated[str | None, Query(max_length=253)] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     page_token: Annotated[str | None, Query(max_length=4096)] = None,
+    source: Annotated[
+        Source, Query(description="live: the jobs in the job store; history: finished jobs from the history store.")
+    ] = "live",
+    since: Annotated[
+        str | None, Query(max_length=64, description="source=history: finished at or after (ISO 8601).")
+    ] = None,
+    until: Annotated[
+        str | None, Query(max_length=64, description="source=history: finished before (ISO 8601).")
+    ] = None,
+    q: Annotated[
+        str | None, Query(min_length=1, max_length=500, description="source=history: words all in the prompt.")
+    ] = None,
+    tenant: TenantParam = None,
 ) -> JobList:
-    """The caller's tenant's jobs, a page at a time: bulk jobs (newest first), then ImageJobs (by name)."""
+    """The caller's tenant's jobs, a page at a time: bulk jobs (newest first), then ImageJobs (by name).
+
+    ``source=history``: finished jobs (Succeeded, Failed, Cancelled) from the history store, newest first, also
+    those gone from the job store past their TTL; ``since``, ``until`` and ``q`` (words of the prompt) filter
+    them, and an admin key sees every tenant's (``tenant`` narrows)."""
+    if source == "history":
+        return await list_history(caller, app, base, phase, model, limit, page_token, since, until, q, tenant)
+    for name, value in (("since", since), ("until", until), ("q", q)):
+        if value is not None:
+            raise ApiError(400, f"{name}: {HISTORY_ONLY}", param=name, code="invalid_value")
+    if tenant not in (None, caller.tenant):
+        raise ApiError(400, f"tenant: another tenant's jobs: {HISTORY_ONLY}", param="tenant", code="invalid_value")
     jobs, token = await app.service.list(caller, phase, model, limit, page_token)
     return JobList(data=[job_view(j, app.signer, base) for j in jobs], next_page_token=token)
 
 
+async def list_history(
+    caller: Principal,
+    app: Parts,
+    base: str,
+    phase: str | None,
+    model: str | None,
+    limit: int,
+    token: str | None,
+    since: str | None,
+    until: str | None,
+    text: str | None,
+    tenant: str | None,
+) -> JobList:
+    if app.history is None:
+        raise disabled()
+    who = scope(caller, tenant)
+    for name, value in (("model", model), ("q", text)):
+        if value is not None and "\x00" in value:  # PostgreSQL's text takes no NUL
+            raise ApiError(400, f"{name}: contains a NUL character", param=name, code="invalid_value")
+    if phase is not None and phase not in HISTORY_PHASES:
+        raise ApiError(
+            400,
+            f"phase: the history holds finished jobs ({', '.join(HISTORY_PHASES)}), not {phase}",
+            param="phase",
+            code="invalid_value",
+        )
+    rows, next_token = await app.history.list_jobs(
+        who,
+        model=model,
+        outcome=HISTORY_PHASES[phase] if phase else None,
+        since=parse_time(since, "since"),
+        until=parse_time(until, "until"),
+        text=text,
+        limit=limit,
+        before_id=before_id_of(token),
+    )
+    return JobList(data=[job_view(history_job(r), app.signer, base) for r in rows], next_page_token=next_token)
+
+
+async def find_job(app: Parts, caller: Principal, name: str) -> dict[str, Any]:
+    """The caller's job: from the job store, else (gone past its TTL) its last outcome in the history store."""
+    try:
+        return await app.service.get(caller, name)
+    except ApiError as e:
+        if e.status != 404 or app.history is None:
+            raise
+        row = await app.history.get_job(name, caller.tenant)
+        if row is None:
+            raise
+        return history_job(row)
+
+
 @router.get("/jobs/{id}", response_model=JobView)
 async def get_job(id: JobId, caller: Caller, app: App, base: BaseUrl) -> JobView:
-    return job_view(await app.service.get(caller, id), app.signer, base)
+    """The job; one gone from the job store (past its TTL) comes from the history store, when the API has one."""
+    return job_view(await find_job(app, caller, id), app.signer, base)
 
 
 @router.delete("/jobs/{id}", response_model=JobView)
@@ -127,10 +210,13 @@ async def get_image(
     """One image: with the API key, or with the signed link from the job (``expires`` and ``signature``)."""
     if app.signer.verify(image_path(id, index), expires, signature):
         job = await asyncio.to_thread(app.service.find, id)
-        if job is None:
-            raise ApiError(404, f"no job {id!r}", param="id", code="job_not_found")
+        if job is None:  # gone past its TTL: the link was handed out, so the job's images stay readable
+            row = await app.history.get_job(id, None) if app.history is not None else None
+            if row is None:
+                raise ApiError(404, f"no job {id!r}", param="id", code="job_not_found")
+            job = history_job(row)
     else:
-        job = await app.service.get(await principal(key, app), id)
+        job = await find_job(app, await principal(key, app), id)
     results = await app.service.results(job)
     if index >= len(results):
         raise ApiError(404, f"job {id!r} has no image {index}", param="index", code="image_not_found")

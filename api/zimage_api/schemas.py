@@ -62,6 +62,11 @@ class JobView(CamelModel):
     started_at: str | None = None
     finished_at: str | None = None
     run_seconds: float | None = None
+    gpu_seconds: float | None = Field(
+        None, description="A job from the history: the GPU-seconds its last attempt used (its share of a batch)."
+    )
+    cost: float | None = Field(None, description="A job from the history: what its last attempt cost, in currency.")
+    currency: str | None = Field(None, description="ISO 4217 code of cost (the ModelDeployment's spec.cost).")
     images: list[ImageLink] = Field(default_factory=list)
     request: dict[str, Any]
     links: Links
@@ -71,6 +76,39 @@ class JobList(CamelModel):
     object: Literal["list"] = "list"
     data: list[JobView]
     next_page_token: str | None = Field(None, description="Pass as page_token for the next page; absent at the end.")
+
+
+UsageGroupBy = Literal["tenant", "model", "day"]
+
+
+class UsageRow(CamelModel):
+    key: str = Field(description="The tenant, the model (the ModelDeployment that ran the attempts) or the UTC day.")
+    attempts: int = Field(description="Attempts that ended: retried, succeeded, failed or cancelled.")
+    jobs: int = Field(description="Jobs that ended (succeeded, failed or cancelled).")
+    succeeded: int
+    images: int
+    gpu_seconds: float
+    cost: float
+
+
+class UsageReport(CamelModel):
+    """``GET /v1/usage``: sums of whole UTC hours (the hour ``from`` falls in is counted, ``to``'s is not)."""
+
+    object: Literal["list"] = "list"
+    from_: str = Field(alias="from")
+    to: str
+    group_by: UsageGroupBy
+    data: list[UsageRow]
+    currency: str | None = Field(None, description="ISO 4217 code of cost; absent while the history is empty.")
+
+
+class HistoryErased(CamelModel):
+    """``DELETE /v1/history``: what was deleted. The hourly usage sums (billing) stay: they hold no prompt or image."""
+
+    tenant: str
+    deleted_jobs: int = Field(description="Rows deleted: one per attempt outcome.")
+    deleted_images: int = Field(description="Images the rows named in this API's storage, deleted.")
+    complete: bool = Field(description="False: the request ran out of time first; send it again for the rest.")
 
 
 class ModelView(BaseModel):
