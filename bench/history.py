@@ -60,11 +60,13 @@ import psutil
 import redis
 from sqlalchemy import Connection, Engine, event, text
 
+from bench import PROMPTS
 from zimage_history import db, queries
 from zimage_history.outbox import Outbox
-from zimage_history.rows import TENANT_LABEL, rows_for
+from zimage_history.rows import rows_for
 from zimage_history.server import PostgresServer
 from zimage_history.writer import HistoryWriter
+from zimage_operator.types import TENANT_LABEL
 from zimage_queue import JobEvent
 from zimage_queue.message import ResultImage
 from zimage_queue.server import RedisServer
@@ -73,16 +75,6 @@ TENANTS = [f"tenant-{i}" for i in range(8)]
 MODELS = ["z-image-turbo", "z-image-base", "flux-schnell", "sdxl"]
 PRICE = {"perGpuHour": 2.5, "perImage": 0.001}
 BATCH_IMAGES = 4  # the worker's batch: a job's GPU-seconds are its share of it
-PROMPTS = [
-    "a lighthouse at dusk",
-    "a red fox in fresh snow",
-    "a bowl of ramen, top view",
-    "an old tram in Lisbon",
-    "a glass teapot on a windowsill",
-    "a paper crane on a desk",
-    "mountains above a sea of clouds",
-    "a neon sign reading OPEN",
-]
 LOAD_CHUNK = 1_000_000
 LAG_GOAL_S = 2.0
 QUERY_GOAL_MS = 200.0

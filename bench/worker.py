@@ -45,23 +45,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench import PROMPTS
 from zimage_queue import GenerationParams, JobMessage, JobQueue
 from zimage_queue.server import RedisServer
 from zimage_worker.diffusers_engine import DiffusersEngine, denoising_schedule
 from zimage_worker.engine import Request, warm_up
 from zimage_worker.loop import Worker
 from zimage_worker.storage import LocalStore
-
-PROMPTS = [
-    "a lighthouse at dusk",
-    "a red fox in fresh snow",
-    "a bowl of ramen, top view",
-    "an old tram in Lisbon",
-    "a glass teapot on a windowsill",
-    "a paper crane on a desk",
-    "mountains above a sea of clouds",
-    "a neon sign reading OPEN",
-]
 
 
 @dataclass

@@ -15,6 +15,7 @@ from zimage_api.cli_client import ApiClient
 from zimage_api.cli_config import Shared
 from zimage_api.cli_errors import UserError
 from zimage_api.cli_output import table
+from zimage_operator.conditions import iso
 
 GROUPS = ("tenant", "model", "day")
 _DURATION = re.compile(r"^([1-9][0-9]{0,5})([smhdw])$")
@@ -33,7 +34,7 @@ def duration(text: str, flag: str = "--since") -> timedelta:
 
 def ago(text: str, now: datetime, flag: str = "--since") -> str:
     """The ISO 8601 time ``text`` (a duration) before ``now``."""
-    return (now - duration(text, flag)).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return iso(now - duration(text, flag))
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], shared: Shared) -> None:

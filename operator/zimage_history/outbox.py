@@ -18,16 +18,13 @@ from pydantic import ValidationError
 from zimage_history import metrics
 from zimage_history.rows import HistoryRow
 from zimage_queue import keys
+from zimage_queue.entries import text
 
 log = logging.getLogger(__name__)
 
 
 def day_of(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y%m%d")
-
-
-def _s(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class Outbox:
@@ -72,12 +69,12 @@ class Outbox:
         ids: list[str] = []
         rows: list[HistoryRow] = []
         for entry_id, fields in self.r.xrange(keys.HISTORY_OUTBOX, count=count):
-            ids.append(_s(entry_id))
-            raw = {_s(k): v for k, v in fields.items()}.get(keys.HISTORY_FIELD)
+            ids.append(text(entry_id))
+            raw = {text(k): v for k, v in fields.items()}.get(keys.HISTORY_FIELD)
             try:
                 rows.append(HistoryRow.model_validate_json(raw if raw is not None else b""))
             except ValidationError as e:
-                log.error("history outbox entry %s dropped: %s", _s(entry_id), e)
+                log.error("history outbox entry %s dropped: %s", text(entry_id), e)
         return ids, rows
 
     def delete(self, ids: list[str]) -> None:
@@ -96,7 +93,7 @@ def usage_since(r: Any, tenant: str, days: list[str]) -> dict[str, float]:
     total = {keys.USAGE_GPU_SECONDS: 0.0, keys.USAGE_COST: 0.0, keys.USAGE_IMAGES: 0.0, keys.USAGE_ATTEMPTS: 0.0}
     for found in pipe.execute():
         for k, v in (found or {}).items():
-            name = _s(k)
+            name = text(k)
             if name in total:
-                total[name] += float(_s(v))
+                total[name] += float(text(v))
     return total

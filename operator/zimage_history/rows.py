@@ -16,13 +16,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from zimage_operator.types import Cost
+from zimage_operator.types import GPU_RESOURCE, Cost, tenant_of
 from zimage_queue import JobEvent
 
 OUTCOMES = ("retrying", "succeeded", "failed", "cancelled")
 FINAL_OUTCOMES = ("succeeded", "failed", "cancelled")
-GPU_RESOURCE = "nvidia.com/gpu"
-TENANT_LABEL = "zimage.dev/tenant"
 
 
 def price_of(pool: dict[str, Any] | None) -> Cost:
@@ -117,12 +115,6 @@ def _epoch(value: str | None) -> float | None:
         return None
 
 
-def tenant_of(job: dict[str, Any]) -> str:
-    """The tenant label the API sets; a job made with kubectl belongs to its namespace."""
-    meta = job.get("metadata") or {}
-    return str((meta.get("labels") or {}).get(TENANT_LABEL) or meta.get("namespace") or "")
-
-
 def rows_for(
     job: dict[str, Any],
     events: Iterable[JobEvent],
@@ -156,7 +148,7 @@ def rows_for(
             HistoryRow(
                 uid=ev.uid,
                 attempt=ev.attempt,
-                tenant=tenant_of(job),
+                tenant=tenant_of(meta),
                 namespace=namespace,
                 name=str(meta.get("name") or ev.name),
                 model=model,

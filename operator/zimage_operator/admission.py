@@ -25,7 +25,7 @@ from zimage_operator import reconcile
 from zimage_operator.k8s import StatusConflict
 from zimage_operator.metrics import ADMISSION_BACKLOG, ADMISSIONS, JOBS_ENQUEUED, JOBS_FINISHED
 from zimage_operator.runtime import Runtime
-from zimage_operator.types import TENANT_LABEL
+from zimage_operator.types import tenant_of
 from zimage_queue.supervise import backoff_seconds, take_batch
 
 log = logging.getLogger(__name__)
@@ -170,7 +170,7 @@ class Admitter:
         """Why a job not admitted yet may not run (its tenant's GPU-second budget is spent), or None."""
         if status.get("phase") not in (None, "Pending"):
             return None
-        tenant = (meta.get("labels") or {}).get(TENANT_LABEL) or meta["namespace"]
+        tenant = tenant_of(meta)
         quota = quotas.quota_for(self.rt.settings.tenant_quotas, tenant)
         if quota is None:
             return None

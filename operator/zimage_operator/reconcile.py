@@ -13,12 +13,12 @@ from zimage_operator.conditions import iso, parse_iso, set_condition
 from zimage_operator.edits import spec_digest
 from zimage_operator.housekeeping import ttl_after_finished
 from zimage_operator.types import (
-    TENANT_LABEL,
     TERMINAL_PHASES,
     Cond,
     ImageJobSpec,
     ModelDeploymentSpec,
     Reason,
+    tenant_of,
     variant_defaults,
 )
 from zimage_queue import GenerationParams, JobEvent, JobMessage
@@ -81,30 +81,17 @@ def admit(
         errors = parsed.cross_field_errors()
     except ValidationError as e:
         errors = [_validation_message(e)]
+
+    def fail(reason: str, msg: str) -> Admission:
+        patch = _status_patch(
+            status, now, gen, "Failed", [(Cond.FAILED, True, reason, msg)], message=msg, finishedAt=iso(now)
+        )
+        return Admission("fail", patch, event=("Warning", reason, msg))
+
     if errors:
-        msg = "; ".join(errors)
-        patch = _status_patch(
-            status,
-            now,
-            gen,
-            "Failed",
-            [(Cond.FAILED, True, Reason.INVALID_SPEC, msg)],
-            message=msg,
-            finishedAt=iso(now),
-        )
-        return Admission("fail", patch, event=("Warning", Reason.INVALID_SPEC, msg))
+        return fail(Reason.INVALID_SPEC, "; ".join(errors))
     if over_quota and phase != "Queued":
-        msg = f"{over_quota}; not run"
-        patch = _status_patch(
-            status,
-            now,
-            gen,
-            "Failed",
-            [(Cond.FAILED, True, Reason.GPU_QUOTA_EXCEEDED, msg)],
-            message=msg,
-            finishedAt=iso(now),
-        )
-        return Admission("fail", patch, event=("Warning", Reason.GPU_QUOTA_EXCEEDED, msg))
+        return fail(Reason.GPU_QUOTA_EXCEEDED, f"{over_quota}; not run")
     if model is None:
         msg = f"ModelDeployment {parsed.model!r} not found in namespace {meta.get('namespace')}; waiting for it"
         patch = _status_patch(
@@ -130,7 +117,7 @@ def admit(
         uid=meta["uid"],
         namespace=meta["namespace"],
         name=meta["name"],
-        tenant=(meta.get("labels") or {}).get(TENANT_LABEL) or meta["namespace"],
+        tenant=tenant_of(meta),
         queue=queue_name(meta["namespace"], parsed.model),
         params=params,
         max_retries=parsed.max_retries,

@@ -30,6 +30,12 @@ MODELDEPLOYMENT_PLURAL = "modeldeployments"
 # Set by the REST API on the jobs it creates; kubectl users' jobs belong to their namespace.
 TENANT_LABEL = "zimage.dev/tenant"
 
+
+def tenant_of(meta: dict[str, Any]) -> str:
+    """A job's tenant: the label the API sets, else (a job made with kubectl) its namespace."""
+    return str((meta.get("labels") or {}).get(TENANT_LABEL) or meta.get("namespace") or "")
+
+
 Phase = Literal["Pending", "Queued", "Running", "Succeeded", "Failed", "Cancelled"]
 TERMINAL_PHASES: frozenset[str] = frozenset({"Succeeded", "Failed", "Cancelled"})
 Variant = Literal["turbo", "base", "edit"]
