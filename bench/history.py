@@ -7,7 +7,8 @@ A private ``redis-server`` (``zimage_queue.server.RedisServer``) and PostgreSQL 
 ``track_commit_timestamp`` on), the schema by ``db.migrate``.
 
 Writer. The producer does what the operator does when a worker reports a job done (``zimage_operator.history
-.record``): ``rows_for`` on the ImageJob as written (8 tenants, 4 models, 1-4 images, ModelDeployments with
+.record``): the attempt's usage facts kept by its worker (``JobQueue.usage``, one round trip), ``rows_for`` on
+the ImageJob as written (8 tenants, 4 models, 1-4 images, ModelDeployments with
 ``spec.cost`` ``{perGpuHour: 2.5, perImage: 0.001}`` and one GPU) and a ``succeeded`` JobEvent stamped with the
 time it is made, then ``Outbox.put`` of the job's rows (one pipelined round trip, with the tenant's daily usage
 counters), one job after another at a steady ``--rate`` for ``--seconds``. The writer runs in a process of its own,
@@ -19,9 +20,9 @@ else ``purge`` (hourly retention) and a ``--flush`` s pause. At the end: rows pr
   when the transaction that inserted the row committed) less its ``finished_at`` (when the producer made the
   event, a moment before the row went into the outbox). Same host, same clock; it covers the wait in the outbox
   (up to a ``--flush`` pause), reading, parsing, the insert and the commit, for every row, not a sample.
-* operator CPU: the producing thread's CPU time (``time.thread_time``) inside ``rows_for`` and inside
-  ``Outbox.put``, over the producing wall time: what history adds to the operator at this rate, as a share of
-  one core (making the synthetic jobs and events is not counted: the operator has them anyway).
+* operator CPU: the producing thread's CPU time (``time.thread_time``) inside ``JobQueue.usage`` and
+  ``rows_for``, and inside ``Outbox.put``, over the producing wall time: what history adds to the operator at this
+  rate, as a share of one core (making the synthetic jobs and events is not counted: the operator has them anyway).
 * writer CPU: the writer process's CPU time (``time.process_time``) over its wall time, from its first pass to
   its last (the outbox drained), after imports, connection and migration. Redis's (``INFO cpu``) and
   PostgreSQL's (the postmaster and its backends, ``psutil``) CPU over the producing window are printed beside it.
@@ -67,7 +68,7 @@ from zimage_history.rows import rows_for
 from zimage_history.server import PostgresServer
 from zimage_history.writer import HistoryWriter
 from zimage_operator.types import TENANT_LABEL
-from zimage_queue import JobEvent
+from zimage_queue import JobEvent, JobQueue, keys
 from zimage_queue.message import ResultImage
 from zimage_queue.server import RedisServer
 
@@ -123,7 +124,7 @@ def finished_job(run: str, i: int) -> tuple[dict[str, Any], JobEvent]:
     ]  # fmt: skip
     ev = JobEvent(
         type="succeeded", uid=uid, namespace=ns, name=name, worker=f"{model}-worker-{i % 3}", attempt=1,
-        results=results, run_seconds=run_s, batch_images=BATCH_IMAGES, device="NVIDIA H100 80GB HBM3", ts=time.time(),
+        results=results, run_seconds=run_s, ts=time.time(),
     )  # fmt: skip
     return job, ev
 
@@ -193,7 +194,8 @@ def run_writer(args: argparse.Namespace, rds: RedisServer, pg: PostgresServer, e
     if not ready.wait(60):
         raise TimeoutError("the writer process did not start in 60 s")
     r = redis.Redis.from_url(rds.url)
-    outbox, models = Outbox(r), pools()
+    outbox, models, queue = Outbox(r), pools(), JobQueue.from_url(rds.url)
+    facts = json.dumps({"batchImages": BATCH_IMAGES, "device": "NVIDIA H100 80GB HBM3"})
 
     def pool(_ns: str, name: str) -> dict[str, Any] | None:
         return models.get(name)
@@ -207,8 +209,10 @@ def run_writer(args: argparse.Namespace, rds: RedisServer, pg: PostgresServer, e
         due = min(total, int((time.monotonic() - t0) * args.rate) + 1)
         while i < due:
             job, ev = finished_job(run, i)
+            r.hset(keys.job(ev.uid), f"{keys.F_USAGE_PREFIX}{ev.attempt}", facts)  # as its worker does
             c0 = time.thread_time()
-            rows = rows_for(job, [ev], pool, (job.get("status") or {}).get("routedTo"))
+            usage = queue.usage([(ev.uid, ev.attempt)])
+            rows = rows_for(job, [ev], pool, (job.get("status") or {}).get("routedTo"), usage)
             c1 = time.thread_time()
             outbox.put(rows)
             c2 = time.thread_time()
@@ -498,7 +502,7 @@ def table(w: dict[str, Any] | None, u: dict[str, Any] | None, args: argparse.Nam
             ("  attempts in usage_hourly", f"{w['usage_attempts']:,}", f"{w['produced']:,}"),
             ("  left in the outbox", str(w["outbox_left"]), "0"),
             ("  lag p50 / p99 / max (ms)", lag, f"p99 < {LAG_GOAL_S * 1000:.0f}"),
-            ("  operator CPU: rows_for + put (% core)",
+            ("  operator CPU: usage+rows_for + put (% core)",
              f"{(w['build_cpu'] + w['put_cpu']) * 100:.1f} ({w['build_cpu'] * 100:.1f} + {w['put_cpu'] * 100:.1f})",
              "stated"),
             ("  writer process CPU (% core)", f"{w['writer_cpu'] * 100:.1f}", "-"),

@@ -52,9 +52,10 @@ class LocalOperator:
     """Worker events -> in-memory job status, with the operator's pure decision; attempt outcomes -> the usage
     counters and the history outbox, as the operator's (``zimage_operator.history.record``)."""
 
-    def __init__(self, store: MemoryJobStore, outbox: Outbox | None = None) -> None:
+    def __init__(self, store: MemoryJobStore, outbox: Outbox | None = None, queue: JobQueue | None = None) -> None:
         self.store = store
         self.outbox = outbox
+        self.queue = queue  # where the workers keep what each attempt ran on
 
     def __call__(self, ev: JobEvent) -> None:
         now = datetime.now(UTC)
@@ -69,7 +70,9 @@ class LocalOperator:
             job = self.store.get_job(ev.name)
             if job is not None and job["metadata"]["uid"] == ev.uid:
                 routed = (routed_to or [None])[0]
-                self.outbox.record(rows_for(job, [ev], lambda _ns, name: self.store.get_model(name), routed))
+                usage = self.queue.usage([(ev.uid, ev.attempt)]) if self.queue is not None else {}
+                model = self.store.get_model
+                self.outbox.record(rows_for(job, [ev], lambda _ns, name: model(name), routed, usage))
 
 
 class StepJobs:
@@ -179,7 +182,7 @@ def local_api(
         )
         store = MemoryJobStore(LOCAL_NAMESPACE, [local_model(model_name, variant)])
         outbox = Outbox(redis.Redis.from_url(srv.url), store=bool(settings.history_url))
-        app = create_app(settings, store, on_event=LocalOperator(store, outbox))
+        app = create_app(settings, store, on_event=LocalOperator(store, outbox, JobQueue.from_url(srv.url)))
         q = queue_name(LOCAL_NAMESPACE, model_name)
         engine = engine or load_engine(model, variant=variant, models_dir=models_dir)
         running = []

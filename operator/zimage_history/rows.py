@@ -10,7 +10,7 @@ per job that succeeded. Every attempt that ran is counted, failed ones too: the 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -120,12 +120,14 @@ def rows_for(
     events: Iterable[JobEvent],
     pool: Callable[[str, str], dict[str, Any] | None],
     routed_to: str | None = None,
+    usage: Mapping[tuple[str, int], dict[str, Any]] | None = None,
 ) -> list[HistoryRow]:
     """The rows of the attempt outcomes among ``events`` (one job's, in order), on the job as written after them.
 
     ``routed_to``: the deployment the job was on before these events (its status before the write); a
     ``rerouted`` event among them moves the later ones to its target. ``pool(namespace, name)``: the
-    ModelDeployment (for its price and GPUs), or None."""
+    ModelDeployment (for its price and GPUs), or None. ``usage``: what each attempt ran on, as its worker kept it
+    (``JobQueue.usage``: ``batchImages``, ``device``); an attempt without it counts as having run alone."""
     meta, spec, status = job.get("metadata") or {}, job.get("spec") or {}, job.get("status") or {}
     namespace, model = str(meta.get("namespace") or ""), str(spec.get("model") or "")
     deployment = routed_to or model
@@ -142,7 +144,8 @@ def rows_for(
         results = [r.wire() for r in ev.results or []] if ev.type == "succeeded" else []
         ran = ev.run_seconds is not None and ev.attempt > 0
         gpus = gpus_of(md) if ran else 0.0
-        secs = gpu_seconds(ev.run_seconds, gpus, n, ev.batch_images)
+        ran_on = (usage or {}).get((ev.uid, ev.attempt)) or {}
+        secs = gpu_seconds(ev.run_seconds, gpus, n, ran_on.get("batchImages"))
         final = ev.type in FINAL_OUTCOMES
         rows.append(
             HistoryRow(
@@ -169,7 +172,7 @@ def rows_for(
                 queue_seconds=status.get("queueSeconds") if ran else None,
                 run_seconds=ev.run_seconds,
                 gpus=gpus,
-                gpu_type=ev.device,
+                gpu_type=ran_on.get("device"),
                 gpu_seconds=secs,
                 cost=cost_of(price, secs, len(results), ev.type == "succeeded"),
                 currency=price.currency,

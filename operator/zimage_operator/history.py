@@ -20,6 +20,11 @@ def outbox_for(rt: Runtime) -> Outbox:
     return Outbox(rt.queue.r, store=bool(rt.settings.history_url))
 
 
+def ran(evs: Sequence[JobEvent]) -> list[tuple[str, int]]:
+    """The attempts among the outcomes whose usage the worker kept (attempt 0 never ran)."""
+    return [(ev.uid, ev.attempt) for ev in evs if ev.type in OUTCOMES and ev.attempt > 0]
+
+
 def has_outcome(evs: Sequence[JobEvent]) -> bool:
     return any(ev.type in OUTCOMES for ev in evs)
 
@@ -35,7 +40,8 @@ async def record(rt: Runtime, job: dict[str, Any], evs: Sequence[JobEvent], rout
         if found is None or found["metadata"].get("uid") != evs[0].uid:
             return
         job = found
-    await asyncio.to_thread(outbox.record, rows_for(job, evs, rt.model, routed_to))
+    usage = await asyncio.to_thread(rt.queue.usage, ran(evs))
+    await asyncio.to_thread(outbox.record, rows_for(job, evs, rt.model, routed_to, usage))
 
 
 def bulk_jobs(r: Any, evs: Sequence[JobEvent]) -> dict[str, dict[str, Any]]:
@@ -60,10 +66,16 @@ async def record_bulk(rt: Runtime, evs: Sequence[JobEvent]) -> None:
     if outbox is None or not mine:
         return
     jobs = await asyncio.to_thread(bulk_jobs, rt.queue.r, mine)
+    usage = await asyncio.to_thread(rt.queue.usage, ran(mine))
     by_job: dict[str, list[JobEvent]] = {}
     for ev in mine:
         by_job.setdefault(ev.uid, []).append(ev)
-    rows = [row for uid, job_evs in by_job.items() if uid in jobs for row in rows_for(jobs[uid], job_evs, rt.model)]
+    rows = [
+        row
+        for uid, job_evs in by_job.items()
+        if uid in jobs
+        for row in rows_for(jobs[uid], job_evs, rt.model, usage=usage)
+    ]
     await asyncio.to_thread(outbox.record, rows)
 
 

@@ -32,6 +32,9 @@ F_RESULT = "result"
 F_STATE = "state"
 F_WORKER = "worker"
 F_CANCEL = "cancel"
+# What an attempt ran on, for usage (JSON: batchImages, device), one field per attempt: "usage:<attempt>". Kept in
+# the record, not the events, because the previous release's operator refuses events with fields it does not know.
+F_USAGE_PREFIX = "usage:"
 # The terminal event (succeeded/failed/cancelled), kept with the job so no outcome depends on the capped
 # events stream: the operator resyncs unfinished ImageJobs from it.
 F_FINAL = "final"

@@ -211,7 +211,7 @@ class ResultImage(WireModel):
 class JobEvent(BulkMarked):
     """A worker's report about one job, read by the operator from the events stream."""
 
-    only_when_set: ClassVar[tuple[str, ...]] = ("text", "batchImages", "device")
+    only_when_set: ClassVar[tuple[str, ...]] = ("text",)
 
     type: EventType
     uid: str
@@ -227,9 +227,4 @@ class JobEvent(BulkMarked):
     reason: str | None = None
     message: str | None = None
     run_seconds: float | None = None
-    # Usage (outcomes of attempts that ran): the images of the whole batch the job ran in, so the operator gives
-    # the job its share of the batch's run time (its own images / these), and what it ran on ("cpu", or the
-    # GPU's name). Written only when set.
-    batch_images: int | None = Field(None, ge=1)
-    device: str | None = Field(None, max_length=200)
     ts: float = Field(default_factory=time.time)

@@ -365,6 +365,25 @@ class JobQueue:
         job = self._record(uid, queue)
         return job is not None and bool(self.r.hexists(job, keys.F_CANCEL))
 
+    def record_usage(self, deliveries: list[Delivery], facts: dict[str, Any]) -> None:
+        """What these attempts ran on (``batchImages``: the images of their whole batch; ``device``), kept in each
+        job's record (``keys.F_USAGE_PREFIX``) for the operator's usage rows; it expires with the record."""
+        pipe = self.r.pipeline(transaction=False)
+        for d in deliveries:
+            pipe.hset(self._job(d), f"{keys.F_USAGE_PREFIX}{d.attempt}", json.dumps(facts))
+        pipe.execute()
+
+    def usage(self, attempts: list[tuple[str, int]]) -> dict[tuple[str, int], dict[str, Any]]:
+        """(uid, attempt) -> what ``record_usage`` kept, for those found (pipelined)."""
+        found = self._locate(sorted({uid for uid, _ in attempts}))
+        asked = [(uid, n) for uid, n in attempts if uid in found]
+        if not asked:
+            return {}
+        pipe = self.r.pipeline(transaction=False)
+        for uid, n in asked:
+            pipe.hget(found[uid][1], f"{keys.F_USAGE_PREFIX}{n}")
+        return {key: json.loads(_s(raw)) for key, raw in zip(asked, pipe.execute(), strict=True) if raw is not None}
+
     def result(self, uid: str) -> list[ResultImage] | None:
         job = self._record(uid)
         raw = None if job is None else self.r.hget(job, keys.F_RESULT)

@@ -196,11 +196,13 @@ def test_bulk_jobs_are_recorded_from_the_object_the_api_keeps(redis_url: str) ->
     r.hset(keys.bulk_job("team-a", "b1"), keys.F_BULK_OBJECT, json.dumps(obj))
     outbox = Outbox(r)
     owns = SimpleNamespace(decided=lambda ev: ev.namespace == "team-a")
-    rt = SimpleNamespace(history=outbox, owns=owns, queue=SimpleNamespace(r=r), model=lambda ns, name: None)
+    kept = {("u-b1", 1): {"batchImages": 2}}  # what the worker kept of the attempt (JobQueue.usage)
+    queue = SimpleNamespace(r=r, usage=lambda attempts: {a: kept[a] for a in attempts if a in kept})
+    rt = SimpleNamespace(history=outbox, owns=owns, queue=queue, model=lambda ns, name: None)
 
     def ev(name: str, uid: str, namespace: str = "team-a") -> JobEvent:
         return JobEvent(type="succeeded", uid=uid, namespace=namespace, name=name, attempt=1, bulk=True,
-                        run_seconds=2.0, batch_images=2)  # fmt: skip
+                        run_seconds=2.0)  # fmt: skip
 
     progress = JobEvent(type="progress", uid="u-b1", namespace="team-a", name="b1", attempt=1, bulk=True)
     evs = [progress, ev("b1", "u-b1"), ev("gone", "u-gone"), ev("b9", "u-b9", namespace="elsewhere")]

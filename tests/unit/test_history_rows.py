@@ -74,12 +74,14 @@ def test_each_attempt_outcome_is_a_row_on_the_deployment_that_ran_it() -> None:
     results = [image(0), image(1)]
     evs = [
         ev("started", 1),
-        ev("retrying", 1, reason="WorkerError", run_seconds=4.0, batch_images=2, device="cpu"),
+        ev("retrying", 1, reason="WorkerError", run_seconds=4.0),
         ev("rerouted", 0, reason="FallbackModel", message="backup"),
         ev("progress", 2, step=3),
-        ev("succeeded", 2, results=results, run_seconds=10.0, batch_images=4, device="NVIDIA H100", ts=QUEUED + 30),
+        ev("succeeded", 2, results=results, run_seconds=10.0, ts=QUEUED + 30),
     ]
-    rows = rows_for(job(), evs, lookup)
+    # what the workers kept of each attempt (JobQueue.usage)
+    usage = {("u1", 1): {"batchImages": 2, "device": "cpu"}, ("u1", 2): {"batchImages": 4, "device": "NVIDIA H100"}}
+    rows = rows_for(job(), evs, lookup, usage=usage)
     assert [(r.attempt, r.outcome, r.deployment) for r in rows] == [
         (1, "retrying", "turbo"),
         (2, "succeeded", "backup"),

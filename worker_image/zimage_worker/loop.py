@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Collection
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, cast
 
 import redis
 
@@ -302,7 +302,7 @@ class Worker:
 
     def _run(self, group: list[Delivery]) -> list[Future[str]]:
         t0 = time.perf_counter()
-        usage = {"batch_images": sum(d.message.params.num_images for d in group), "device": self.device}
+        usage = {"batchImages": sum(d.message.params.num_images for d in group), "device": self.device}
         metrics.BUSY.set(1)
         self.watchdog.call_started(sum(_total_steps(d.message) for d in group))
         try:
@@ -337,6 +337,7 @@ class Worker:
                 return [f for d in group for f in self._run([d])]
             [d] = group
             log.exception("job %s/%s attempt %d failed", d.message.namespace, d.message.name, d.attempt)
+            self.queue.record_usage([d], usage)
             state = self.queue.fail(
                 d,
                 self._event(
@@ -345,7 +346,6 @@ class Worker:
                     reason="OutOfMemory" if _is_oom(e) else "WorkerError",
                     message=f"{type(e).__name__}: {e}"[:1000],
                     run_seconds=time.perf_counter() - t0,
-                    **usage,
                 ),
                 retry=True,
             )
@@ -355,6 +355,7 @@ class Worker:
             self.watchdog.call_ended()
             metrics.BUSY.set(0)
         run_seconds = time.perf_counter() - t0
+        self.queue.record_usage(group, usage)
         metrics.INFERENCE_SECONDS.observe(run_seconds)
         metrics.BATCH_SIZE.observe(len(group))
         outcomes = []
@@ -368,26 +369,21 @@ class Worker:
                         reason="Cancelled",
                         message="cancelled while running",
                         run_seconds=run_seconds,
-                        **usage,
                     ),
                 )
                 self._let_go(d)
                 outcomes.append(_resolved(self._count("cancelled")))
             else:
-                outcomes.append(self._finish_later(d, images, run_seconds, usage))
+                outcomes.append(self._finish_later(d, images, run_seconds))
         return outcomes
 
-    def _finish_later(
-        self, d: Delivery, images: list[Image.Image], run_seconds: float, usage: dict[str, Any]
-    ) -> Future[str]:
+    def _finish_later(self, d: Delivery, images: list[Image.Image], run_seconds: float) -> Future[str]:
         if self._finisher is None:  # called outside run(): finish inline
-            return _resolved(self._finish(d, images, run_seconds, usage, hold=False))
+            return _resolved(self._finish(d, images, run_seconds, hold=False))
         self._finishing.acquire()
-        return self._finisher.submit(self._finish, d, images, run_seconds, usage, hold=True)
+        return self._finisher.submit(self._finish, d, images, run_seconds, hold=True)
 
-    def _finish(
-        self, d: Delivery, images: list[Image.Image], run_seconds: float, usage: dict[str, Any], hold: bool
-    ) -> str:
+    def _finish(self, d: Delivery, images: list[Image.Image], run_seconds: float, hold: bool) -> str:
         """Encode and store the images, then record the result and ack (never before)."""
         try:
             results = store_images(self.store, d.message, images)
@@ -400,7 +396,6 @@ class Worker:
                     results=results,
                     run_seconds=round(run_seconds, 4),
                     total_steps=_total_steps(d.message),
-                    **usage,
                 ),
             )
             self.health.ok("finisher", time.monotonic())
