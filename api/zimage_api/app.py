@@ -13,7 +13,16 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from zimage_api import docs_ui, errors, routes_jobs, routes_openai, routes_usage, routes_workflows
+from zimage_api import (
+    docs_ui,
+    errors,
+    routes_account,
+    routes_admin,
+    routes_jobs,
+    routes_openai,
+    routes_usage,
+    routes_workflows,
+)
 from zimage_api.apikeys import KeyRing
 from zimage_api.bodylimit import BodyLimit
 from zimage_api.deps import Parts
@@ -101,6 +110,8 @@ def create_app(
     app.include_router(routes_workflows.router)
     app.include_router(routes_openai.router)
     app.include_router(routes_usage.router)
+    app.include_router(routes_account.router)
+    app.include_router(routes_admin.router)
 
     # Inside ``measure``, so its refusals are counted too.
     app.add_middleware(BodyLimit, max_bytes=settings.request_limit)

@@ -74,3 +74,13 @@ Caller = Annotated[Principal, Depends(principal)]
 App = Annotated[Parts, Depends(parts)]
 BaseUrl = Annotated[str, Depends(base_url)]
 HistoryStore = Annotated[History, Depends(history)]
+
+
+def admin(caller: Caller) -> Principal:
+    """The caller, when its key is an admin key; 403 ``admin_only`` otherwise."""
+    if not caller.admin:
+        raise ApiError(403, "admin keys only (zimage keys create --admin)", code="admin_only")
+    return caller
+
+
+AdminCaller = Annotated[Principal, Depends(admin)]

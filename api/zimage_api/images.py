@@ -59,6 +59,11 @@ class ImageAccess:
             self.store.delete(keys)
         return len(keys)
 
+    @property
+    def takes_uploads(self) -> bool:
+        """Whether this API has image storage to keep uploads in."""
+        return self.store is not None
+
     def put_upload(self, key: str, data: bytes, content_type: str) -> str:
         if self.store is None:
             raise ApiError(400, "image: this API takes no uploads (it has no image storage configured)", param="image")

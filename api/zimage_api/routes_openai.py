@@ -37,10 +37,9 @@ from zimage_api.schemas import (
     Quality,
     ResponseFormat,
 )
-from zimage_api.uploads import CheckedImage, check_image, openai_mask_to_white
+from zimage_api.uploads import openai_mask_to_white, receive, store
 from zimage_api.views import image_path
 from zimage_queue.message import OutputFormat
-from zimage_worker.storage import upload_key
 
 router = APIRouter(prefix="/v1/images", tags=["openai"])
 DEFAULT_SIZE = (1024, 1024)
@@ -224,12 +223,6 @@ async def generations(
     return await _run(app, caller, fields, how, base)
 
 
-async def _upload(app: App, f: UploadFile, field: str) -> CheckedImage:
-    limit = app.settings.max_upload_bytes
-    data = await f.read(limit + 1)
-    return check_image(data, field, max_bytes=limit, max_pixels=app.settings.max_upload_pixels)
-
-
 @router.post("/edits", response_model=OpenAIImagesResponse, response_model_exclude_none=True, responses=STREAMED)
 async def edits(
     caller: Caller,
@@ -259,7 +252,7 @@ async def edits(
     source = image or (images[0] if images else None)
     if source is None:
         raise ApiError(400, "image: required", param="image", code="missing_image")
-    checked = await _upload(app, source, "image")
+    checked = await receive(source, "image", app.settings)
     upload_id = uuid.uuid4().hex
     fields: dict[str, Any] = {
         "task": "image-to-image",
@@ -272,24 +265,18 @@ async def edits(
     }
     fields["width"], fields["height"] = parse_size(size, fit(checked.width, checked.height))
     # Everything is checked before anything is stored: a refused request leaves no upload behind.
-    checked_mask = await _upload(app, mask, "mask") if mask is not None else None
+    checked_mask = await receive(mask, "mask", app.settings) if mask is not None else None
     how = answer("image_edit", model, response_format, output_format, stream, quality, background)
     stored: list[str] = []
-    fields["inputImage"] = await asyncio.to_thread(
-        app.images.put_upload,
-        upload_key(caller.tenant, upload_id, f"image.{checked.extension}"),
-        checked.data,
-        checked.content_type,
+    fields["inputImage"] = await store(
+        app.images, caller.tenant, upload_id, f"image.{checked.extension}", checked.data, checked.content_type
     )
     stored.append(fields["inputImage"])
     try:
         if checked_mask is not None:
             fields["task"] = "inpaint"
-            fields["maskImage"] = await asyncio.to_thread(
-                app.images.put_upload,
-                upload_key(caller.tenant, upload_id, "mask.png"),
-                openai_mask_to_white(checked_mask),
-                "image/png",
+            fields["maskImage"] = await store(
+                app.images, caller.tenant, upload_id, "mask.png", openai_mask_to_white(checked_mask), "image/png"
             )
             stored.append(fields["maskImage"])
     except BaseException:

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from zimage_operator.types import ImageJobSpec, Phase
+from zimage_operator.types import Condition, ImageJobSpec, Phase, ScalingDecision
 from zimage_queue.message import CamelModel, OutputFormat
 
 JobMode = Literal["imagejob", "bulk"]
@@ -109,6 +109,75 @@ class HistoryErased(CamelModel):
     deleted_jobs: int = Field(description="Rows deleted: one per attempt outcome.")
     deleted_images: int = Field(description="Images the rows named in this API's storage, deleted.")
     complete: bool = Field(description="False: the request ran out of time first; send it again for the rest.")
+
+
+class Limits(CamelModel):
+    """The limits in force for a key: its own (its entry), else the API's defaults (ZIMAGE_API_RATE_PER_SECOND,
+    ..._RATE_BURST, ..._MAX_CONCURRENT_JOBS)."""
+
+    rate_per_second: float = Field(description="Requests per second (token bucket, per key).")
+    burst: int = Field(description="Requests the bucket holds.")
+    max_concurrent_jobs: int = Field(description="Jobs queued or running at once, per tenant.")
+
+
+class PrincipalView(CamelModel):
+    """``GET /v1/me``: the caller, as its API key makes it."""
+
+    object: Literal["principal"] = "principal"
+    key_id: str
+    tenant: str
+    admin: bool = Field(description="Sees every tenant's usage and history, and GET /v1/deployments.")
+    mode: JobMode = Field(description="The key's default job mode (POST /v1/jobs without mode).")
+    limits: Limits
+    history: bool = Field(description="The API has a history store: GET /v1/usage, GET /v1/jobs?source=history.")
+    uploads: bool = Field(description="The API has image storage: POST /v1/uploads, POST /v1/images/edits.")
+
+
+UploadPurpose = Literal["image", "mask"]
+
+
+class UploadView(CamelModel):
+    """``POST /v1/uploads``: a stored image, for ``inputImage`` (or ``maskImage``) of the caller's tenant's jobs."""
+
+    object: Literal["upload"] = "upload"
+    uri: str = Field(description="Pass as inputImage or maskImage to POST /v1/jobs (the same tenant's keys only).")
+    width: int
+    height: int
+    content_type: str = Field(description="image/png, image/jpeg or image/webp; a mask is always image/png.")
+    bytes: int = Field(description="Size of the stored object.")
+    purpose: UploadPurpose
+
+
+class WorkerCounts(CamelModel):
+    busy: int = Field(description="Workers holding a job.")
+    idle: int = Field(description="Workers waiting for one.")
+
+
+class ThroughputMinute(CamelModel):
+    minute: str = Field(description="Start of the UTC minute (ISO 8601).")
+    jobs: int = Field(description="Jobs that ended in it (succeeded, failed or cancelled).")
+    images: int = Field(description="Images those jobs made.")
+
+
+class DeploymentView(CamelModel):
+    """A ModelDeployment's state for operators: its status, its queue and workers now, its recent throughput."""
+
+    id: str
+    variant: str
+    replicas: int
+    ready_replicas: int
+    desired_replicas: int | None = Field(description="The scaler's latest decision (null before its first).")
+    queue_length: int = Field(description="Jobs queued and not yet delivered to a worker (now).")
+    in_flight: int = Field(description="Jobs delivered to a worker and not yet finished (now).")
+    workers: WorkerCounts = Field(description="Workers whose heartbeat is fresh.")
+    throughput: list[ThroughputMinute] = Field(description="The last 15 UTC minutes, oldest first (this one last).")
+    conditions: list[Condition]
+    scaling_history: list[ScalingDecision] = Field(description="The latest replica changes, oldest first.")
+
+
+class DeploymentList(CamelModel):
+    object: Literal["list"] = "list"
+    data: list[DeploymentView]
 
 
 class ModelView(BaseModel):

@@ -1,16 +1,18 @@
 """The operator's rows wait in Redis (``keys.HISTORY_OUTBOX``) until the writer has them in PostgreSQL.
 
 Appending is one pipelined round trip with the tenant's daily usage counters (``keys.usage_day``), which the
-GPU-second quotas read at admission without asking PostgreSQL. The writer reads the oldest rows, inserts them
-(idempotent per uid and attempt) and only then deletes them, so a writer that dies, or two during a lease
-handover, repeat rows and lose none.
+GPU-second quotas read at admission without asking PostgreSQL, and the deployment's per-minute throughput
+(``keys.throughput_minute``: jobs that ended, images made; ``throughput`` reads it back). The writer reads the
+oldest rows, inserts them (idempotent per uid and attempt) and only then deletes them, so a writer that dies, or
+two during a lease handover, repeat rows and lose none.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pydantic import ValidationError
@@ -25,6 +27,10 @@ log = logging.getLogger(__name__)
 
 def day_of(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y%m%d")
+
+
+def minute_of(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y%m%d%H%M")
 
 
 class Outbox:
@@ -52,6 +58,11 @@ class Outbox:
             pipe.hincrby(key, keys.USAGE_IMAGES, row.images)
             pipe.hincrby(key, keys.USAGE_ATTEMPTS, 1)
             pipe.expire(key, keys.USAGE_DAY_TTL_SECONDS)
+            if row.final:  # a job that ended (a retried attempt is no job yet)
+                minute = keys.throughput_minute(row.namespace, row.deployment, minute_of(row.finished_at))
+                pipe.hincrby(minute, keys.THROUGHPUT_JOBS, 1)
+                pipe.hincrby(minute, keys.THROUGHPUT_IMAGES, row.images)
+                pipe.expire(minute, keys.THROUGHPUT_TTL_SECONDS)
         pipe.execute()
         return len(rows)
 
@@ -97,3 +108,25 @@ def usage_since(r: Any, tenant: str, days: list[str]) -> dict[str, float]:
             if name in total:
                 total[name] += float(text(v))
     return total
+
+
+@dataclass(frozen=True)
+class Minute:
+    start: datetime  # UTC
+    jobs: int
+    images: int
+
+
+def throughput(r: Any, namespace: str, deployment: str, now: float, minutes: int = 15) -> list[Minute]:
+    """Jobs that ended on a deployment and the images they made, per UTC minute: the ``minutes`` up to and with
+    the one ``now`` falls in, oldest first, minutes without any included (zeros)."""
+    last = datetime.fromtimestamp(now, UTC).replace(second=0, microsecond=0)
+    starts = [last - timedelta(minutes=i) for i in range(minutes - 1, -1, -1)]
+    pipe = r.pipeline(transaction=False)
+    for start in starts:
+        pipe.hgetall(keys.throughput_minute(namespace, deployment, start.strftime("%Y%m%d%H%M")))
+    out = []
+    for start, found in zip(starts, pipe.execute(), strict=True):
+        counts = {text(k): int(text(v)) for k, v in (found or {}).items()}
+        out.append(Minute(start, counts.get(keys.THROUGHPUT_JOBS, 0), counts.get(keys.THROUGHPUT_IMAGES, 0)))
+    return out

@@ -101,6 +101,18 @@ def usage_day(tenant: str, day: str) -> str:
     return f"{PREFIX}:usage:{tenant}:{day}"
 
 
+# Jobs that ended and the images they made, per ModelDeployment and UTC minute (hash: jobs, images), for the
+# throughput the console charts (GET /v1/deployments); short-lived, so nothing grows without bound.
+THROUGHPUT_TTL_SECONDS = 2 * 3600
+THROUGHPUT_JOBS = "jobs"
+THROUGHPUT_IMAGES = "images"
+
+
+def throughput_minute(namespace: str, deployment: str, minute: str) -> str:
+    """``minute``: ``YYYYMMDDHHMM`` (UTC)."""
+    return f"{PREFIX}:throughput:{namespace}:{deployment}:{minute}"
+
+
 # Held by the one operator replica that runs the pool and deadline loops.
 OPERATOR_LEASE = f"{PREFIX}:operator-lease"
 

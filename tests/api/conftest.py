@@ -57,6 +57,7 @@ KEY_SPECS = {
     "b": {"tenant": "team-b", **ROOMY},
     "burst": {"tenant": "team-burst", "ratePerSecond": 0.2, "burst": 3},
     "quota": {"tenant": "team-quota", "maxConcurrentJobs": 1},
+    "admin": {"tenant": "ops", "admin": True, **ROOMY},
 }
 
 

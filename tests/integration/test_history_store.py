@@ -16,7 +16,7 @@ from sqlalchemy import func, select, text
 from sqlalchemy.exc import OperationalError
 
 from zimage_history import db, queries
-from zimage_history.outbox import Outbox, usage_since
+from zimage_history.outbox import Outbox, throughput, usage_since
 from zimage_history.rows import HistoryRow
 from zimage_history.schema import job_history, metadata
 from zimage_history.writer import HistoryWriter
@@ -211,3 +211,30 @@ def test_bulk_jobs_are_recorded_from_the_object_the_api_keeps(redis_url: str) ->
     assert [(x.name, x.tenant, x.prompt, x.seed, x.gpu_seconds, x.bulk) for x in rows] == [
         ("b1", "acme", "a bulk fox", 3, 1.0, True)
     ]
+
+
+def test_jobs_that_ended_are_counted_per_deployment_and_minute(redis_url: str) -> None:
+    r = redis.Redis.from_url(redis_url)
+    minute = datetime(2025, 3, 1, 12, 30, tzinfo=UTC).timestamp()
+    Outbox(r, store=False).put(
+        [
+            row("a", finished_at=minute + 5, images=2),
+            row("b", finished_at=minute + 59, outcome="failed"),
+            row("c", finished_at=minute + 10, outcome="retrying"),  # not a job that ended: not counted
+            row("d", finished_at=minute - 120, images=1),
+            row("e", finished_at=minute + 1, deployment="base", images=4),
+            row("f", finished_at=minute + 1, namespace="team-b", images=8),
+        ]
+    )
+    seen = throughput(r, "team-a", "turbo", minute + 30, minutes=4)
+    assert [(m.start.strftime("%H:%M"), m.jobs, m.images) for m in seen] == [
+        ("12:27", 0, 0),
+        ("12:28", 1, 1),
+        ("12:29", 0, 0),
+        ("12:30", 2, 2),
+    ]
+    assert [(m.jobs, m.images) for m in throughput(r, "team-a", "base", minute, minutes=1)] == [(1, 4)]
+    assert [(m.jobs, m.images) for m in throughput(r, "team-b", "turbo", minute, minutes=1)] == [(1, 8)]
+    key = keys.throughput_minute("team-a", "turbo", "202503011230")
+    assert 0 < r.ttl(key) <= keys.THROUGHPUT_TTL_SECONDS
+    assert r.hgetall(key) == {b"jobs": b"2", b"images": b"2"}
