@@ -98,11 +98,11 @@ class KeyRing:
         self._checked = 0.0
 
     @classmethod
-    def with_dev_key(cls, key: str, tenant: str, directory: str | None = None) -> KeyRing:
+    def with_dev_key(cls, key: str, tenant: str, directory: str | None = None, *, admin: bool = False) -> KeyRing:
         kid = key_id(key)
         if kid is None:
             raise ValueError("the dev key must look like zk_<id>_<secret> (secret: 16+ characters)")
-        return cls({kid: KeyEntry(Principal(kid, tenant), hash_key(key))}, directory)
+        return cls({kid: KeyEntry(Principal(kid, tenant, admin=admin), hash_key(key))}, directory)
 
     def _refresh(self) -> None:
         if self._dir is None or time.monotonic() - self._checked < 2.0:

@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from zimage_api import (
+    console,
     docs_ui,
     errors,
     routes_account,
@@ -45,7 +46,9 @@ log = logging.getLogger(__name__)
 
 def key_ring(settings: ApiSettings) -> KeyRing:
     if settings.dev_key:
-        return KeyRing.with_dev_key(settings.dev_key, settings.dev_tenant, settings.keys_dir or None)
+        return KeyRing.with_dev_key(
+            settings.dev_key, settings.dev_tenant, settings.keys_dir or None, admin=settings.dev_admin
+        )
     return KeyRing(directory=settings.keys_dir or None)
 
 
@@ -106,6 +109,8 @@ def create_app(
     app.state.parts = parts
     errors.install(app)
     docs_ui.install(app)
+    if settings.console:
+        console.install(app, settings.console_image_origins)
     app.include_router(routes_jobs.router)
     app.include_router(routes_workflows.router)
     app.include_router(routes_openai.router)

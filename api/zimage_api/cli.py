@@ -61,10 +61,10 @@ def serve(args: argparse.Namespace) -> int:
     model = args.model or shared.settings.model_source
     engine = cli_generate.load_local_engine(model, args.variant, args.models_dir or shared.settings.models_dir)
     logs.configure(text=True)
-    with local_api(model, variant=args.variant, images_dir=args.images_dir, engine=engine) as la:
+    with local_api(model, variant=args.variant, images_dir=args.images_dir, engine=engine, dev_admin=True) as la:
         url = f"http://{args.host}:{args.port}"
         print(
-            f"zimage API on {url} (docs: {url}/docs), model {model} as z-image-turbo\n"
+            f"zimage API on {url} (console: {url}/ui/, docs: {url}/docs), model {model} as z-image-turbo\n"
             f"API key: {DEV_KEY}\n"
             f"  curl -H 'Authorization: Bearer {DEV_KEY}' -H 'Content-Type: application/json' \\\n"
             f'       {url}/v1/jobs -d \'{{"prompt": "a red fox"}}\'\n'

@@ -33,6 +33,7 @@ from zimage_operator.workflow_types import (
     StepPhase,
     WorkflowPhase,
     WorkflowProgress,
+    WorkflowStep,
 )
 from zimage_queue.message import CamelModel
 
@@ -90,6 +91,9 @@ class StepView(CamelModel):
     name: str
     model: str
     phase: StepPhase
+    depends_on: list[str] = Field(
+        default_factory=list, description="The steps it waits for: its dependsOn and the steps its fields refer to."
+    )
     count: int | None = Field(None, description="How many jobs the step has, once its forEach resolved.")
     succeeded: int = 0
     message: str | None = None
@@ -136,6 +140,14 @@ def workflow_path(name: str) -> str:
     return f"/v1/workflows/{name}"
 
 
+def dependencies(step: dict[str, Any]) -> list[str]:
+    """The steps a stored step waits for (none when it no longer parses: a view never fails on a spec)."""
+    try:
+        return sorted(workflow.step_dependencies(WorkflowStep.model_validate(step)))
+    except ValidationError:
+        return []
+
+
 def workflow_view(wf: dict[str, Any], signer: UrlSigner, base_url: str = "") -> WorkflowView:
     meta, spec = wf["metadata"], wf.get("spec") or {}
     status = wf.get("status") or {}
@@ -170,6 +182,7 @@ def workflow_view(wf: dict[str, Any], signer: UrlSigner, base_url: str = "") -> 
                 name=s.get("name", ""),
                 model=st.get("model") or s.get("model", ""),
                 phase=st.get("phase") or "Pending",
+                depends_on=dependencies(s),
                 count=st.get("count"),
                 succeeded=st.get("succeeded", 0),
                 message=st.get("message"),

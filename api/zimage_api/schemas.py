@@ -61,7 +61,9 @@ class JobView(CamelModel):
     queued_at: str | None = None
     started_at: str | None = None
     finished_at: str | None = None
+    queue_seconds: float | None = Field(None, description="From queued to the start of its last attempt.")
     run_seconds: float | None = None
+    worker: str | None = Field(None, description="The worker (pod) that ran its last attempt.")
     gpu_seconds: float | None = Field(
         None, description="A job from the history: the GPU-seconds its last attempt used (its share of a batch)."
     )

@@ -26,6 +26,7 @@ class ApiSettings(BaseSettings, RedisAuthSettings):  # ZIMAGE_REDIS_PASSWORD, ..
     # Accepted in addition to keys_dir; `zimage serve` sets it so local mode works without a Secret.
     dev_key: str = ""
     dev_tenant: str = "dev"
+    dev_admin: bool = False  # `zimage serve`: the dev key may see the console's Operate page and all usage
     storage_url: str = Field(
         "", validation_alias=AliasChoices("ZIMAGE_API_STORAGE_URL", "ZIMAGE_STORAGE_URL")
     )  # uploads go here; workers read them back
@@ -58,6 +59,10 @@ class ApiSettings(BaseSettings, RedisAuthSettings):  # ZIMAGE_REDIS_PASSWORD, ..
     url_ttl_seconds: int = 900
     public_url: str = ""  # base of absolute URLs in responses (default: the request's)
     page_size: int = 50
+    # The web console at /ui/ (zimage_api.console); origins its pages may load images from besides this API's
+    # (an object store's, when image links redirect to presigned URLs), e.g. ["https://s3.example.com"].
+    console: bool = True
+    console_image_origins: list[str] = Field(default_factory=list)
     host: str = "0.0.0.0"
     port: int = 8080
     # The job history store (zimage_history; the operator writes it): GET /v1/usage, history in GET /v1/jobs.
