@@ -243,9 +243,18 @@ def test_another_tenants_jobs_are_never_shown(web: Browser, stack: Stack) -> Non
 
 def test_operate_shows_the_deployment(web: Browser, stack: Stack) -> None:
     page = web.page
+    small = {"width": 256, "height": 256}
+    after = {"dependsOn": ["sketch"]}
+    steps = [
+        {"name": "sketch", "model": "z-image-turbo", "params": {"prompt": "a lighthouse", **small}},
+        {"name": "dusk", "model": "z-image-turbo", "params": {"prompt": "at dusk", **small}, **after},
+        {"name": "storm", "model": "z-image-turbo", "params": {"prompt": "in a storm", **small}, **after},
+    ]
     with api(stack) as c:
-        r = c.post("/v1/jobs", json={"prompt": "for the throughput", "width": 256, "height": 256})
+        r = c.post("/v1/jobs", json={"prompt": "for the throughput", **small})
+        wf = c.post("/v1/workflows", json={"steps": steps}).json()["id"]
         wait_for(lambda: c.get(f"/v1/jobs/{r.json()['id']}").json()["phase"] == "Succeeded", what="a job")
+        wait_for(lambda: c.get(f"/v1/workflows/{wf}").json()["phase"] == "Succeeded", timeout=60, what="workflow")
     web.sign_in(stack.keys["dev"])
     page.get_by_role("link", name="Operate").click()
     row = page.locator('tr[data-deployment="z-image-turbo"]')
@@ -253,6 +262,12 @@ def test_operate_shows_the_deployment(web: Browser, stack: Stack) -> None:
     recent = row.get_by_test_id("recent").inner_text()
     assert int(recent.split()[0]) >= 1, recent
     expect(row.get_by_test_id("queue")).to_have_text("0")
+    page.get_by_role("button", name=wf).click()
+    graph = page.get_by_label(f"steps of {wf}")
+    expect(graph.locator(".layer")).to_have_count(2)  # sketch, then dusk and storm side by side
+    expect(graph.locator(".layer").nth(1).locator(".step")).to_have_count(2)
+    expect(graph.locator('[data-step="storm"] .after')).to_have_text("after sketch")
+    expect(graph.locator(".step.phase-succeeded")).to_have_count(3)
     web.shot("13-operate")
 
 
