@@ -43,7 +43,7 @@ from zimage_api.store import (
     merge_patch,
 )
 from zimage_history import quotas
-from zimage_operator import reconcile
+from zimage_operator import adapters, reconcile
 from zimage_operator.types import TERMINAL_PHASES, ImageJobSpec, Reason
 from zimage_queue import JobEvent, JobQueue
 
@@ -221,6 +221,10 @@ class JobService:
             raise ApiError(
                 404, f"model: no model named {spec.model!r} (GET /v1/models)", param="model", code="model_not_found"
             )
+        refused = adapters.resolve(spec.loras, spec.model, model.get("spec") or {})
+        if isinstance(refused, adapters.Refusal):  # what the operator's admission would fail the ImageJob with
+            code = "unknown_adapter" if refused.reason == Reason.UNKNOWN_ADAPTER else "too_many_adapters"
+            raise ApiError(400, refused.message.removeprefix("spec."), param="loras", code=code)
         if spec.seed is None:  # resolved into the spec, so the operator's admission builds the very same message
             spec.seed = random.SystemRandom().randrange(2**32)
 

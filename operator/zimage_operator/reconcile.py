@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
+from zimage_operator import adapters
 from zimage_operator.conditions import iso, parse_iso, set_condition
 from zimage_operator.edits import spec_digest
 from zimage_operator.housekeeping import ttl_after_finished
@@ -99,6 +100,9 @@ def admit(
         )
         return Admission("wait", patch, event=("Warning", Reason.MODEL_NOT_FOUND, msg))
 
+    loras = adapters.resolve(parsed.loras, parsed.model, model.get("spec") or {})
+    if isinstance(loras, adapters.Refusal):
+        return fail(loras.reason, loras.message)
     variant = (model.get("spec") or {}).get("model", {}).get("variant")
     defaults = variant_defaults(variant)
     seed = parsed.seed if parsed.seed is not None else status.get("seed")
@@ -111,6 +115,7 @@ def admit(
             "steps": steps,
             "guidance_scale": guidance,
             "seed": seed,
+            "loras": loras or None,
         }
     )
     message = JobMessage(
@@ -137,6 +142,7 @@ def admit(
         message=msg,
         progress=_progress(0, steps),
         specDigest=spec_digest(spec),
+        **({"adapters": [lora.wire() for lora in loras]} if loras else {}),
     )
     return Admission("enqueue", patch, message, event=("Normal", Reason.ENQUEUED, msg))
 

@@ -12,10 +12,13 @@ from pydantic import ConfigDict, Field, JsonValue
 
 from zimage_queue.message import (
     DEFAULT_MAX_RETRIES,
+    MAX_LORAS_PER_JOB,
     URI_PATTERN,
     VARIANT_DEFAULTS,
+    AdapterSpec,
     CamelModel,
     GenerationParams,
+    LoraRef,
     Priority,
     ResultImage,
     VariantDefaults,
@@ -58,6 +61,8 @@ class Reason:
     MODEL_NOT_FOUND = "ModelNotFound"
     INVALID_SPEC = "InvalidSpec"
     GPU_QUOTA_EXCEEDED = "GPUQuotaExceeded"
+    UNKNOWN_ADAPTER = "UnknownAdapter"
+    TOO_MANY_ADAPTERS = "TooManyAdapters"
     ENQUEUED = "Enqueued"
     STARTED = "Started"
     COMPLETED = "Completed"
@@ -123,6 +128,9 @@ class ImageJobStatus(CamelModel):
     results: list[ResultImage] | None = None
     text: str | None = Field(None, description="What a text step answered (a remote chat model's reply).")
     routed_to: str | None = Field(None, description="The fallback ModelDeployment the job was moved to, if any.")
+    adapters: list[LoraRef] | None = Field(
+        None, description="The LoRA adapters it runs with (spec.loras), each scale resolved (the adapter's default)."
+    )
     message: str | None = Field(None, max_length=32768)
     spec_digest: dict[str, str] | None = Field(
         None, description="A short hash per spec field as admitted: a later spec edit is reported by field."
@@ -138,7 +146,17 @@ DEFAULT_WORKER_IMAGE = "ghcr.io/zimage-dev/zimage-worker:0.1.0"
 DEFAULT_FORWARDER_IMAGE = "ghcr.io/zimage-dev/zimage-operator:0.1.0"
 MAX_SCALING_HISTORY = 10
 # The worker's settings the operator owns: a user's env may not override where it reads jobs from or who it is.
-RESERVED_ENV = frozenset({"ZIMAGE_REDIS_URL", "ZIMAGE_QUEUE", "ZIMAGE_WORKER_NAME", "MODELS_DIR", "ZIMAGE_HTTP_PORT"})
+RESERVED_ENV = frozenset(
+    {
+        "ZIMAGE_REDIS_URL",
+        "ZIMAGE_QUEUE",
+        "ZIMAGE_WORKER_NAME",
+        "MODELS_DIR",
+        "ZIMAGE_HTTP_PORT",
+        "ZIMAGE_ADAPTERS",  # spec.adapters
+        "ZIMAGE_MAX_RESIDENT_ADAPTERS",
+    }
+)
 # ... and per backend: what selects a function pool's engine, and a remote pool's provider settings (also any
 # ZIMAGE_REMOTE_* variable).
 FUNCTION_ENV = frozenset({"ZIMAGE_ENGINE", "ZIMAGE_FUNCTION"})
@@ -400,6 +418,10 @@ MODELDEPLOYMENT_SPEC_RULES = [
         "message": "spec.function is required with backend function and used only with it",
     },
     {
+        "rule": "!has(self.adapters) || self.backend == 'diffusers'",
+        "message": "spec.adapters: LoRA adapters are for the diffusers backend",
+    },
+    {
         "rule": "self.backend == 'diffusers' || !has(self.cache) || ((!has(self.cache.preload) || !self.cache.preload)"
         " && !has(self.cache.size) && !has(self.cache.existingClaim))",
         "message": "spec.cache (preload, size, existingClaim) is for the diffusers backend: remote and function "
@@ -452,6 +474,17 @@ class ModelDeploymentSpec(CamelModel):
         None, description="Per failure class, the ModelDeployments a job moves to (in order) when it fails here."
     )
     storage: Storage | None = None
+    adapters: list[AdapterSpec] | None = Field(
+        None,
+        max_length=64,
+        description="LoRA adapters jobs may ask for by name (ImageJob spec.loras), loaded on demand by each worker "
+        "and kept resident (up to maxResidentAdapters, least recently used out first).",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    max_resident_adapters: int = Field(4, ge=1, le=64, description="Adapters a worker keeps loaded at once.")
+    max_adapters_per_job: int = Field(
+        3, ge=0, le=MAX_LORAS_PER_JOB, description="How many of spec.adapters one job may combine."
+    )
 
     def cross_field_errors(self, name: str | None = None) -> list[str]:
         """Rules a structural schema cannot express; the operator reports them as a condition. The CRD's CEL

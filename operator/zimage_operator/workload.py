@@ -523,6 +523,10 @@ def _model_env(spec: ModelDeploymentSpec) -> list[dict[str, Any]]:
     ]
     if spec.model.revision:
         env.append({"name": "ZIMAGE_REVISION", "value": spec.model.revision})
+    if spec.adapters:  # LoRA adapters jobs may name: loaded on demand (workers), fetched ahead (preload)
+        adapters = json.dumps([a.wire() for a in spec.adapters], separators=(",", ":"))
+        env.append({"name": "ZIMAGE_ADAPTERS", "value": adapters})
+        env.append({"name": "ZIMAGE_MAX_RESIDENT_ADAPTERS", "value": str(spec.max_resident_adapters)})
     return env
 
 

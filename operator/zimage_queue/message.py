@@ -63,6 +63,13 @@ StepArgs = Annotated[
 ]
 
 
+# LoRA adapters (issue 19): a job names up to MAX_LORAS_PER_JOB of its ModelDeployment's adapters, each with a
+# scale. Their names are the keys of the deployment's spec.adapters; workers get that list as ZIMAGE_ADAPTERS.
+ADAPTER_NAME = r"^[a-z0-9]([-a-z0-9_.]{0,61}[a-z0-9])?$"
+MAX_LORAS_PER_JOB = 8  # the schema's bound; a deployment may allow fewer (spec.maxAdaptersPerJob, default 3)
+LORA_SCALE_BOUND = 8.0
+
+
 class CamelModel(BaseModel):
     """Kubernetes objects are camelCase; Python code uses snake_case. Both spellings are accepted."""
 
@@ -77,6 +84,36 @@ class WireModel(CamelModel):
     operator N reads what workers N+1 write (and the reverse) during a rolling upgrade."""
 
     model_config = ConfigDict(extra="ignore")
+
+
+class LoraRef(WireModel):
+    """One adapter a job asks for, by the name its ModelDeployment gives it, at a scale."""
+
+    name: str = Field(min_length=1, max_length=63, pattern=ADAPTER_NAME, description="An adapter of the model.")
+    scale: float | None = Field(
+        None,
+        ge=-LORA_SCALE_BOUND,
+        le=LORA_SCALE_BOUND,
+        description="How strongly it applies (0: not at all); default: the adapter's defaultScale, else 1.",
+    )
+
+
+class AdapterSpec(WireModel):
+    """One LoRA adapter a ModelDeployment serves (its spec.adapters[]); workers get the list as ZIMAGE_ADAPTERS."""
+
+    name: str = Field(min_length=1, max_length=63, pattern=ADAPTER_NAME, description="What jobs call it.")
+    source: str = Field(
+        min_length=1,
+        max_length=2048,
+        description="A path (absolute, or under the model cache MODELS_DIR), an object-store URI (s3://, file://) "
+        "or a Hugging Face hub id (owner/name, loaded at run time), holding LoRA weights in the diffusers format.",
+    )
+    weight_name: str | None = Field(
+        None, max_length=253, description="The weights file inside source, when it holds several."
+    )
+    default_scale: float = Field(
+        1.0, ge=-LORA_SCALE_BOUND, le=LORA_SCALE_BOUND, description="The scale of a job that gives none."
+    )
 
 
 class GenerationParams(WireModel):
@@ -108,8 +145,14 @@ class GenerationParams(WireModel):
         "of them; a string that is an image URI is read as an input.",
     )
 
+    loras: list[LoraRef] | None = Field(
+        None,
+        max_length=MAX_LORAS_PER_JOB,
+        description="LoRA adapters of the ModelDeployment to apply, each at a scale (spec.adapters there).",
+    )
+
     # Optional fields written only when set (their wire names), as in BulkMarked.
-    only_when_set: ClassVar[tuple[str, ...]] = ("args",)
+    only_when_set: ClassVar[tuple[str, ...]] = ("args", "loras")
 
     @model_serializer(mode="wrap")
     def _only_when_set(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
@@ -147,7 +190,15 @@ class GenerationParams(WireModel):
             errors.append("spec.maskImage: required when task is inpaint")
         if self.task == "text-to-image" and (self.input_image or self.mask_image):
             errors.append("spec.inputImage/maskImage: only allowed for image-to-image and inpaint")
+        names = [lora.name for lora in self.loras or []]
+        if len(set(names)) != len(names):
+            errors.append("spec.loras: each adapter at most once")
         return errors
+
+    def adapter_set(self) -> tuple[tuple[str, float | None], ...]:
+        """The adapters and scales as one comparable value (order does not change the result): jobs batch only
+        with jobs of the same set."""
+        return tuple(sorted((lora.name, lora.scale) for lora in self.loras or []))
 
 
 class BulkMarked(WireModel):
