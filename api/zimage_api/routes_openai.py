@@ -210,6 +210,7 @@ async def generations(
         "seed": body.seed,
         "steps": body.steps,
         "outputFormat": body.output_format,
+        "loras": [lora.wire() for lora in body.loras] if body.loras else None,
     }
     how = answer(
         "image_generation",

@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from zimage_operator.types import Condition, ImageJobSpec, Phase, ScalingDecision
-from zimage_queue.message import CamelModel, OutputFormat
+from zimage_queue.message import MAX_LORAS_PER_JOB, CamelModel, LoraRef, OutputFormat
 
 JobMode = Literal["imagejob", "bulk"]
 
@@ -197,6 +197,9 @@ class ModelView(BaseModel):
     replicas: int
     queue_length: int
     in_flight: int
+    adapters: list[str] = Field(
+        default_factory=list, description="The LoRA adapters jobs may name in loras (spec.adapters of the deployment)."
+    )
 
 
 class ModelList(BaseModel):
@@ -244,6 +247,11 @@ class OpenAIGenerationRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**53 - 1, description="Extension: a fixed seed.")
     negative_prompt: str | None = Field(None, max_length=4000, description="Extension.")
     steps: int | None = Field(None, ge=1, le=100, description="Extension: denoising steps.")
+    loras: list[LoraRef] | None = Field(
+        None,
+        max_length=MAX_LORAS_PER_JOB,
+        description="Extension: LoRA adapters of the model, [{name, scale}] (GET /v1/models lists them).",
+    )
 
 
 class OpenAIImage(BaseModel):

@@ -82,7 +82,7 @@ def job_view(
 
 
 def model_view(md: dict[str, Any], stats: QueueStats) -> ModelView:
-    status = md.get("status") or {}
+    status, spec = md.get("status") or {}, md.get("spec") or {}
     ready = int(status.get("readyReplicas") or 0)
     return ModelView(
         id=md["metadata"]["name"],
@@ -92,4 +92,5 @@ def model_view(md: dict[str, Any], stats: QueueStats) -> ModelView:
         replicas=int(status.get("replicas") or 0),
         queue_length=stats.queued,
         in_flight=stats.in_flight,
+        adapters=[a["name"] for a in spec.get("adapters") or [] if isinstance(a, dict) and "name" in a],
     )
