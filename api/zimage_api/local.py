@@ -159,6 +159,7 @@ def local_api(
     models_dir: str | None = None,
     engine: Any = None,
     workers: int = 1,
+    adapters: Any = None,
     **overrides: Any,
 ) -> Iterator[LocalApi]:
     """Everything but the HTTP server; serve ``.app`` with uvicorn (``zimage serve``) or an ASGI test client."""
@@ -184,7 +185,7 @@ def local_api(
         outbox = Outbox(redis.Redis.from_url(srv.url), store=bool(settings.history_url))
         app = create_app(settings, store, on_event=LocalOperator(store, outbox, JobQueue.from_url(srv.url)))
         q = queue_name(LOCAL_NAMESPACE, model_name)
-        engine = engine or load_engine(model, variant=variant, models_dir=models_dir)
+        engine = engine or load_engine(model, variant=variant, models_dir=models_dir, adapters=adapters)
         running = []
         for i in range(workers):
             w = Worker(

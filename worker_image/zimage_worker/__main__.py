@@ -66,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
             revision=cfg.revision,
             compile=cfg.compile,
             attention_backend=cfg.attention_backend,
+            adapters=cfg.adapters,
+            max_resident_adapters=cfg.max_resident_adapters,
+            adapter_cache_dir=cfg.adapter_cache_dir,
         )
         metrics.MODEL_LOAD_SECONDS.set(time.perf_counter() - t0)
         if cfg.warmup:
@@ -92,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         stuck_step_seconds=cfg.stuck_step_seconds,
         fetch_allowed_hosts=cfg.fetch_allowed_hosts,
         loop_max_failures=cfg.loop_max_failures,
+        adapter_affinity_max_wait_ms=cfg.adapter_affinity_max_wait_ms,
+        adapter_affinity_max_passes=cfg.adapter_affinity_max_passes,
     )
     ready = True
     worker.run(max_jobs=args.max_jobs)

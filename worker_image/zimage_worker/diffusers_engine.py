@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -12,10 +12,13 @@ from diffusers import ZImageImg2ImgPipeline, ZImageInpaintPipeline, ZImagePipeli
 from PIL import Image
 
 from zimage_queue.message import VARIANT_DEFAULTS
-from zimage_worker.engine import FULL_RANDOM, TINY_RANDOM, VARIANTS, Cancelled, Request, batch_key
+from zimage_worker import metrics
+from zimage_worker.adapters import ResidentAdapters
+from zimage_worker.engine import FULL_RANDOM, TINY_RANDOM, VARIANTS, AdapterSet, Cancelled, Request, batch_key
 
 if TYPE_CHECKING:
     from zimage_queue import GenerationParams
+    from zimage_queue.message import AdapterSpec
 
 DEFAULT_IMG2IMG_STRENGTH = 0.6
 DEFAULT_INPAINT_STRENGTH = 1.0
@@ -81,6 +84,9 @@ class DiffusersEngine:
 
     Not thread-safe: the three pipelines share one scheduler, whose state is set per call. A worker makes one
     pipeline call at a time (one job, or one batch of compatible jobs); only storing runs beside it.
+
+    ``adapters``: the LoRA adapters jobs may name (``params.loras``), loaded into the shared transformer on first
+    use and switched per call; up to ``max_resident_adapters`` stay loaded (``zimage_worker.adapters``).
     """
 
     def __init__(
@@ -93,6 +99,10 @@ class DiffusersEngine:
         revision: str | None = None,
         compile: bool = False,
         attention_backend: str | None = None,
+        adapters: Sequence[AdapterSpec] = (),
+        max_resident_adapters: int = 4,
+        models_dir: str | None = None,
+        adapter_cache_dir: str | None = None,
     ) -> None:
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
@@ -135,9 +145,23 @@ class DiffusersEngine:
         each: Any
         for each in (self.text_to_image, self.image_to_image, self.inpaint):
             each.set_progress_bar_config(disable=True)
+        # LoRA layers go into the transformer these pipelines share: loading through one applies to all three.
+        self.adapters = ResidentAdapters(
+            pipe, adapters, max_resident=max_resident_adapters, models_dir=models_dir, cache_dir=adapter_cache_dir
+        )
+        self.adapter_scales = self.adapters.scales
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.load_seconds = time.perf_counter() - started
+        metrics.MODEL_LOADS.inc()
+
+    def active_adapters(self) -> AdapterSet:
+        """See ``AdapterEngine``: the adapters (and scales) the last pipeline call ran with."""
+        return self.adapters.active()
+
+    def resident_adapters(self) -> list[str]:
+        """See ``AdapterEngine``: the adapters loaded now, least recently used first."""
+        return self.adapters.resident()
 
     def generate(
         self,
@@ -163,9 +187,10 @@ class DiffusersEngine:
     def generate_batch(self, requests: list[Request]) -> list[list[Image.Image] | None]:
         """See ``BatchEngine.generate_batch``: text-to-image requests with equal ``batch_key``, one row per image."""
         first = requests[0].params
-        keys = {batch_key(r.params, self.variant) for r in requests}
+        keys = {batch_key(r.params, self.variant, self.adapter_scales) for r in requests}
         if len(keys) != 1 or None in keys:
             raise ValueError("generate_batch takes text-to-image requests with equal batch_key only")
+        self.adapters.activate(first.loras)  # equal keys: one adapter set for the whole call
         steps, guidance = first.steps_and_guidance(VARIANT_DEFAULTS[self.variant])
         num_inference_steps, sigmas = denoising_schedule(steps)
         rows = [(j, i) for j, r in enumerate(requests) for i in range(r.params.num_images)]
@@ -217,6 +242,7 @@ class DiffusersEngine:
         steps, guidance = params.steps_and_guidance(VARIANT_DEFAULTS[self.variant])
         num_inference_steps, sigmas = denoising_schedule(steps)
         seed = params.seed if params.seed is not None else 0
+        self.adapters.activate(params.loras)
 
         with torch.inference_mode():
             pipe, task_kwargs = self._pipeline_for(params, request.load_image)

@@ -8,7 +8,7 @@ This module imports neither torch nor diffusers, so the queue side of the worker
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from zimage_queue import GenerationParams
+    from zimage_queue.message import AdapterSpec
 
 NOOP = "noop"
 TINY_RANDOM = "tiny-random"
@@ -34,6 +35,31 @@ class Cancelled(Exception):
     """Generation was stopped between denoising steps because ``should_stop()`` returned true."""
 
 
+class UnknownAdapter(ValueError):
+    """The job names a LoRA adapter this worker does not serve (not in its ZIMAGE_ADAPTERS): retrying cannot help."""
+
+
+# A job's LoRA adapters with their scales resolved, sorted by name: () is the base model.
+AdapterSet = tuple[tuple[str, float], ...]
+
+
+def adapter_set(params: GenerationParams, default_scales: Mapping[str, float] | None = None) -> AdapterSet:
+    """The adapters ``params`` asks for, each at its scale: the job's own, else the adapter's ``defaultScale``
+    (``default_scales``, from the deployment's spec.adapters), else 1. Names the worker does not know keep the
+    job's scale or 1 here; the engine refuses them when the job runs (``UnknownAdapter``)."""
+    defaults = default_scales or {}
+    return tuple(
+        sorted(
+            (lora.name, float(lora.scale) if lora.scale is not None else float(defaults.get(lora.name, 1.0)))
+            for lora in params.loras or []
+        )
+    )
+
+
+def default_scales(adapters: Sequence[AdapterSpec]) -> dict[str, float]:
+    return {a.name: a.default_scale for a in adapters}
+
+
 @dataclass
 class Request:
     """One job in a batch: its parameters and its own progress, cancellation and input callbacks."""
@@ -44,17 +70,33 @@ class Request:
     load_image: Callable[[str], bytes]
 
 
-def batch_key(params: GenerationParams, variant: str) -> Hashable | None:
+def batch_key(
+    params: GenerationParams, variant: str, default_scales: Mapping[str, float] | None = None
+) -> Hashable | None:
     """Jobs with equal keys can share one pipeline call; ``None``: the job runs alone.
 
     Only text-to-image batches: the image tasks carry an input image per job. Prompts and seeds may differ
     (one prompt embedding and one generator per image); size, steps and guidance may not, and the negative
-    prompt only matters (and so must match) when guidance is on.
+    prompt only matters (and so must match) when guidance is on. LoRA adapters apply to the whole call, so
+    the job's adapter set with its resolved scales (``adapter_set``) must match too.
     """
     if params.task != "text-to-image":
         return None
     steps, guidance = params.steps_and_guidance(VARIANT_DEFAULTS[variant])
-    return (params.width, params.height, steps, guidance, params.negative_prompt if guidance > 0 else None)
+    return (
+        params.width,
+        params.height,
+        steps,
+        guidance,
+        params.negative_prompt if guidance > 0 else None,
+        adapter_set(params, default_scales),
+    )
+
+
+def engine_scales(engine: object) -> Mapping[str, float]:
+    """The default scales of the adapters ``engine`` serves (an ``AdapterEngine``); none for other engines."""
+    scales: Mapping[str, float] = getattr(engine, "adapter_scales", None) or {}
+    return scales
 
 
 class Engine(Protocol):
@@ -76,6 +118,20 @@ class Engine(Protocol):
         the engine raises ``Cancelled``. ``load_image(uri)`` returns the encoded bytes of an input or mask
         image.
         """
+        ...
+
+
+class AdapterEngine(Engine, Protocol):
+    """An engine that applies a job's LoRA adapters (``params.loras``); other engines ignore them."""
+
+    adapter_scales: Mapping[str, float]  # the default scale of each adapter it serves, by name
+
+    def active_adapters(self) -> AdapterSet:
+        """The adapter set the last pipeline call ran with (() for the base model)."""
+        ...
+
+    def resident_adapters(self) -> list[str]:
+        """The adapters loaded now, least recently used first."""
         ...
 
 
@@ -205,8 +261,15 @@ def load_engine(
     revision: str | None = None,
     compile: bool = False,
     attention_backend: str | None = None,
+    adapters: Sequence[AdapterSpec] | None = None,
+    max_resident_adapters: int = 4,
+    adapter_cache_dir: str | None = None,
 ) -> Engine:
-    """Load the engine for ``source`` (see ``resolve_source``); this is where model weights are read."""
+    """Load the engine for ``source`` (see ``resolve_source``); this is where model weights are read.
+
+    ``adapters``: the LoRA adapters jobs may name (a ModelDeployment's spec.adapters), loaded on first use and
+    kept loaded, up to ``max_resident_adapters`` of them (see ``zimage_worker.adapters``). The noop engine
+    ignores them."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
     resolved = resolve_source(source, models_dir)
@@ -222,4 +285,8 @@ def load_engine(
         revision=revision,
         compile=compile,
         attention_backend=attention_backend,
+        adapters=adapters or (),
+        max_resident_adapters=max_resident_adapters,
+        models_dir=models_dir,
+        adapter_cache_dir=adapter_cache_dir,
     )

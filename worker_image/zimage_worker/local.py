@@ -9,12 +9,13 @@ from __future__ import annotations
 import shutil
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from zimage_queue import GenerationParams, JobEvent, JobMessage, JobQueue, ResultImage
+from zimage_queue.message import AdapterSpec
 from zimage_queue.server import RedisServer
 from zimage_worker.engine import Engine, load_engine
 from zimage_worker.loop import Worker
@@ -64,11 +65,12 @@ def local_stack(
     engine: Engine | None = None,
     models_dir: str | None = None,
     variant: str = "turbo",
+    adapters: Sequence[AdapterSpec] | None = None,
 ) -> Iterator[LocalStack]:
     with RedisServer() as srv:
         queue = JobQueue.from_url(srv.url, visibility_ms=60_000)
         queue_name = f"{LOCAL_NAMESPACE}/{Path(model).name or 'model'}"
-        engine = engine or load_engine(model, variant=variant, models_dir=models_dir)
+        engine = engine or load_engine(model, variant=variant, models_dir=models_dir, adapters=adapters)
         store = LocalStore(images_dir)
         worker = Worker(queue, engine, store, queue_name, "local-worker", progress_interval_seconds=0)
         thread = threading.Thread(target=worker.run, kwargs={"block_ms": 200}, name="worker", daemon=True)

@@ -18,8 +18,19 @@ import redis
 
 from zimage_queue import Delivery, JobEvent, JobMessage, JobQueue
 from zimage_queue.supervise import Health, backoff_seconds, run_thread
-from zimage_worker import metrics
-from zimage_worker.engine import BatchEngine, Cancelled, Engine, Request, batch_key
+from zimage_worker import affinity, metrics
+from zimage_worker.engine import (
+    AdapterEngine,
+    AdapterSet,
+    BatchEngine,
+    Cancelled,
+    Engine,
+    Request,
+    UnknownAdapter,
+    adapter_set,
+    batch_key,
+    engine_scales,
+)
 from zimage_worker.results import store_images
 from zimage_worker.storage import ImageStore, read_uri
 from zimage_worker.watchdog import Watchdog
@@ -60,7 +71,11 @@ def _is_oom(e: BaseException) -> bool:
 class Worker:
     """Takes up to ``max_batch_size`` jobs at once (waiting up to ``max_wait_ms`` to fill a batch), runs the
     compatible ones as one pipeline call, and hands encoding, upload and the result record to a finisher
-    thread, so the next batch starts while the last one's images are still being written."""
+    thread, so the next batch starts while the last one's images are still being written.
+
+    With an engine that serves LoRA adapters (``AdapterEngine``) and ``adapter_affinity_max_wait_ms`` above 0,
+    it holds up to twice ``max_batch_size`` jobs and runs one call per pass, choosing by adapter affinity
+    (``zimage_worker.affinity``): the active adapter set first, no job deferred past the wait or the passes."""
 
     def __init__(
         self,
@@ -79,6 +94,8 @@ class Worker:
         stuck_step_seconds: float = 30.0,
         fetch_allowed_hosts: Collection[str] = (),
         loop_max_failures: int = 10,
+        adapter_affinity_max_wait_ms: int = 2000,
+        adapter_affinity_max_passes: int = 4,
     ) -> None:
         self.queue = queue
         self.engine = engine
@@ -93,6 +110,11 @@ class Worker:
         self.cancel_poll_seconds = cancel_poll_seconds
         self.progress_interval_seconds = progress_interval_seconds
         self.fetch_allowed_hosts = tuple(fetch_allowed_hosts)  # http(s) inputs only from these (default: none)
+        self.affinity_wait_s = max(0, adapter_affinity_max_wait_ms) / 1000
+        self.affinity_passes = max(1, adapter_affinity_max_passes)
+        # Holding (an adapter engine): jobs taken and begun, waiting for their turn by affinity.
+        self.holding = self.affinity_wait_s > 0 and bool(engine_scales(engine))
+        self.pending: list[affinity.Group[Delivery]] = []
         self.stopping = threading.Event()  # take no new job
         self.hand_back = threading.Event()  # give the current job back now
         self._finished = threading.Event()
@@ -169,35 +191,85 @@ class Worker:
             self.max_batch_size,
         )
         while not self.stopping.is_set():
-            if max_jobs is not None and self.taken >= max_jobs:
+            if max_jobs is not None and self.taken >= max_jobs and not self.pending:
                 break
             try:
-                self._once(
-                    block_ms,
-                    self.max_batch_size if max_jobs is None else min(self.max_batch_size, max_jobs - self.taken),
-                )
+                self._once(block_ms, None if max_jobs is None else max_jobs - self.taken)
             except (redis.ConnectionError, redis.TimeoutError) as e:
                 # A job whose result could not be recorded is still pending: it comes back after the
-                # visibility timeout.
+                # visibility timeout (so do the held ones).
                 with self._lock:
                     self.held = []
+                self.pending = []
                 self._wait_for_redis(e)
                 continue
             self.health.ok("jobs", time.monotonic())
+        self._release_pending()
         log.info("worker %s stopped after %d job(s)", self.name, self.processed)
 
-    def _once(self, block_ms: int, want: int) -> None:
-        deliveries = self._take(block_ms, want)
-        if not deliveries:
+    def _once(self, block_ms: int, left: int | None) -> None:
+        """One pass: take jobs (up to ``left`` more, when counted), then run them all, or, when holding, the
+        one group that affinity picks, keeping the rest for the next pass."""
+        held = sum(len(g.jobs) for g in self.pending)
+        want = (2 if self.holding else 1) * self.max_batch_size - held
+        if left is not None:
+            want = min(want, left)
+        deliveries = self._take(0 if self.pending else block_ms, want) if want > 0 else []
+        if not deliveries and not self.pending:
             return
-        self.taken += len(deliveries)
-        with self._lock:
-            self.held.extend(deliveries)
-        self._report_busy(True)  # tell the scaler at once, not at the next beat
-        self.process_batch(deliveries)
+        if deliveries:
+            self.taken += len(deliveries)
+            with self._lock:
+                self.held.extend(deliveries)
+            self._report_busy(True)  # tell the scaler at once, not at the next beat
+        if not self.holding:
+            self.process_batch(deliveries)
+        else:
+            runnable = self._begin_all(deliveries, [])
+            self.pending = affinity.add(self.pending, self._placed(runnable), time.monotonic(), self.max_batch_size)
+            if self.pending:
+                group, self.pending = self._next(self.pending)
+                self._run_group(group.jobs)
         with self._lock:
             busy = bool(self.held)
         self._report_busy(busy)
+
+    def _placed(self, deliveries: list[Delivery]) -> list[tuple[object, AdapterSet, Delivery]]:
+        """Each job with its batch key (None: it runs alone) and its resolved adapter set."""
+        scales = engine_scales(self.engine)
+        batching = hasattr(self.engine, "generate_batch")
+        return [
+            (
+                batch_key(d.message.params, self.engine.variant, scales) if batching else None,
+                adapter_set(d.message.params, scales),
+                d,
+            )
+            for d in deliveries
+        ]
+
+    def _next(
+        self, groups: list[affinity.Group[Delivery]]
+    ) -> tuple[affinity.Group[Delivery], list[affinity.Group[Delivery]]]:
+        active: AdapterSet | None = None  # an engine without adapters: arrival order
+        resident: list[str] = []
+        if hasattr(self.engine, "active_adapters"):
+            engine = cast("AdapterEngine", self.engine)
+            active, resident = engine.active_adapters(), engine.resident_adapters()
+        return affinity.take_next(
+            groups, active, resident, time.monotonic(), self.affinity_wait_s, self.affinity_passes
+        )
+
+    def _release_pending(self) -> None:
+        """Stopping: the jobs held for a later call go back to the queue (they have not started)."""
+        for group in self.pending:
+            for d in group.jobs:
+                try:
+                    self.queue.release(d)
+                except redis.RedisError as e:  # still pending: redelivered after the visibility timeout
+                    log.warning("could not hand back %s: %s", d.entry_id, e)
+                self._let_go(d)
+                self._count("handed_back")
+        self.pending = []
 
     def _report_busy(self, busy: bool) -> None:
         # Only changes: between two jobs of a busy worker the periodic beat is enough.
@@ -255,9 +327,18 @@ class Worker:
         return outcome.result()
 
     def process_batch(self, deliveries: list[Delivery]) -> list[Future[str]]:
-        """Start every job, run the compatible ones together, and return each job's outcome (a future: the
-        images of a job that ran are stored by the finisher)."""
+        """Start every job, run the compatible ones together (groups in affinity order), and return each job's
+        outcome (a future: the images of a job that ran are stored by the finisher)."""
         outcomes: list[Future[str]] = []
+        runnable = self._begin_all(deliveries, outcomes)
+        groups = affinity.add([], self._placed(runnable), time.monotonic(), max(1, len(runnable)))
+        while groups:
+            group, groups = self._next(groups)
+            outcomes += self._run_group(group.jobs)
+        return outcomes
+
+    def _begin_all(self, deliveries: list[Delivery], outcomes: list[Future[str]]) -> list[Delivery]:
+        """Count each attempt; the jobs to run (the others' outcomes go to ``outcomes``)."""
         runnable = []
         for d in deliveries:
             early = self._begin(d)
@@ -266,16 +347,15 @@ class Worker:
             else:
                 self._let_go(d)
                 outcomes.append(_resolved(early))
-        groups: dict[object, list[Delivery]] = {}
-        for d in runnable:
-            key = batch_key(d.message.params, self.engine.variant) if hasattr(self.engine, "generate_batch") else None
-            groups.setdefault(key if key is not None else ("alone", d.entry_id), []).append(d)
-        for group in groups.values():
-            outcomes += self._run(group)
-        return outcomes
+        return runnable
+
+    def _run_group(self, group: list[Delivery]) -> list[Future[str]]:
+        for d in group:
+            self._start(d)
+        return self._run(group)
 
     def _begin(self, d: Delivery) -> str | None:
-        """Count the attempt; the outcome of a job that must not run, or None (and ``started``) when it runs."""
+        """Count the attempt; the outcome of a job that must not run, or None when it runs."""
         outcome = self.queue.begin(d, self.name)
         if outcome == "done":  # a redelivery of a job whose results are already recorded
             self.queue.ack(d)
@@ -292,10 +372,13 @@ class Worker:
             )
             self.queue.fail(d, ev, retry=False)
             return self._count("dead_lettered")
+        return None
+
+    def _start(self, d: Delivery) -> None:
+        """``started``, right before the job's pipeline call."""
         m = d.message
         metrics.QUEUE_WAIT_SECONDS.observe(max(0.0, time.time() - m.enqueued_at))
         self.queue.publish(self._event(d, "started", total_steps=_total_steps(m)), queue=m.queue)
-        return None
 
     def _request(self, d: Delivery) -> Request:
         return Request(d.message.params, self._progress(d), self._should_stop(d), self._loader(d.message))
@@ -322,12 +405,13 @@ class Worker:
             return [_resolved(self._count("handed_back")) for _ in group]
         except Cancelled:
             batch = [None] * len(group)
-        except InputError as e:  # only a job that runs alone reads inputs
-            [d] = group
-            log.warning("job %s/%s failed on its input: %s", d.message.namespace, d.message.name, e)
-            self.queue.fail(d, self._event(d, "failed", reason="InvalidInput", message=str(e)[:1000]), retry=False)
-            self._let_go(d)
-            return [_resolved(self._count("failed"))]
+        except (InputError, UnknownAdapter) as e:  # a bad input (a job alone) or adapter (the whole group's)
+            for d in group:
+                log.warning("job %s/%s failed on its input: %s", d.message.namespace, d.message.name, e)
+                ev = self._event(d, "failed", reason="InvalidInput", message=str(e)[:1000])
+                self.queue.fail(d, ev, retry=False)
+                self._let_go(d)
+            return [_resolved(self._count("failed")) for _ in group]
         except Exception as e:
             if _is_oom(e):
                 self._free_memory()

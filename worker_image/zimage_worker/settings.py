@@ -10,6 +10,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from zimage_queue.clients import RedisAuthSettings
+from zimage_queue.message import AdapterSpec
 from zimage_worker.storage import HostList
 
 
@@ -55,6 +56,16 @@ class WorkerSettings(BaseSettings, RedisAuthSettings):  # ZIMAGE_REDIS_PASSWORD,
     warmup_size: int = Field(0, ge=0, le=2048, description="Warm-up image side; 0: 1024, or 64 for tiny-random")
     compile: bool = Field(False, description="torch.compile the transformer's repeated blocks (regional)")
     attention_backend: str | None = Field(None, description="diffusers attention backend, e.g. flash, _native_cudnn")
+    # LoRA adapters (issue 19): the ModelDeployment's spec.adapters, as a JSON list (camelCase, as in the spec).
+    adapters: list[AdapterSpec] = Field(
+        default_factory=list, description="LoRA adapters jobs may name: [{name, source, weightName, defaultScale}]"
+    )
+    max_resident_adapters: int = Field(4, ge=1, le=64, description="Adapters kept loaded; least recently used go")
+    adapter_cache_dir: str | None = Field(None, description="Where file:// and s3:// adapters are fetched to")
+    # Among the jobs it holds, a worker runs those of the adapter set already active first, but defers none of
+    # them longer than this or past ADAPTER_AFFINITY_MAX_PASSES other calls (0: no reordering, no read-ahead).
+    adapter_affinity_max_wait_ms: int = Field(2000, ge=0, le=60_000, description="Longest deferral of a job")
+    adapter_affinity_max_passes: int = Field(4, ge=1, le=64, description="Most calls that may run before a job")
 
     @model_validator(mode="after")
     def _function_named(self) -> WorkerSettings:

@@ -12,6 +12,7 @@ here a byte-level tokenizer is built in memory instead, so nothing is fetched.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -35,6 +36,24 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</t
 
 TEXT_HIDDEN_SIZE = 16
 LATENT_CHANNELS = 16
+
+# The tiny transformer: sizes of diffusers' own Z-Image fast tests.
+TINY_TRANSFORMER: dict[str, Any] = {
+    "all_patch_size": (2,),
+    "all_f_patch_size": (1,),
+    "in_channels": LATENT_CHANNELS,
+    "dim": 32,
+    "n_layers": 2,
+    "n_refiner_layers": 1,
+    "n_heads": 2,
+    "n_kv_heads": 2,
+    "qk_norm": True,
+    "cap_feat_dim": TEXT_HIDDEN_SIZE,
+    "axes_dims": [8, 4, 4],
+    # RoPE tables must cover the longest caption (512 tokens plus padding) and the largest image the
+    # schema allows: 2048 px / VAE factor 2 / patch 2 = 512 positions per side.
+    "axes_lens": [1024, 512, 512],
+}
 
 
 def build_tiny_tokenizer() -> PreTrainedTokenizerBase:
@@ -69,22 +88,7 @@ def build_tiny_pipeline(seed: int = 0) -> ZImagePipeline:
     """
     return _random_pipeline(
         seed=seed,
-        transformer={
-            "all_patch_size": (2,),
-            "all_f_patch_size": (1,),
-            "in_channels": LATENT_CHANNELS,
-            "dim": 32,
-            "n_layers": 2,
-            "n_refiner_layers": 1,
-            "n_heads": 2,
-            "n_kv_heads": 2,
-            "qk_norm": True,
-            "cap_feat_dim": TEXT_HIDDEN_SIZE,
-            "axes_dims": [8, 4, 4],
-            # RoPE tables must cover the longest caption (512 tokens plus padding) and the largest image the
-            # schema allows: 2048 px / VAE factor 2 / patch 2 = 512 positions per side.
-            "axes_lens": [1024, 512, 512],
-        },
+        transformer=TINY_TRANSFORMER,
         # Four blocks like the real Flux VAE (spatial factor 8), so a 1024x1024 job is a 64x64 token grid as
         # on the real model, not 256x256: fast enough on a CPU at any size the schema allows. No mid-block
         # attention: over a 128x128 latent it alone would dominate the CPU time.
@@ -105,6 +109,48 @@ def build_tiny_pipeline(seed: int = 0) -> ZImagePipeline:
             "max_position_embeddings": 1024,
         },
     )
+
+
+# The attention projections of every transformer block: where LoRA adapters for diffusion transformers usually go.
+ATTENTION_PROJECTIONS = ("attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0")
+
+
+def build_tiny_lora(
+    path: str | Path,
+    *,
+    seed: int,
+    rank: int = 4,
+    target_modules: tuple[str, ...] = ATTENTION_PROJECTIONS,
+    strength: float = 0.1,
+    transformer: dict[str, Any] | None = None,
+) -> Path:
+    """Write a LoRA adapter with random weights for the tiny pipeline's transformer (``transformer``: another
+    transformer config, e.g. ``{}`` for the full-size one) to the directory ``path``, in the diffusers format
+    that ``load_lora_weights`` reads (``pytorch_lora_weights.safetensors``). Returns that file.
+
+    Both matrices are random (B is not the zero of a freshly initialised LoRA), so the adapter changes pixels;
+    ``strength`` scales B, small enough by default that the change grows with the adapter's scale instead of
+    saturating. The same ``seed`` gives the same weights; the caller's RNG is left alone.
+    """
+    import torch
+    from diffusers import ZImagePipeline, ZImageTransformer2DModel
+
+    model: Any
+    with torch.device("meta"):  # only the shapes of the target layers are needed
+        model = ZImageTransformer2DModel(**(TINY_TRANSFORMER if transformer is None else transformer))
+    generator = torch.Generator().manual_seed(seed)
+    layers: dict[str, torch.Tensor] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in target_modules):
+            down = torch.randn(rank, module.in_features, generator=generator) / module.in_features**0.5
+            up = strength * torch.randn(module.out_features, rank, generator=generator) / rank**0.5
+            layers[f"{name}.lora_A.weight"] = down
+            layers[f"{name}.lora_B.weight"] = up
+    if not layers:
+        raise ValueError(f"no linear layer of the transformer matches {target_modules}")
+    out = Path(path)
+    ZImagePipeline.save_lora_weights(out, transformer_lora_layers=layers)
+    return out / "pytorch_lora_weights.safetensors"
 
 
 def build_full_size_pipeline(device: str = "cuda", dtype: str = "bfloat16", seed: int = 0) -> ZImagePipeline:
