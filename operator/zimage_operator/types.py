@@ -422,6 +422,10 @@ MODELDEPLOYMENT_SPEC_RULES = [
         "message": "spec.adapters: LoRA adapters are for the diffusers backend",
     },
     {
+        "rule": "!has(self.adapters) || self.adapters.all(a, self.adapters.exists_one(b, b.name == a.name))",
+        "message": "spec.adapters: each name at most once",
+    },
+    {
         "rule": "self.backend == 'diffusers' || !has(self.cache) || ((!has(self.cache.preload) || !self.cache.preload)"
         " && !has(self.cache.size) && !has(self.cache.existingClaim))",
         "message": "spec.cache (preload, size, existingClaim) is for the diffusers backend: remote and function "
@@ -479,7 +483,6 @@ class ModelDeploymentSpec(CamelModel):
         max_length=64,
         description="LoRA adapters jobs may ask for by name (ImageJob spec.loras), loaded on demand by each worker "
         "and kept resident (up to maxResidentAdapters, least recently used out first).",
-        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
     )
     max_resident_adapters: int = Field(4, ge=1, le=64, description="Adapters a worker keeps loaded at once.")
     max_adapters_per_job: int = Field(
@@ -500,6 +503,11 @@ class ModelDeploymentSpec(CamelModel):
             errors.append(f"spec.env: {', '.join(reserved)} set by the operator")
         if dupes := sorted({n for n in names if names.count(n) > 1}):
             errors.append(f"spec.env: duplicate {', '.join(dupes)}")
+        adapters = [a.name for a in self.adapters or []]
+        if dupes := sorted({n for n in adapters if adapters.count(n) > 1}):
+            errors.append(f"spec.adapters: {', '.join(dupes)} more than once")
+        if self.adapters and self.backend != "diffusers":
+            errors.append("spec.adapters: LoRA adapters are for the diffusers backend")
         for e in self.env or []:
             if e.value is not None and e.value_from is not None:
                 errors.append(f"spec.env[{e.name}]: set value or valueFrom, not both")

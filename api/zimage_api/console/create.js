@@ -147,6 +147,8 @@ export function CreatePage({ me, models }) {
   const [seed, setSeed] = useState(initial.seed ?? "");
   const [count, setCount] = useState(initial.numImages || 1);
   const [strength, setStrength] = useState(initial.strength ?? 0.8);
+  // LoRA adapters of the chosen model: name -> scale, for the ticked ones.
+  const [loras, setLoras] = useState(Object.fromEntries((initial.loras || []).map((l) => [l.name, l.scale ?? 1])));
   const [image, setImage] = useState(null); // an HTMLImageElement of the chosen file
   const [file, setFile] = useState(null);
   const [mask, setMask] = useState(null); // the painter's canvas once painted
@@ -187,6 +189,9 @@ export function CreatePage({ me, models }) {
       if (steps !== "") body.steps = +steps;
       if (guidance !== "") body.guidanceScale = +guidance;
       if (seed !== "") body.seed = +seed;
+      const offered = new Set((choices.find((m) => m.id === model) || {}).adapters || []);
+      const picked = Object.entries(loras).filter(([name]) => offered.has(name));
+      if (picked.length) body.loras = picked.map(([name, scale]) => ({ name, scale: +scale }));
       if (task !== "text-to-image" && reused && !file) {
         body.strength = +strength;
         body.inputImage = reused.image;
@@ -231,6 +236,15 @@ export function CreatePage({ me, models }) {
         ${image && task === "inpaint" && html`<${MaskPainter} image=${image} onMask=${setMask} />`}
         ${image && task === "image-to-image" && html`<img class="preview" src=${image.src} alt="the input image" />`}
       </div>`}
+      ${((choices.find((m) => m.id === model) || {}).adapters || []).length > 0 && html`<fieldset class="adapters">
+        <legend>Adapters</legend>
+        ${(choices.find((m) => m.id === model) || {}).adapters.map((name) => html`<div class="adapter">
+          <label class="check"><input type="checkbox" name="lora" value=${name} checked=${name in loras}
+            onChange=${(e) => { const next = { ...loras }; if (e.target.checked) next[name] = 1; else delete next[name]; setLoras(next); }} /> ${name}</label>
+          ${name in loras && html`<label class="scale">Scale of ${name} <input type="number" min="-8" max="8" step="0.1" value=${loras[name]}
+            onInput=${(e) => setLoras({ ...loras, [name]: e.target.value })} /></label>`}
+        </div>`)}
+      </fieldset>`}
       <div class="grid">
         <label>Model <select name="model" value=${model} onChange=${(e) => setModel(e.target.value)} aria-invalid=${invalid("model")}>
           ${choices.map((m) => html`<option value=${m.id}>${m.id} (${m.variant}${m.ready ? "" : ", scaled to zero"})</option>`)}
