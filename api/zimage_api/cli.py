@@ -22,6 +22,7 @@ from zimage_api import cli_generate, cli_jobs, cli_keys, cli_usage, cli_workflow
 from zimage_api.cli_config import CliSettings, Register, Shared
 from zimage_api.cli_errors import FAILED, CliError, UserError
 from zimage_queue import logs
+from zimage_queue.message import AdapterSpec
 
 
 def exit_on_sigterm() -> None:
@@ -49,7 +50,24 @@ def register_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser], sha
     s.add_argument("--models-dir", default=None, help="default: $MODELS_DIR")
     s.add_argument("--variant", default="turbo", choices=["turbo", "base", "edit"])
     s.add_argument("--images-dir", default=None, help="where images are kept (default: a temp dir)")
+    s.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="NAME=SOURCE",
+        help="a LoRA adapter jobs may name in loras (a path, under --models-dir too, or a hub id); repeatable",
+    )
     s.set_defaults(func=serve)
+
+
+def adapter_arg(text: str) -> AdapterSpec:
+    name, sep, source = text.partition("=")
+    if not sep or not name or not source:
+        raise SystemExit(f"--adapter {text!r}: NAME=SOURCE")
+    try:
+        return AdapterSpec(name=name, source=source)
+    except ValueError as e:
+        raise SystemExit(f"--adapter {text!r}: {e}") from None
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -59,9 +77,14 @@ def serve(args: argparse.Namespace) -> int:
     from zimage_api.local import DEV_KEY, local_api
 
     model = args.model or shared.settings.model_source
-    engine = cli_generate.load_local_engine(model, args.variant, args.models_dir or shared.settings.models_dir)
     logs.configure(text=True)
-    with local_api(model, variant=args.variant, images_dir=args.images_dir, engine=engine, dev_admin=True) as la:
+    adapters = [adapter_arg(a) for a in args.adapter]
+    engine = cli_generate.load_local_engine(
+        model, args.variant, args.models_dir or shared.settings.models_dir, adapters=adapters
+    )
+    with local_api(
+        model, variant=args.variant, images_dir=args.images_dir, engine=engine, dev_admin=True, adapters=adapters
+    ) as la:
         url = f"http://{args.host}:{args.port}"
         print(
             f"zimage API on {url} (console: {url}/ui/, docs: {url}/docs), model {model} as z-image-turbo\n"

@@ -26,6 +26,7 @@ from pydantic import ValidationError
 from zimage_api.cli_config import Shared
 from zimage_api.cli_errors import Failure, UserError, invalid
 from zimage_queue import GenerationParams, JobEvent
+from zimage_queue.message import AdapterSpec
 
 if TYPE_CHECKING:
     from zimage_api.cli_client import ApiClient
@@ -172,7 +173,9 @@ def generate(args: argparse.Namespace) -> int:
 
 
 # -- local ---------------------------------------------------------------------------------------------------
-def load_local_engine(model: str, variant: str, models_dir: str | None) -> Engine:
+def load_local_engine(
+    model: str, variant: str, models_dir: str | None, adapters: list[AdapterSpec] | None = None
+) -> Engine:
     from zimage_worker.engine import load_engine, resolve_source
 
     try:
@@ -180,7 +183,7 @@ def load_local_engine(model: str, variant: str, models_dir: str | None) -> Engin
     except ValueError as e:
         raise UserError(f"--model: {e}") from e
     try:
-        return load_engine(model, variant=variant, models_dir=models_dir)
+        return load_engine(model, variant=variant, models_dir=models_dir, adapters=adapters)
     except ImportError as e:
         raise UserError(
             f"local generation needs the worker extra (pip install -e '.[worker]'), or use --api URL ({e})"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -31,6 +31,7 @@ from zimage_operator import reconcile, workflow
 from zimage_operator.workflow_types import WORKFLOW_LABEL
 from zimage_queue import JobEvent, JobQueue
 from zimage_queue.keys import queue_name
+from zimage_queue.message import AdapterSpec
 from zimage_queue.server import RedisServer
 
 log = logging.getLogger(__name__)
@@ -38,12 +39,15 @@ LOCAL_NAMESPACE = "local"
 DEV_KEY = "zk_dev_local-development-key"  # local mode only: the server listens on loopback
 
 
-def local_model(name: str, variant: str) -> dict[str, Any]:
+def local_model(name: str, variant: str, adapters: Sequence[AdapterSpec] = ()) -> dict[str, Any]:
+    spec: dict[str, Any] = {"model": {"variant": variant}}
+    if adapters:  # what admission checks a job's loras against, as the operator's would
+        spec["adapters"] = [a.wire() for a in adapters]
     return {
         "apiVersion": "zimage.dev/v1alpha1",
         "kind": "ModelDeployment",
         "metadata": {"name": name, "namespace": LOCAL_NAMESPACE},
-        "spec": {"model": {"variant": variant}},
+        "spec": spec,
         "status": {"replicas": 1, "readyReplicas": 1},
     }
 
@@ -159,7 +163,7 @@ def local_api(
     models_dir: str | None = None,
     engine: Any = None,
     workers: int = 1,
-    adapters: Any = None,
+    adapters: Sequence[AdapterSpec] = (),
     **overrides: Any,
 ) -> Iterator[LocalApi]:
     """Everything but the HTTP server; serve ``.app`` with uvicorn (``zimage serve``) or an ASGI test client."""
@@ -181,11 +185,11 @@ def local_api(
             default_model=model_name,
             **overrides,
         )
-        store = MemoryJobStore(LOCAL_NAMESPACE, [local_model(model_name, variant)])
+        store = MemoryJobStore(LOCAL_NAMESPACE, [local_model(model_name, variant, adapters)])
         outbox = Outbox(redis.Redis.from_url(srv.url), store=bool(settings.history_url))
         app = create_app(settings, store, on_event=LocalOperator(store, outbox, JobQueue.from_url(srv.url)))
         q = queue_name(LOCAL_NAMESPACE, model_name)
-        engine = engine or load_engine(model, variant=variant, models_dir=models_dir, adapters=adapters)
+        engine = engine or load_engine(model, variant=variant, models_dir=models_dir, adapters=list(adapters))
         running = []
         for i in range(workers):
             w = Worker(

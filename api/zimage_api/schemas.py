@@ -70,6 +70,9 @@ class JobView(CamelModel):
     cost: float | None = Field(None, description="A job from the history: what its last attempt cost, in currency.")
     currency: str | None = Field(None, description="ISO 4217 code of cost (the ModelDeployment's spec.cost).")
     images: list[ImageLink] = Field(default_factory=list)
+    adapters: list[LoraRef] | None = Field(
+        None, description="The LoRA adapters it runs with, each scale resolved (the adapter's default where not given)."
+    )
     request: dict[str, Any]
     links: Links
 

@@ -76,6 +76,7 @@ def job_view(
         cost=status.get("cost"),
         currency=status.get("currency"),
         images=images,
+        adapters=status.get("adapters"),
         request=spec,
         links=Links(self_=job_path(name), events=f"{job_path(name)}/events"),
     )
