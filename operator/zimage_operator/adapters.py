@@ -51,3 +51,10 @@ def resolve(loras: list[LoraRef] | None, model_name: str, model_spec: dict[str, 
         LoraRef(name=lora.name, scale=lora.scale if lora.scale is not None else served[lora.name].default_scale)
         for lora in loras
     ]
+
+
+def status(served: list[AdapterSpec] | None, loaded: dict[str, list[str]]) -> list[dict[str, Any]] | None:
+    """``status.adapters``: each served adapter and the live workers holding it (``JobQueue.loaded_adapters``)."""
+    if not served:
+        return None
+    return [{"name": a.name, "workers": loaded.get(a.name, [])[:100]} for a in served]

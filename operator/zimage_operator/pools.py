@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from zimage_operator import reconcile, scaling, workload
+from zimage_operator import adapters, reconcile, scaling, workload
 from zimage_operator.conditions import iso, set_condition
 from zimage_operator.lease import LeaseLost
 from zimage_operator.metrics import DESIRED_REPLICAS, INFLIGHT, QUEUE_LENGTH, READY_REPLICAS, SCALE_DECISIONS
@@ -187,6 +187,10 @@ def sync(rt: Runtime, pool: Pool, now: datetime) -> None:
         conditions=conditions,
         observedGeneration=gen,
     )
+    if spec.adapters:
+        status["adapters"] = adapters.status(spec.adapters, rt.queue.loaded_adapters(queue, workers))
+    elif "adapters" in status:
+        status["adapters"] = None  # the merge patch drops it
     if status != pool.last_status:
         rt.lease.check()  # fencing: no write once the lease may have passed to another replica
         rt.kube.patch_model_status(ns, name, status)

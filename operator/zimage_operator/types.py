@@ -540,6 +540,13 @@ class ScalingDecision(CamelModel):
     reason: str = Field(max_length=128)
 
 
+class AdapterStatus(CamelModel):
+    name: str
+    workers: list[str] = Field(
+        default_factory=list, max_length=100, description="Live workers holding it loaded (the first 100)."
+    )
+
+
 class ModelDeploymentStatus(CamelModel):
     replicas: int | None = None
     ready_replicas: int | None = None
@@ -550,6 +557,9 @@ class ModelDeploymentStatus(CamelModel):
     conditions: list[Condition] = Field(default_factory=list)
     observed_generation: int | None = None
     last_scale_time: str | None = None
+    adapters: list[AdapterStatus] | None = Field(
+        None, description="spec.adapters, each with the live workers that hold it loaded."
+    )
     scaling_history: list[ScalingDecision] = Field(
         default_factory=list, max_length=MAX_SCALING_HISTORY, description="The latest replica changes, oldest first."
     )

@@ -67,6 +67,12 @@ def workers(queue: str) -> str:
     return f"{PREFIX}:workers:{queue}"
 
 
+def worker_adapters(queue: str) -> str:
+    """Hash of the queue's workers: name -> the LoRA adapters it holds loaded, comma-separated (written with
+    its heartbeat; entries of workers gone from ``workers`` are dropped by the reader)."""
+    return f"{PREFIX}:worker-adapters:{queue}"
+
+
 def bulk_job(namespace: str, name: str) -> str:
     """Hash of one bulk job (the API's jobs without an ImageJob): its metadata, spec and the status the API wrote."""
     return f"{PREFIX}:bulk:{namespace}:job:{name}"
@@ -164,6 +170,9 @@ class Layout:
 
     def workers(self, queue: str) -> str:
         return f"{self._q(queue)}:workers" if self.tagged else workers(queue)
+
+    def worker_adapters(self, queue: str) -> str:
+        return f"{self._q(queue)}:worker-adapters" if self.tagged else worker_adapters(queue)
 
     def events(self, queue: str) -> str:
         return f"{self._q(queue)}:events" if self.tagged else EVENTS_STREAM

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
@@ -844,6 +845,30 @@ class JobQueue:
 
     def worker_gone(self, queue: str, worker: str) -> None:
         self.r.hdel(self.k.workers(queue), worker)
+        self.r.hdel(self.k.worker_adapters(queue), worker)
+
+    def report_adapters(self, queue: str, worker: str, names: list[str]) -> None:
+        """The LoRA adapters ``worker`` holds loaded now (for the ModelDeployment's status)."""
+        if names:
+            self.r.hset(self.k.worker_adapters(queue), worker, ",".join(names))
+        else:
+            self.r.hdel(self.k.worker_adapters(queue), worker)
+
+    def loaded_adapters(self, queue: str, live: Iterable[str]) -> dict[str, list[str]]:
+        """Adapter -> the live workers holding it loaded; reports of workers no longer live are dropped."""
+        live = set(live)
+        found: dict[str, list[str]] = {}
+        gone = []
+        for worker, value in self.r.hgetall(self.k.worker_adapters(queue)).items():
+            name = _s(worker)
+            if name not in live:
+                gone.append(worker)
+                continue
+            for adapter in filter(None, _s(value).split(",")):
+                found.setdefault(adapter, []).append(name)
+        if gone:
+            self.r.hdel(self.k.worker_adapters(queue), *gone)
+        return {a: sorted(ws) for a, ws in found.items()}
 
     def workers(self, queue: str, max_age: float = 15.0) -> dict[str, bool]:
         """Live workers of a queue (heartbeat within max_age seconds) and whether each is busy."""

@@ -1,8 +1,8 @@
 """LoRA adapters through the operator on the test bed: a ModelDeployment serving two tiny random-weight adapters
 (built offline), its worker started with the environment the operator wrote into the worker Deployment, and
 ImageJobs that name them. A job with two adapters at given scales succeeds and its status records them (the
-default scale resolved); an unknown adapter fails at admission with a reason; the API server refuses two
-adapters of one name (a CEL rule)."""
+default scale resolved); the ModelDeployment's status lists which workers hold each adapter; an unknown adapter
+fails at admission with a reason; the API server refuses two adapters of one name (a CEL rule)."""
 
 from __future__ import annotations
 
@@ -93,6 +93,16 @@ def test_a_job_with_two_adapters_succeeds_and_records_them(stack: dict[str, Any]
     assert plain["phase"] == "Succeeded" and "adapters" not in plain
     # the adapters changed the picture: same prompt, seed and size, other pixels
     assert done["results"][0]["sha256"] != plain["results"][0]["sha256"]
+
+    def loaded() -> list[dict[str, Any]] | None:
+        md = json.loads(kube.kubectl("get", "md", MD, "-n", NS, "-o", "json").stdout)
+        found = (md.get("status") or {}).get("adapters") or []
+        return found if found and all(a["workers"] for a in found) else None
+
+    # the ModelDeployment lists its adapters and the worker holding each (from the worker's heartbeat)
+    listed = wait_for(loaded, timeout=60, what="status.adapters with the worker")
+    assert [a["name"] for a in listed] == ["ink", "felt"]
+    assert all(len(a["workers"]) == 1 for a in listed)
 
 
 def test_an_unknown_adapter_fails_at_admission(stack: dict[str, Any]) -> None:

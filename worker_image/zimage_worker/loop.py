@@ -124,6 +124,7 @@ class Worker:
         self.taken = 0
         self._finisher: ThreadPoolExecutor | None = None
         self._busy_reported = False
+        self._adapters_reported = False
         # Backpressure: the GPU loop waits when this many finished jobs are still being encoded and stored.
         self._finishing = threading.Semaphore(self.max_batch_size * 2)
         # Liveness: the supervised loops (jobs, heartbeat, finisher) and the pipeline call's time budget.
@@ -294,6 +295,11 @@ class Worker:
         with self._lock:
             held = list(self.held)
         self.queue.worker_heartbeat(self.queue_name, self.name, busy=bool(held))
+        resident = getattr(self.engine, "resident_adapters", None)
+        loaded = resident() if resident is not None else []
+        if loaded or self._adapters_reported:  # for the ModelDeployment's status.adapters
+            self.queue.report_adapters(self.queue_name, self.name, loaded)
+            self._adapters_reported = bool(loaded)
         for d in held:
             try:
                 self.queue.heartbeat(d, self.name)
