@@ -103,6 +103,7 @@ class ResidentAdapters:
     """The LoRA adapters loaded into one diffusers pipeline, and which of them are active at which scales.
 
     Not thread-safe, like the engine that owns it: one pipeline call at a time, ``activate`` right before it.
+    Only ``resident`` and ``active`` may be read from another thread (a heartbeat): they return snapshots.
     """
 
     def __init__(
@@ -126,9 +127,12 @@ class ResidentAdapters:
         self.cache_dir = cache_dir or default_cache_dir()
         self.fetch = fetch
         self._resident: OrderedDict[str, None] = OrderedDict()  # least recently used first
+        self._snapshot: tuple[str, ...] = ()  # _resident's names, replaced whole after each change
         self._active: AdapterSet = ()
         self._enabled = True  # LoRA layers switched on (diffusers' state after a load)
-        self.loads = 0  # adapters loaded, and the switches between adapter sets with their total time
+        # Adapters loaded and their time; switches between adapter sets and their time (loads included).
+        self.loads = 0
+        self.load_seconds = 0.0
         self.swaps = 0
         self.swap_seconds = 0.0
 
@@ -138,7 +142,7 @@ class ResidentAdapters:
 
     def resident(self) -> list[str]:
         """The adapters loaded now, least recently used first."""
-        return list(self._resident)
+        return list(self._snapshot)
 
     def active(self) -> AdapterSet:
         return self._active
@@ -163,6 +167,7 @@ class ResidentAdapters:
         if wanted == self._active:
             for name in names:
                 self._resident.move_to_end(name)
+            self._snapshot = tuple(self._resident)
             return wanted
         started = time.perf_counter()
         if not wanted:
@@ -177,6 +182,7 @@ class ResidentAdapters:
                 self.pipe.enable_lora()
                 self._enabled = True
         self._active = wanted
+        self._snapshot = tuple(self._resident)
         seconds = time.perf_counter() - started
         self.swaps += 1
         self.swap_seconds += seconds
@@ -188,6 +194,7 @@ class ResidentAdapters:
         if self._resident:
             self.pipe.unload_lora_weights()
         self._resident.clear()
+        self._snapshot = ()
         self._active = ()
         self._enabled = True
         metrics.ADAPTERS_RESIDENT.set(0)
@@ -205,6 +212,7 @@ class ResidentAdapters:
                 break
             self.pipe.delete_adapters(victim)
             del self._resident[victim]
+            self._snapshot = tuple(self._resident)
             log.info("adapter %s evicted (least recently used of %d)", victim, self.max_resident)
         spec = self.specs[name]
         where, weight_name = resolve_adapter_source(
@@ -216,7 +224,10 @@ class ResidentAdapters:
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
             self.pipe.load_lora_weights(where, adapter_name=name, **kwargs)
         self._resident[name] = None
+        self._snapshot = tuple(self._resident)
+        seconds = time.perf_counter() - started
         self.loads += 1
+        self.load_seconds += seconds
         metrics.ADAPTER_LOADS.labels(adapter=name).inc()
         metrics.ADAPTERS_RESIDENT.set(len(self._resident))
-        log.info("adapter %s loaded from %s in %.2fs", name, spec.source, time.perf_counter() - started)
+        log.info("adapter %s loaded from %s in %.2fs", name, spec.source, seconds)
