@@ -155,6 +155,7 @@ RESERVED_ENV = frozenset(
         "ZIMAGE_HTTP_PORT",
         "ZIMAGE_ADAPTERS",  # spec.adapters
         "ZIMAGE_MAX_RESIDENT_ADAPTERS",
+        "ZIMAGE_ADAPTER_CACHE_DIR",
     }
 )
 # ... and per backend: what selects a function pool's engine, and a remote pool's provider settings (also any
