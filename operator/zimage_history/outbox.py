@@ -2,7 +2,7 @@
 
 Appending is one pipelined round trip with the tenant's daily usage counters (``keys.usage_day``), which the
 GPU-second quotas read at admission without asking PostgreSQL, and the deployment's per-minute throughput
-(``keys.throughput_minute``: jobs that ended, images made; ``throughput`` reads it back). The writer reads the
+(``keys.throughput``, a ring of the last minutes: jobs that ended, images made; ``throughput`` reads it). The writer reads the
 oldest rows, inserts them (idempotent per uid and attempt) and only then deletes them, so a writer that dies, or
 two during a lease handover, repeat rows and lose none.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import ValidationError
@@ -29,8 +29,20 @@ def day_of(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y%m%d")
 
 
-def minute_of(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y%m%d%H%M")
+# One job that ended, into its minute's slot of the deployment's ring (keys.throughput): a slot holding an older
+# minute starts over, one holding a newer minute keeps it (the row came too late to be shown).
+COUNT_MINUTE = """
+local slot, minute = ARGV[1], tonumber(ARGV[2])
+local held = tonumber(redis.call('HGET', KEYS[1], slot .. ':minute') or '-1')
+if minute < held then return 0 end
+if minute > held then
+  redis.call('HSET', KEYS[1], slot .. ':minute', minute, slot .. ':jobs', 0, slot .. ':images', 0)
+end
+redis.call('HINCRBY', KEYS[1], slot .. ':jobs', 1)
+redis.call('HINCRBY', KEYS[1], slot .. ':images', ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return 1
+"""
 
 
 class Outbox:
@@ -38,6 +50,7 @@ class Outbox:
         self.r = r
         self.maxlen = maxlen
         self.store = store  # False: no history store; only the usage counters are kept
+        self._count_minute = r.register_script(COUNT_MINUTE)
 
     def put(self, rows: Iterable[HistoryRow]) -> int:
         rows = list(rows)
@@ -59,10 +72,12 @@ class Outbox:
             pipe.hincrby(key, keys.USAGE_ATTEMPTS, 1)
             pipe.expire(key, keys.USAGE_DAY_TTL_SECONDS)
             if row.final:  # a job that ended (a retried attempt is no job yet)
-                minute = keys.throughput_minute(row.namespace, row.deployment, minute_of(row.finished_at))
-                pipe.hincrby(minute, keys.THROUGHPUT_JOBS, 1)
-                pipe.hincrby(minute, keys.THROUGHPUT_IMAGES, row.images)
-                pipe.expire(minute, keys.THROUGHPUT_TTL_SECONDS)
+                minute = int(row.finished_at // 60)
+                self._count_minute(
+                    keys=[keys.throughput(row.namespace, row.deployment)],
+                    args=[minute % keys.THROUGHPUT_SLOTS, minute, row.images, keys.THROUGHPUT_TTL_SECONDS],
+                    client=pipe,
+                )
         pipe.execute()
         return len(rows)
 
@@ -120,13 +135,14 @@ class Minute:
 def throughput(r: Any, namespace: str, deployment: str, now: float, minutes: int = 15) -> list[Minute]:
     """Jobs that ended on a deployment and the images they made, per UTC minute: the ``minutes`` up to and with
     the one ``now`` falls in, oldest first, minutes without any included (zeros)."""
-    last = datetime.fromtimestamp(now, UTC).replace(second=0, microsecond=0)
-    starts = [last - timedelta(minutes=i) for i in range(minutes - 1, -1, -1)]
-    pipe = r.pipeline(transaction=False)
-    for start in starts:
-        pipe.hgetall(keys.throughput_minute(namespace, deployment, start.strftime("%Y%m%d%H%M")))
+    minutes = min(minutes, keys.THROUGHPUT_SLOTS)  # the ring holds no more
+    ring = {text(k): int(text(v)) for k, v in r.hgetall(keys.throughput(namespace, deployment)).items()}
+    last = int(now // 60)
     out = []
-    for start, found in zip(starts, pipe.execute(), strict=True):
-        counts = {text(k): int(text(v)) for k, v in (found or {}).items()}
-        out.append(Minute(start, counts.get(keys.THROUGHPUT_JOBS, 0), counts.get(keys.THROUGHPUT_IMAGES, 0)))
+    for m in range(last - minutes + 1, last + 1):
+        slot = m % keys.THROUGHPUT_SLOTS
+        here = ring.get(f"{slot}:{keys.THROUGHPUT_MINUTE}") == m
+        jobs = ring.get(f"{slot}:{keys.THROUGHPUT_JOBS}", 0) if here else 0
+        images = ring.get(f"{slot}:{keys.THROUGHPUT_IMAGES}", 0) if here else 0
+        out.append(Minute(datetime.fromtimestamp(m * 60, UTC), jobs, images))
     return out

@@ -107,16 +107,19 @@ def usage_day(tenant: str, day: str) -> str:
     return f"{PREFIX}:usage:{tenant}:{day}"
 
 
-# Jobs that ended and the images they made, per ModelDeployment and UTC minute (hash: jobs, images), for the
-# throughput the console charts (GET /v1/deployments); short-lived, so nothing grows without bound.
-THROUGHPUT_TTL_SECONDS = 2 * 3600
+# Jobs that ended and the images they made, per ModelDeployment and UTC minute, for the throughput the console
+# charts (GET /v1/deployments): one hash per deployment, a ring of THROUGHPUT_SLOTS slots (minute % slots), each
+# "<slot>:minute" (minutes since the epoch), "<slot>:jobs" and "<slot>:images". It holds the last THROUGHPUT_SLOTS
+# minutes at most, one key per deployment, gone after THROUGHPUT_TTL_SECONDS without a job.
+THROUGHPUT_SLOTS = 16
+THROUGHPUT_TTL_SECONDS = 3600
+THROUGHPUT_MINUTE = "minute"
 THROUGHPUT_JOBS = "jobs"
 THROUGHPUT_IMAGES = "images"
 
 
-def throughput_minute(namespace: str, deployment: str, minute: str) -> str:
-    """``minute``: ``YYYYMMDDHHMM`` (UTC)."""
-    return f"{PREFIX}:throughput:{namespace}:{deployment}:{minute}"
+def throughput(namespace: str, deployment: str) -> str:
+    return f"{PREFIX}:throughput:{namespace}:{deployment}"
 
 
 # Held by the one operator replica that runs the pool and deadline loops.

@@ -235,6 +235,12 @@ def test_jobs_that_ended_are_counted_per_deployment_and_minute(redis_url: str) -
     ]
     assert [(m.jobs, m.images) for m in throughput(r, "team-a", "base", minute, minutes=1)] == [(1, 4)]
     assert [(m.jobs, m.images) for m in throughput(r, "team-b", "turbo", minute, minutes=1)] == [(1, 8)]
-    key = keys.throughput_minute("team-a", "turbo", "202503011230")
+    key = keys.throughput("team-a", "turbo")
     assert 0 < r.ttl(key) <= keys.THROUGHPUT_TTL_SECONDS
-    assert r.hgetall(key) == {b"jobs": b"2", b"images": b"2"}
+    # a ring: a minute 16 later takes 12:30's slot over, and a row for 12:30 arriving after it is dropped
+    outbox = Outbox(r, store=False)
+    later = minute + 60 * keys.THROUGHPUT_SLOTS
+    outbox.put([row("g", finished_at=later + 3, images=5), row("h", finished_at=minute + 7, images=9)])
+    assert [(m.jobs, m.images) for m in throughput(r, "team-a", "turbo", later, minutes=1)] == [(1, 5)]
+    assert [(m.jobs, m.images) for m in throughput(r, "team-a", "turbo", minute, minutes=1)] == [(0, 0)]
+    assert r.hlen(key) <= 3 * keys.THROUGHPUT_SLOTS  # bounded, however many minutes go by
