@@ -2,9 +2,9 @@
 
 Appending is one pipelined round trip with the tenant's daily usage counters (``keys.usage_day``), which the
 GPU-second quotas read at admission without asking PostgreSQL, and the deployment's per-minute throughput
-(``keys.throughput``, a ring of the last minutes: jobs that ended, images made; ``throughput`` reads it). The writer reads the
-oldest rows, inserts them (idempotent per uid and attempt) and only then deletes them, so a writer that dies, or
-two during a lease handover, repeat rows and lose none.
+(``keys.throughput``, a ring of the last minutes: jobs that ended, images made; ``throughput`` reads it). The
+writer reads the oldest rows, inserts them (idempotent per uid and attempt) and only then deletes them, so a
+writer that dies, or two during a lease handover, repeat rows and lose none.
 """
 
 from __future__ import annotations
@@ -50,12 +50,14 @@ class Outbox:
         self.r = r
         self.maxlen = maxlen
         self.store = store  # False: no history store; only the usage counters are kept
-        self._count_minute = r.register_script(COUNT_MINUTE)
+        self._count_minute: Any = None  # registered at the first put
 
     def put(self, rows: Iterable[HistoryRow]) -> int:
         rows = list(rows)
         if not rows:
             return 0
+        if self._count_minute is None:
+            self._count_minute = self.r.register_script(COUNT_MINUTE)
         pipe = self.r.pipeline(transaction=False)
         for row in rows:
             if self.store:
