@@ -281,6 +281,10 @@ def test_phone_width_and_dark(stack: Stack) -> None:
         background = page.evaluate("getComputedStyle(document.body).backgroundColor")
         assert background == "rgb(17, 18, 22)", background
         web.shot("14-phone-dark")
+        # the theme switch overrides the system's preference, and "System" follows it again
+        for theme, colour in (("Light", "rgb(247, 247, 249)"), ("Dark", "rgb(17, 18, 22)"), ("System", background)):
+            page.get_by_label("Theme").select_option(label=theme)
+            assert page.evaluate("getComputedStyle(document.body).backgroundColor") == colour, theme
         web.route("/jobs")
         expect(page.locator(".gallery")).to_have_attribute("aria-busy", "false")
         web.shot("15-phone-jobs")

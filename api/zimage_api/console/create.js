@@ -156,6 +156,7 @@ export function CreatePage({ me, models }) {
   const [busy, setBusy] = useState(false);
   const [jobs, setJobs] = useState(started.slice());
   const choices = models.filter((m) => !m.alias_of);
+  const adapters = (choices.find((m) => m.id === model) || {}).adapters || []; // the chosen model's
 
   useEffect(() => {
     if (!model && choices.length) setModel(choices[0].id);
@@ -189,8 +190,7 @@ export function CreatePage({ me, models }) {
       if (steps !== "") body.steps = +steps;
       if (guidance !== "") body.guidanceScale = +guidance;
       if (seed !== "") body.seed = +seed;
-      const offered = new Set((choices.find((m) => m.id === model) || {}).adapters || []);
-      const picked = Object.entries(loras).filter(([name]) => offered.has(name));
+      const picked = Object.entries(loras).filter(([name]) => adapters.includes(name));
       if (picked.length) body.loras = picked.map(([name, scale]) => ({ name, scale: +scale }));
       if (task !== "text-to-image" && reused && !file) {
         body.strength = +strength;
@@ -236,9 +236,9 @@ export function CreatePage({ me, models }) {
         ${image && task === "inpaint" && html`<${MaskPainter} image=${image} onMask=${setMask} />`}
         ${image && task === "image-to-image" && html`<img class="preview" src=${image.src} alt="the input image" />`}
       </div>`}
-      ${((choices.find((m) => m.id === model) || {}).adapters || []).length > 0 && html`<fieldset class="adapters">
+      ${adapters.length > 0 && html`<fieldset class="adapters">
         <legend>Adapters</legend>
-        ${(choices.find((m) => m.id === model) || {}).adapters.map((name) => html`<div class="adapter">
+        ${adapters.map((name) => html`<div class="adapter">
           <label class="check"><input type="checkbox" name="lora" value=${name} checked=${name in loras}
             onChange=${(e) => { const next = { ...loras }; if (e.target.checked) next[name] = 1; else delete next[name]; setLoras(next); }} /> ${name}</label>
           ${name in loras && html`<label class="scale">Scale of ${name} <input type="number" min="-8" max="8" step="0.1" value=${loras[name]}

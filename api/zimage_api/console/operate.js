@@ -6,7 +6,7 @@ import { ErrorBanner, Phase, when } from "./ui.js";
 
 const REFRESH_MS = 5000;
 
-function usePolled(path, query) {
+function usePolled(path) {
   const [data, setData] = useState(null);
   const [error, setError] = useState(null);
   useEffect(() => {
@@ -14,7 +14,7 @@ function usePolled(path, query) {
     let timer = null;
     async function tick() {
       try {
-        const got = await call(path, { query });
+        const got = await call(path);
         if (!stop) {
           setData(got);
           setError(null);
