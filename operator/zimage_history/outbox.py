@@ -31,18 +31,25 @@ def day_of(ts: float) -> str:
 
 # One job that ended, into its minute's slot of the deployment's ring (keys.throughput): a slot holding an older
 # minute starts over, one holding a newer minute keeps it (the row came too late to be shown).
+# ARGV: the slot's three field names (keys.THROUGHPUT_*, prefixed by the slot), the minute, the images, the TTL.
 COUNT_MINUTE = """
-local slot, minute = ARGV[1], tonumber(ARGV[2])
-local held = tonumber(redis.call('HGET', KEYS[1], slot .. ':minute') or '-1')
+local f_minute, f_jobs, f_images, minute = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local held = tonumber(redis.call('HGET', KEYS[1], f_minute) or '-1')
 if minute < held then return 0 end
 if minute > held then
-  redis.call('HSET', KEYS[1], slot .. ':minute', minute, slot .. ':jobs', 0, slot .. ':images', 0)
+  redis.call('HSET', KEYS[1], f_minute, minute, f_jobs, 0, f_images, 0)
 end
-redis.call('HINCRBY', KEYS[1], slot .. ':jobs', 1)
-redis.call('HINCRBY', KEYS[1], slot .. ':images', ARGV[3])
-redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('HINCRBY', KEYS[1], f_jobs, 1)
+redis.call('HINCRBY', KEYS[1], f_images, ARGV[5])
+redis.call('EXPIRE', KEYS[1], ARGV[6])
 return 1
 """
+
+
+def slot_fields(minute: int) -> tuple[str, str, str]:
+    """The ring's fields of ``minute`` (since the epoch): its slot's minute, jobs and images."""
+    slot = minute % keys.THROUGHPUT_SLOTS
+    return f"{slot}:{keys.THROUGHPUT_MINUTE}", f"{slot}:{keys.THROUGHPUT_JOBS}", f"{slot}:{keys.THROUGHPUT_IMAGES}"
 
 
 class Outbox:
@@ -77,7 +84,7 @@ class Outbox:
                 minute = int(row.finished_at // 60)
                 self._count_minute(
                     keys=[keys.throughput(row.namespace, row.deployment)],
-                    args=[minute % keys.THROUGHPUT_SLOTS, minute, row.images, keys.THROUGHPUT_TTL_SECONDS],
+                    args=[*slot_fields(minute), minute, row.images, keys.THROUGHPUT_TTL_SECONDS],
                     client=pipe,
                 )
         pipe.execute()
@@ -142,9 +149,9 @@ def throughput(r: Any, namespace: str, deployment: str, now: float, minutes: int
     last = int(now // 60)
     out = []
     for m in range(last - minutes + 1, last + 1):
-        slot = m % keys.THROUGHPUT_SLOTS
-        here = ring.get(f"{slot}:{keys.THROUGHPUT_MINUTE}") == m
-        jobs = ring.get(f"{slot}:{keys.THROUGHPUT_JOBS}", 0) if here else 0
-        images = ring.get(f"{slot}:{keys.THROUGHPUT_IMAGES}", 0) if here else 0
+        f_minute, f_jobs, f_images = slot_fields(m)
+        here = ring.get(f_minute) == m
+        jobs = ring.get(f_jobs, 0) if here else 0
+        images = ring.get(f_images, 0) if here else 0
         out.append(Minute(datetime.fromtimestamp(m * 60, UTC), jobs, images))
     return out

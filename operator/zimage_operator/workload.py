@@ -59,6 +59,7 @@ from zimage_operator.types import (
     RemoteBackend,
 )
 from zimage_queue.keys import queue_name
+from zimage_queue.message import ADAPTER_CACHE
 
 WORKER_CONTAINER = "zimage-worker"
 FORWARDER_CONTAINER = "zimage-forwarder"
@@ -527,8 +528,8 @@ def _model_env(spec: ModelDeploymentSpec) -> list[dict[str, Any]]:
         adapters = json.dumps([a.wire() for a in spec.adapters], separators=(",", ":"))
         env.append({"name": "ZIMAGE_ADAPTERS", "value": adapters})
         env.append({"name": "ZIMAGE_MAX_RESIDENT_ADAPTERS", "value": str(spec.max_resident_adapters)})
-        # Fetched objects on the volume, where the preload Job puts them (zimage_worker.preload.ADAPTER_CACHE).
-        env.append({"name": "ZIMAGE_ADAPTER_CACHE_DIR", "value": f"{mount.rstrip('/')}/.adapters"})
+        # Fetched objects on the volume, where the preload Job puts them.
+        env.append({"name": "ZIMAGE_ADAPTER_CACHE_DIR", "value": f"{mount.rstrip('/')}/{ADAPTER_CACHE}"})
     return env
 
 

@@ -68,6 +68,10 @@ StepArgs = Annotated[
 ADAPTER_NAME = r"^[a-z0-9]([-a-z0-9_.]{0,61}[a-z0-9])?$"
 MAX_LORAS_PER_JOB = 8  # the schema's bound; a deployment may allow fewer (spec.maxAdaptersPerJob, default 3)
 LORA_SCALE_BOUND = 8.0
+# Where fetched adapters (file://, s3://) lie on the model cache volume, under MODELS_DIR: the preload Job puts
+# them there and the operator points the workers' ZIMAGE_ADAPTER_CACHE_DIR at it. Hidden, so it never shadows a
+# model directory name.
+ADAPTER_CACHE = ".adapters"
 
 
 class CamelModel(BaseModel):

@@ -10,8 +10,9 @@ import pytest
 
 from zimage_operator.types import ModelDeploymentSpec
 from zimage_operator.workload import _worker_env
+from zimage_queue.message import ADAPTER_CACHE
 from zimage_worker.adapters import resolve_adapter_source
-from zimage_worker.preload import ADAPTER_CACHE, preload
+from zimage_worker.preload import preload
 from zimage_worker.settings import WorkerSettings
 
 

@@ -11,7 +11,7 @@ import re
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 from zimage_queue.message import VARIANT_DEFAULTS
 
@@ -133,6 +133,11 @@ class AdapterEngine(Engine, Protocol):
     def resident_adapters(self) -> list[str]:
         """The adapters loaded now, least recently used first."""
         ...
+
+
+def adapter_engine(engine: object) -> AdapterEngine | None:
+    """``engine`` as an ``AdapterEngine`` when it is one (it applies adapters), else None."""
+    return cast("AdapterEngine", engine) if hasattr(engine, "active_adapters") else None
 
 
 class BatchEngine(Engine, Protocol):

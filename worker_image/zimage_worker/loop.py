@@ -20,13 +20,13 @@ from zimage_queue import Delivery, JobEvent, JobMessage, JobQueue
 from zimage_queue.supervise import Health, backoff_seconds, run_thread
 from zimage_worker import affinity, metrics
 from zimage_worker.engine import (
-    AdapterEngine,
     AdapterSet,
     BatchEngine,
     Cancelled,
     Engine,
     Request,
     UnknownAdapter,
+    adapter_engine,
     adapter_set,
     batch_key,
     engine_scales,
@@ -253,8 +253,7 @@ class Worker:
     ) -> tuple[affinity.Group[Delivery], list[affinity.Group[Delivery]]]:
         active: AdapterSet | None = None  # an engine without adapters: arrival order
         resident: list[str] = []
-        if hasattr(self.engine, "active_adapters"):
-            engine = cast("AdapterEngine", self.engine)
+        if (engine := adapter_engine(self.engine)) is not None:
             active, resident = engine.active_adapters(), engine.resident_adapters()
         return affinity.take_next(
             groups, active, resident, time.monotonic(), self.affinity_wait_s, self.affinity_passes
@@ -295,8 +294,8 @@ class Worker:
         with self._lock:
             held = list(self.held)
         self.queue.worker_heartbeat(self.queue_name, self.name, busy=bool(held))
-        resident = getattr(self.engine, "resident_adapters", None)
-        loaded = resident() if resident is not None else []
+        engine = adapter_engine(self.engine)
+        loaded = engine.resident_adapters() if engine is not None else []
         if loaded or self._adapters_reported:  # for the ModelDeployment's status.adapters
             self.queue.report_adapters(self.queue_name, self.name, loaded)
             self._adapters_reported = bool(loaded)

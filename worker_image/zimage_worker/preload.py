@@ -11,11 +11,11 @@ import sys
 from pathlib import Path
 
 from zimage_queue import logs
+from zimage_queue.message import ADAPTER_CACHE
 from zimage_worker.engine import NOOP, TINY_RANDOM, resolve_source
 from zimage_worker.settings import WorkerSettings
 
 log = logging.getLogger("zimage_worker.preload")
-ADAPTER_CACHE = ".adapters"  # under MODELS_DIR: hidden, so it never shadows a model directory name
 
 
 def preload(cfg: WorkerSettings) -> Path | None:
