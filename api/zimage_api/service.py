@@ -43,7 +43,7 @@ from zimage_api.store import (
     merge_patch,
 )
 from zimage_history import quotas
-from zimage_operator import adapters, reconcile
+from zimage_operator import adapters, reconcile, variants
 from zimage_operator.types import TERMINAL_PHASES, ImageJobSpec, Reason
 from zimage_queue import JobEvent, JobQueue
 
@@ -225,6 +225,10 @@ class JobService:
         if isinstance(refused, adapters.Refusal):  # what the operator's admission would fail the ImageJob with
             code = "unknown_adapter" if refused.reason == Reason.UNKNOWN_ADAPTER else "too_many_adapters"
             raise ApiError(400, refused.message.removeprefix("spec."), param="loras", code=code)
+        unsupported = variants.refusal(spec, spec.model, model.get("spec") or {})
+        if unsupported:  # the operator's admission would fail it (UnsupportedTask)
+            param = unsupported.split(":", 1)[0].removeprefix("spec.")
+            raise ApiError(400, unsupported.replace("spec.", ""), param=param, code="unsupported_task")
         if spec.seed is None:  # resolved into the spec, so the operator's admission builds the very same message
             spec.seed = random.SystemRandom().randrange(2**32)
 

@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from zimage_operator import adapters
+from zimage_operator import adapters, variants
 from zimage_operator.conditions import iso, parse_iso, set_condition
 from zimage_operator.edits import spec_digest
 from zimage_operator.housekeeping import ttl_after_finished
@@ -104,6 +104,9 @@ def admit(
     if isinstance(loras, adapters.Refusal):
         return fail(loras.reason, loras.message)
     variant = (model.get("spec") or {}).get("model", {}).get("variant")
+    unsupported = variants.refusal(parsed, parsed.model, model.get("spec") or {})
+    if unsupported:
+        return fail(Reason.UNSUPPORTED_TASK, unsupported)
     defaults = variant_defaults(variant)
     seed = parsed.seed if parsed.seed is not None else status.get("seed")
     if seed is None:  # chosen once, recorded in status, so a retried handler enqueues the same job

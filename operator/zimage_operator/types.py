@@ -22,6 +22,7 @@ from zimage_queue.message import (
     Priority,
     ResultImage,
     VariantDefaults,
+    variant_help,
 )
 
 GROUP = "zimage.dev"
@@ -41,7 +42,7 @@ def tenant_of(meta: dict[str, Any]) -> str:
 
 Phase = Literal["Pending", "Queued", "Running", "Succeeded", "Failed", "Cancelled"]
 TERMINAL_PHASES: frozenset[str] = frozenset({"Succeeded", "Failed", "Cancelled"})
-Variant = Literal["turbo", "base", "edit"]
+Variant = Literal["turbo", "base", "edit", "omni"]
 
 
 class Cond:
@@ -63,6 +64,7 @@ class Reason:
     GPU_QUOTA_EXCEEDED = "GPUQuotaExceeded"
     UNKNOWN_ADAPTER = "UnknownAdapter"
     TOO_MANY_ADAPTERS = "TooManyAdapters"
+    UNSUPPORTED_TASK = "UnsupportedTask"
     ENQUEUED = "Enqueued"
     STARTED = "Started"
     COMPLETED = "Completed"
@@ -166,7 +168,9 @@ REMOTE_ENV_PREFIX = "ZIMAGE_REMOTE_"
 
 
 class ModelSource(CamelModel):
-    variant: Variant = Field("turbo", description="Model variant; sets the generation defaults.")
+    variant: Variant = Field(
+        "turbo", description=f"Model variant: sets the generation defaults and what jobs it accepts. {variant_help()}."
+    )
     source: str = Field(
         "Tongyi-MAI/Z-Image-Turbo",
         min_length=1,

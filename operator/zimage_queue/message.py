@@ -25,28 +25,62 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticKnownError
 
-Task = Literal["text-to-image", "image-to-image", "inpaint"]
+Task = Literal["text-to-image", "image-to-image", "inpaint", "edit"]
 Priority = Literal["high", "normal", "low"]
 OutputFormat = Literal["png", "jpeg", "webp"]
 EventType = Literal["started", "progress", "succeeded", "failed", "retrying", "cancelled", "rerouted"]
 
 DEFAULT_MAX_RETRIES = 3
 
+# Reference images (issue 19): an `edit` job conditions on its inputImage and, on an omni model, on up to this many
+# further images besides it.
+MAX_REFERENCE_IMAGES = 3
+
 
 @dataclass(frozen=True)
 class VariantDefaults:
+    """What a model variant does: its generation defaults, the tasks it accepts and how many reference images
+    (``referenceImages``, besides ``inputImage``) an edit may give it. The single source of truth for the
+    operator's admission, the API, the CRD's descriptions and the worker."""
+
     steps: int
     guidance_scale: float
+    tasks: tuple[str, ...] = ("text-to-image", "image-to-image", "inpaint")
+    references: int = 0
+    summary: str = ""
 
 
 # Turbo is distilled for 8 transformer evaluations without classifier-free guidance. The undistilled models use
 # 50 steps with the guidance Z-Image's model card recommends (the pipeline's own default is 5.0). The operator
 # resolves these into the job message; the worker falls back to them for messages that leave them open.
+# Edit and omni run diffusers' ZImageOmniPipeline (reference images in, image out: the images condition the
+# transformer through their VAE latents and SigLIP features, instead of starting the denoising from one as
+# image-to-image does). Edit is an instruction edit of one image; omni also makes images from text alone and
+# takes further reference images.
 VARIANT_DEFAULTS = {
-    "turbo": VariantDefaults(steps=8, guidance_scale=0.0),
-    "base": VariantDefaults(steps=50, guidance_scale=4.0),
-    "edit": VariantDefaults(steps=50, guidance_scale=4.0),
+    "turbo": VariantDefaults(steps=8, guidance_scale=0.0, summary="Z-Image-Turbo: 8 steps, no guidance"),
+    "base": VariantDefaults(steps=50, guidance_scale=4.0, summary="Z-Image: 50 steps with guidance"),
+    "edit": VariantDefaults(
+        steps=50, guidance_scale=4.0, tasks=("edit",), summary="Z-Image-Edit: inputImage edited as the prompt says"
+    ),
+    "omni": VariantDefaults(
+        steps=50,
+        guidance_scale=4.0,
+        tasks=("text-to-image", "edit"),
+        references=MAX_REFERENCE_IMAGES,
+        summary=f"Z-Image-Omni: text to image, or an edit of inputImage with up to {MAX_REFERENCE_IMAGES} "
+        "referenceImages",
+    ),
 }
+# The variants that run ZImageOmniPipeline (reference images in, image out).
+OMNI_VARIANTS = frozenset(v for v, d in VARIANT_DEFAULTS.items() if "edit" in d.tasks)
+
+
+def variant_help() -> str:
+    """What each variant accepts, in one line: for the CRD's and the API's descriptions."""
+    return "; ".join(f"{v}: {', '.join(d.tasks)} ({d.summary})" for v, d in VARIANT_DEFAULTS.items())
+
+
 # An object-store URI: s3://bucket/key, file:///path, or http(s)://...
 URI_PATTERN = r"^(s3|file|https?)://.+$"
 
@@ -121,7 +155,10 @@ class AdapterSpec(WireModel):
 
 
 class GenerationParams(WireModel):
-    task: Task = Field("text-to-image", description="What to generate.")
+    task: Task = Field(
+        "text-to-image",
+        description=f"What to generate; the model's variant says which tasks it does ({variant_help()}).",
+    )
     prompt: str = Field(min_length=1, max_length=4000, description="Text prompt.")
     negative_prompt: str | None = Field(None, max_length=4000, description="What the image should not show.")
     width: int = Field(1024, ge=64, le=2048, multiple_of=16, description="Image width in pixels.")
@@ -135,10 +172,15 @@ class GenerationParams(WireModel):
     seed: int | None = Field(None, ge=0, le=2**53 - 1, description="Random seed; chosen and recorded when omitted.")
     num_images: int = Field(1, ge=1, le=8, description="Images to generate.")
     input_image: str | None = Field(
-        None, max_length=2048, pattern=URI_PATTERN, description="Source image URI (image-to-image, inpaint)."
+        None, max_length=2048, pattern=URI_PATTERN, description="Source image URI (image-to-image, inpaint, edit)."
     )
     mask_image: str | None = Field(
         None, max_length=2048, pattern=URI_PATTERN, description="Mask image URI (inpaint; white = repaint)."
+    )
+    reference_images: list[Annotated[str, Field(max_length=2048, pattern=URI_PATTERN)]] | None = Field(
+        None,
+        max_length=MAX_REFERENCE_IMAGES,
+        description="Further images an edit conditions on besides inputImage (task edit on an omni model).",
     )
     strength: float | None = Field(None, ge=0, le=1, description="How far to move from the input image.")
     output_format: OutputFormat = Field("png", description="Encoding of the stored images.")
@@ -156,7 +198,7 @@ class GenerationParams(WireModel):
     )
 
     # Optional fields written only when set (their wire names), as in BulkMarked.
-    only_when_set: ClassVar[tuple[str, ...]] = ("args", "loras")
+    only_when_set: ClassVar[tuple[str, ...]] = ("args", "loras", "referenceImages")
 
     @model_serializer(mode="wrap")
     def _only_when_set(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
@@ -192,11 +234,34 @@ class GenerationParams(WireModel):
             errors.append(f"spec.inputImage: required when task is {self.task}")
         if self.task == "inpaint" and not self.mask_image:
             errors.append("spec.maskImage: required when task is inpaint")
+        if self.task == "edit" and not self.input_image:
+            errors.append("spec.inputImage: required when task is edit (the image to edit)")
         if self.task == "text-to-image" and (self.input_image or self.mask_image):
-            errors.append("spec.inputImage/maskImage: only allowed for image-to-image and inpaint")
+            errors.append("spec.inputImage/maskImage: only allowed for image-to-image, inpaint and edit")
+        if self.task == "edit" and self.mask_image:
+            errors.append("spec.maskImage: only allowed for inpaint (an edit says in its prompt what to change)")
+        if self.reference_images and self.task != "edit":
+            errors.append("spec.referenceImages: only allowed when task is edit")
         names = [lora.name for lora in self.loras or []]
         if len(set(names)) != len(names):
             errors.append("spec.loras: each adapter at most once")
+        return errors
+
+    def variant_errors(self, variant: str | None) -> list[str]:
+        """What a model of ``variant`` cannot do of this job (its task, its reference images): the operator fails
+        the ImageJob with reason UnsupportedTask, the API answers 400 unsupported_task."""
+        name = variant or "turbo"
+        defaults = VARIANT_DEFAULTS.get(name)
+        if defaults is None:
+            return []  # a variant newer than this release: its workers judge
+        errors = []
+        if self.task not in defaults.tasks:
+            tasks = " and ".join(filter(None, [", ".join(defaults.tasks[:-1]), defaults.tasks[-1]]))
+            errors.append(f"spec.task: the {name} variant does {tasks}, not {self.task}")
+        refs = len(self.reference_images or [])
+        if refs > defaults.references:
+            allowed = f"at most {defaults.references}" if defaults.references else "none"
+            errors.append(f"spec.referenceImages: the {name} variant takes {allowed}, got {refs}")
         return errors
 
     def adapter_set(self) -> tuple[tuple[str, float | None], ...]:

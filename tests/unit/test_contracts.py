@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from zimage_operator import crdgen
 from zimage_operator.types import ImageJobSpec
 from zimage_queue import GenerationParams, JobMessage
+from zimage_queue.message import MAX_REFERENCE_IMAGES, URI_PATTERN
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -30,7 +31,9 @@ def test_crd_spec_limits_are_the_message_limits() -> None:
     assert props["width"]["minimum"] == 64 and props["width"]["maximum"] == 2048
     assert props["width"]["multipleOf"] == 16
     assert props["prompt"]["minLength"] == 1 and props["prompt"]["maxLength"] == 4000
-    assert props["task"]["enum"] == ["text-to-image", "image-to-image", "inpaint"]
+    assert props["task"]["enum"] == ["text-to-image", "image-to-image", "inpaint", "edit"]
+    assert props["referenceImages"]["maxItems"] == MAX_REFERENCE_IMAGES
+    assert props["referenceImages"]["items"]["pattern"] == URI_PATTERN
     assert props["priority"]["enum"] == ["high", "normal", "low"]
     # every generation parameter the worker reads is a spec field, by the same camelCase name
     for name, field in fields.items():

@@ -61,8 +61,11 @@ def test_a_dead_worker_is_restarted_with_backoff(stack: dev.DevStack) -> None:
     child = stack.children["worker/team-a/turbo/0"]
     assert child.proc is not None and child.proc.wait(10) == 1  # `false` dies at once
     first = child.proc
-    stack.sync_pools([pool("turbo")], now=100.0)
-    assert child.failures == 1 and child.next_start > 100.0 and child.proc is first  # waiting out its backoff
+    # The death is seen at now=0 either way: by the first pass if `false` was already gone, else by this one
+    stack.sync_pools([pool("turbo")], now=0.0)
+    assert child.failures == 1 and child.next_start > 0.0 and child.proc is first  # waiting out its backoff
+    stack.sync_pools([pool("turbo")], now=child.next_start - 0.01)
+    assert child.proc is first  # still waiting
     stack.sync_pools([pool("turbo")], now=child.next_start + 0.01)
     assert child.proc is not first  # started again
     child.proc.wait(10)

@@ -11,10 +11,11 @@ import torch
 from diffusers import ZImageImg2ImgPipeline, ZImageInpaintPipeline, ZImagePipeline
 from PIL import Image
 
-from zimage_queue.message import VARIANT_DEFAULTS
+from zimage_queue.message import OMNI_VARIANTS, VARIANT_DEFAULTS
 from zimage_worker import metrics
 from zimage_worker.adapters import ResidentAdapters
 from zimage_worker.engine import FULL_RANDOM, TINY_RANDOM, VARIANTS, AdapterSet, Cancelled, Request, batch_key
+from zimage_worker.omni import OmniPipeline
 
 if TYPE_CHECKING:
     from zimage_queue import GenerationParams
@@ -114,18 +115,22 @@ class DiffusersEngine:
         # Any: diffusers' pipeline classes are too loosely typed for mypy to follow their attributes.
         pipe: Any
         started = time.perf_counter()
+        omni = variant in OMNI_VARIANTS
         if source == TINY_RANDOM:
-            from zimage_worker.tiny import build_tiny_pipeline
+            from zimage_worker.tiny import build_tiny_omni_pipeline, build_tiny_pipeline
 
-            pipe = build_tiny_pipeline()
+            pipe = build_tiny_omni_pipeline() if omni else build_tiny_pipeline()
             if self.dtype != torch.float32:
                 pipe.to(dtype=self.dtype)
         elif source == FULL_RANDOM:
+            if omni:
+                raise ValueError(f"{FULL_RANDOM} is Z-Image-Turbo's architecture; it has no {variant} build")
             from zimage_worker.tiny import build_full_size_pipeline
 
             pipe = build_full_size_pipeline(str(self.device), str(self.dtype).removeprefix("torch."))
         else:
-            pipe = ZImagePipeline.from_pretrained(source, revision=revision, **{_dtype_kwarg(): self.dtype})
+            loader: Any = OmniPipeline if omni else ZImagePipeline
+            pipe = loader.from_pretrained(source, revision=revision, **{_dtype_kwarg(): self.dtype})
         pipe.to(self.device)
         # Decode a batch's latents one image at a time: the VAE's activations for 8 images at 1024x1024 would
         # rival the weights in memory, and the decode is a small share of the time.
@@ -136,15 +141,18 @@ class DiffusersEngine:
             # Regional compilation: the transformer block is compiled once and reused for all its repeats,
             # so compiling costs seconds, not minutes, and the warm-up run absorbs it.
             pipe.transformer.compile_repeated_blocks(fullgraph=True)
-        self.text_to_image: Any = pipe
+        # Variants edit and omni: one ZImageOmniPipeline for all their tasks; the others have no omni pipeline.
+        self.omni: Any = pipe if omni else None
+        self.text_to_image: Any = None if omni else pipe
         # The same module objects in all three pipelines, so the weights exist once. This is the core of
         # `from_pipe`, without its final cast: that defaults to float32, would upcast the shared bfloat16
         # modules in place unless told the dtype, and logs a misleading float32 warning per model even then.
-        self.image_to_image: Any = ZImageImg2ImgPipeline(**pipe.components)
-        self.inpaint: Any = ZImageInpaintPipeline(**pipe.components)
+        self.image_to_image: Any = None if omni else ZImageImg2ImgPipeline(**pipe.components)
+        self.inpaint: Any = None if omni else ZImageInpaintPipeline(**pipe.components)
         each: Any
-        for each in (self.text_to_image, self.image_to_image, self.inpaint):
-            each.set_progress_bar_config(disable=True)
+        for each in (self.omni, self.text_to_image, self.image_to_image, self.inpaint):
+            if each is not None:
+                each.set_progress_bar_config(disable=True)
         # LoRA layers go into the transformer these pipelines share: loading through one applies to all three.
         self.adapters = ResidentAdapters(
             pipe, adapters, max_resident=max_resident_adapters, models_dir=models_dir, cache_dir=adapter_cache_dir
@@ -178,6 +186,11 @@ class DiffusersEngine:
         enqueueing, and an engine that picked one itself could not report it.
         """
         request = Request(params, on_step, should_stop, load_image)
+        unsupported = params.variant_errors(self.variant)
+        if unsupported:  # admission refuses these; a message that got here anyway fails, it is not guessed at
+            raise ValueError("; ".join(unsupported))
+        if self.omni is not None:
+            return self._generate_omni(request)
         if params.task == "text-to-image":
             [images] = self.generate_batch([request])  # all images of the job in one call
             assert images is not None  # a lone request that stops raises Cancelled
@@ -284,6 +297,57 @@ class DiffusersEngine:
                 )
                 images.extend(_to_pil(output.images))
         return images
+
+    def _generate_omni(self, request: Request) -> list[Image.Image]:
+        """Variants edit and omni: one call per image, conditioned on the job's images (none for text-to-image).
+
+        The images go in at their own size (the pipeline scales one above 1024x1024 down to the requested area
+        and crops each to a multiple of the latent patch); the output has the requested size."""
+        params, on_step, should_stop = request.params, request.on_step, request.should_stop
+        steps, guidance = params.steps_and_guidance(VARIANT_DEFAULTS[self.variant])
+        num_inference_steps, sigmas = denoising_schedule(steps)
+        seed = params.seed if params.seed is not None else 0
+        uris = [params.input_image, *(params.reference_images or [])] if params.task == "edit" else []
+        images = [_decode(request.load_image(uri), "RGB") for uri in uris if uri]
+        self.adapters.activate(params.loras)
+        done = 0
+
+        def step_end(pipeline: Any, index: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
+            nonlocal done
+            done += 1
+            on_step(done, pipeline.num_timesteps * params.num_images)
+            if should_stop():
+                raise Cancelled()
+            return callback_kwargs
+
+        out: list[Image.Image] = []
+        with torch.inference_mode():
+            # The prompt is the same for every image: encode it once (its template has a slot per image).
+            embeds, negative = self.omni.encode_prompt(
+                prompt=params.prompt,
+                negative_prompt=params.negative_prompt,
+                do_classifier_free_guidance=guidance > 0,
+                device=self.device,
+                num_condition_images=len(images),
+            )
+            for index in range(params.num_images):
+                if should_stop():
+                    raise Cancelled()
+                output = self.omni(
+                    image=images or None,
+                    prompt_embeds=embeds,
+                    negative_prompt_embeds=negative if guidance > 0 else None,
+                    height=params.height,
+                    width=params.width,
+                    num_inference_steps=num_inference_steps,
+                    sigmas=sigmas,
+                    guidance_scale=guidance,
+                    generator=torch.Generator(device=self.device).manual_seed(seed + index),
+                    output_type="pt",
+                    callback_on_step_end=step_end,
+                )
+                out.extend(_to_pil(output.images))
+        return out
 
     def _pipeline_for(self, params: GenerationParams, load_image: Callable[[str], bytes]) -> tuple[Any, dict[str, Any]]:
         """The image-to-image or inpainting pipeline, with the job's resized input (and mask)."""

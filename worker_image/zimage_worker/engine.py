@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, cast
 
-from zimage_queue.message import VARIANT_DEFAULTS
+from zimage_queue.message import OMNI_VARIANTS, VARIANT_DEFAULTS
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -80,7 +80,7 @@ def batch_key(
     prompt only matters (and so must match) when guidance is on. LoRA adapters apply to the whole call, so
     the job's adapter set with its resolved scales (``adapter_set``) must match too.
     """
-    if params.task != "text-to-image":
+    if params.task != "text-to-image" or variant in OMNI_VARIANTS:  # omni: one call per image (its own encoding)
         return None
     steps, guidance = params.steps_and_guidance(VARIANT_DEFAULTS[variant])
     return (

@@ -33,6 +33,8 @@ CHAT_TEMPLATE = (
     "{%- endif %}"
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+# The omni pipeline marks where each condition image goes in the prompt with these.
+VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>"]
 
 TEXT_HIDDEN_SIZE = 16
 LATENT_CHANNELS = 16
@@ -56,8 +58,9 @@ TINY_TRANSFORMER: dict[str, Any] = {
 }
 
 
-def build_tiny_tokenizer() -> PreTrainedTokenizerBase:
-    """A byte-level tokenizer with no merges: every UTF-8 byte is one token, so any prompt encodes."""
+def build_tiny_tokenizer(extra_tokens: list[str] | None = None) -> PreTrainedTokenizerBase:
+    """A byte-level tokenizer with no merges: every UTF-8 byte is one token, so any prompt encodes.
+    ``extra_tokens``: special tokens after ``SPECIAL_TOKENS`` (the omni pipeline's ``VISION_TOKENS``)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -67,7 +70,7 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerBase:
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens(SPECIAL_TOKENS)
+    backend.add_special_tokens(SPECIAL_TOKENS + (extra_tokens or []))
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         eos_token="<|im_end|>",
@@ -79,7 +82,7 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerBase:
     )
 
 
-def build_tiny_pipeline(seed: int = 0) -> ZImagePipeline:
+def build_tiny_pipeline(seed: int = 0, extra_tokens: list[str] | None = None) -> ZImagePipeline:
     """Build a text-to-image ZImagePipeline with small random weights, identical for the same ``seed``.
 
     Sizes: the VAE has four blocks (spatial factor 8, as on the real model), so heights and widths must be
@@ -88,6 +91,7 @@ def build_tiny_pipeline(seed: int = 0) -> ZImagePipeline:
     """
     return _random_pipeline(
         seed=seed,
+        extra_tokens=extra_tokens,
         transformer=TINY_TRANSFORMER,
         # Four blocks like the real Flux VAE (spatial factor 8), so a 1024x1024 job is a 64x64 token grid as
         # on the real model, not 256x256: fast enough on a CPU at any size the schema allows. No mid-block
@@ -109,6 +113,44 @@ def build_tiny_pipeline(seed: int = 0) -> ZImagePipeline:
             "max_position_embeddings": 1024,
         },
     )
+
+
+# The omni pipeline's SigLIP2 image encoder, tiny: 16-pixel patches, at most 64 of them per image.
+TINY_SIGLIP: dict[str, Any] = {
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "patch_size": 16,
+    "num_patches": 64,
+}
+
+
+def build_tiny_omni_pipeline(seed: int = 0) -> Any:
+    """The tiny pipeline as a ``ZImageOmniPipeline`` (variants edit and omni: reference images in, image out):
+    the same VAE and text encoder sizes, a transformer that also takes SigLIP features, and a tiny SigLIP2
+    vision encoder with its image processor. Identical for the same ``seed``; the caller's RNG is left alone."""
+    import torch
+    from diffusers import ZImageTransformer2DModel
+    from transformers import Siglip2ImageProcessorPil, Siglip2VisionConfig, Siglip2VisionModel
+
+    from zimage_worker.omni import OmniPipeline
+
+    text = build_tiny_pipeline(seed, extra_tokens=VISION_TOKENS)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        transformer: Any = ZImageTransformer2DModel(**TINY_TRANSFORMER, siglip_feat_dim=TINY_SIGLIP["hidden_size"])
+        with torch.no_grad():  # uninitialised pad tokens (torch.empty) would put NaNs in the output
+            for pad in (transformer.x_pad_token, transformer.cap_pad_token, transformer.siglip_pad_token):
+                pad.fill_(1.0)
+        siglip = Siglip2VisionModel(Siglip2VisionConfig(**TINY_SIGLIP))
+    components = {**text.components, "transformer": transformer}
+    processor = Siglip2ImageProcessorPil(
+        patch_size=TINY_SIGLIP["patch_size"], max_num_patches=TINY_SIGLIP["num_patches"]
+    )
+    pipe = OmniPipeline(**components, siglip=siglip, siglip_processor=processor)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 # The attention projections of every transformer block: where LoRA adapters for diffusion transformers usually go.
@@ -197,6 +239,7 @@ def _random_pipeline(
     device: str | None = None,
     dtype: str | None = None,
     scheduler_shift: float | None = None,
+    extra_tokens: list[str] | None = None,
 ) -> ZImagePipeline:
     """A ZImagePipeline of the given component sizes with random weights seeded ``seed``, built on ``device``
     (default: the CPU) in ``dtype`` (default: float32), leaving the caller's RNG and default dtype alone."""
@@ -206,7 +249,7 @@ def _random_pipeline(
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
     from transformers import Qwen3Config, Qwen3Model
 
-    tokenizer = build_tiny_tokenizer()
+    tokenizer = build_tiny_tokenizer(extra_tokens)
     previous = torch.get_default_dtype()
     with torch.random.fork_rng(devices=[]), torch.device(device) if device else contextlib.nullcontext():
         torch.manual_seed(seed)
