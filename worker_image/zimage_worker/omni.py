@@ -26,7 +26,8 @@ class OmniPipeline(ZImageOmniPipeline):
     def prepare_image_latents(
         self, images: list[torch.Tensor], batch_size: int, device: torch.device, dtype: torch.dtype
     ) -> list[list[torch.Tensor]]:
-        vae: Any = self.vae
+        pipe: Any = self  # diffusers registers its modules as attributes mypy cannot see
+        vae = pipe.vae
         latents = []
         for image in images:
             encoded = vae.encode(image.to(device=device, dtype=vae.dtype)).latent_dist.mode()[0]

@@ -136,7 +136,7 @@ def build_tiny_omni_pipeline(seed: int = 0) -> Any:
 
     from zimage_worker.omni import OmniPipeline
 
-    text = build_tiny_pipeline(seed, extra_tokens=VISION_TOKENS)
+    text: Any = build_tiny_pipeline(seed, extra_tokens=VISION_TOKENS)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
         transformer: Any = ZImageTransformer2DModel(**TINY_TRANSFORMER, siglip_feat_dim=TINY_SIGLIP["hidden_size"])
@@ -148,7 +148,7 @@ def build_tiny_omni_pipeline(seed: int = 0) -> Any:
     processor = Siglip2ImageProcessorPil(
         patch_size=TINY_SIGLIP["patch_size"], max_num_patches=TINY_SIGLIP["num_patches"]
     )
-    pipe = OmniPipeline(**components, siglip=siglip, siglip_processor=processor)
+    pipe: Any = OmniPipeline(**components, siglip=siglip, siglip_processor=processor)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
