@@ -22,7 +22,7 @@ from zimage_api import cli_generate, cli_jobs, cli_keys, cli_usage, cli_workflow
 from zimage_api.cli_config import CliSettings, Register, Shared
 from zimage_api.cli_errors import FAILED, CliError, UserError
 from zimage_queue import logs
-from zimage_queue.message import AdapterSpec
+from zimage_queue.message import VARIANT_DEFAULTS, AdapterSpec, variant_help
 
 
 def exit_on_sigterm() -> None:
@@ -48,7 +48,7 @@ def register_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser], sha
     s.add_argument("--port", type=int, default=8080)
     s.add_argument("--model", default=None, help="default: $ZIMAGE_MODEL_SOURCE, else tiny-random")
     s.add_argument("--models-dir", default=None, help="default: $MODELS_DIR")
-    s.add_argument("--variant", default="turbo", choices=["turbo", "base", "edit"])
+    s.add_argument("--variant", default="turbo", choices=list(VARIANT_DEFAULTS), help=variant_help())
     s.add_argument("--images-dir", default=None, help="where images are kept (default: a temp dir)")
     s.add_argument(
         "--adapter",

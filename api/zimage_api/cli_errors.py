@@ -55,6 +55,7 @@ FLAGS = {
     "input_image": "--image",
     "image": "--image",
     "mask_image": "--mask",
+    "reference_images": "--reference",
     "mask": "--mask",
     "mode": "--bulk",
     "id": "ID",

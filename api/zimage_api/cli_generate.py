@@ -1,4 +1,5 @@
-"""``zimage generate``: text-to-image, image-to-image (``--image``) and inpainting (``--image --mask``), on the
+"""``zimage generate``: text-to-image, image-to-image (``--image``) and inpainting (``--image --mask``), or with
+an edit or omni model an edit of ``--image`` as the prompt says (omni: with ``--reference`` images), on the
 embedded local stack (no cluster) or through a running API (``--api URL``).
 
 Locally the inputs go into the local store under the local tenant's uploads, where the worker's ``read_uri``
@@ -17,7 +18,7 @@ import sys
 import tempfile
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,7 +27,7 @@ from pydantic import ValidationError
 from zimage_api.cli_config import Shared
 from zimage_api.cli_errors import Failure, UserError, invalid
 from zimage_queue import GenerationParams, JobEvent
-from zimage_queue.message import AdapterSpec
+from zimage_queue.message import OMNI_VARIANTS, VARIANT_DEFAULTS, AdapterSpec, variant_help
 
 if TYPE_CHECKING:
     from zimage_api.cli_client import ApiClient
@@ -51,7 +52,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], shared: S
         parents=[shared.debug, shared.api],
         help="make images from a prompt, or edit one (locally: no cluster needed)",
         description="Make images from a prompt; with --image, from an image (image-to-image), with --image and "
-        "--mask, repaint the mask's white (or transparent) part (inpainting). Locally on the embedded stack, or "
+        "--mask, repaint the mask's white (or transparent) part (inpainting). With an edit or omni model, --image "
+        "is edited as the prompt says (omni: with up to 3 --reference images). Locally on the embedded stack, or "
         "with --api on a running zimage API.",
     )
     g.add_argument("prompt")
@@ -59,6 +61,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], shared: S
     g.add_argument("--image", metavar="PATH", help="the image to start from (png, jpeg, webp)")
     g.add_argument(
         "--mask", metavar="PATH", help="with --image: white (or transparent, as OpenAI's masks) where to repaint"
+    )
+    g.add_argument(
+        "--reference",
+        action="append",
+        dest="references",
+        default=[],
+        metavar="PATH",
+        help="with --image on an omni model: a further image the edit conditions on (repeatable)",
     )
     g.add_argument(
         "--strength", type=float, metavar="F", help="with --image: how far to move from it, above 0 up to 1 "
@@ -80,7 +90,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], shared: S
     )
     g.add_argument("--remote-model", dest="model", help=argparse.SUPPRESS)  # the earlier name of --api --model
     g.add_argument("--models-dir", default=None, help="locally: where named models lie (default: $MODELS_DIR)")
-    g.add_argument("--variant", default=None, choices=["turbo", "base", "edit"], help="locally: default turbo")
+    g.add_argument(
+        "--variant", default=None, choices=list(VARIANT_DEFAULTS), help=f"locally: default turbo ({variant_help()})"
+    )
     g.add_argument("--images-dir", default=None, help="locally: where the worker stores images (default: a temp dir)")
     g.add_argument("--bulk", action="store_true", help="with --api: a bulk job (no ImageJob; see docs/api.md)")
     g.set_defaults(func=generate)
@@ -90,9 +102,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], shared: S
 class Inputs:
     image: CheckedImage | None = None
     mask: CheckedImage | None = None
+    references: list[CheckedImage] = field(default_factory=list)
+    edit: bool = False  # an edit or omni model: the image is edited as the prompt says
 
     @property
     def task(self) -> str:
+        if self.image and self.edit:
+            return "edit"
         return "inpaint" if self.mask else "image-to-image" if self.image else "text-to-image"
 
 
@@ -117,16 +133,30 @@ def _read(path: str, what: str) -> CheckedImage:
         raise UserError(f"{e.message} ({path})") from e
 
 
-def read_inputs(args: argparse.Namespace) -> Inputs:
+def read_inputs(args: argparse.Namespace, variant: str | None) -> Inputs:
+    """The input images, checked as the API checks uploads. ``variant``: the local model's; None through the
+    API (whose model decides what the images are for)."""
     if args.mask and not args.image:
         raise UserError("--mask needs --image (the image whose masked part to repaint)")
     if args.strength is not None and not args.image:
         raise UserError("--strength needs --image (how far to move from that image)")
-    if args.variant == "edit" and not args.image:
-        raise UserError("--variant edit needs --image (the image to edit)")
+    if args.references and not args.image:
+        raise UserError("--reference needs --image (the image to edit)")
+    if variant is not None:
+        does = VARIANT_DEFAULTS[variant]
+        if "text-to-image" not in does.tasks and not args.image:
+            raise UserError(f"--variant {variant} needs --image (the image to edit)")
+        if variant in OMNI_VARIANTS and args.mask:
+            raise UserError(f"--mask: --variant {variant} edits as the prompt says, without a mask")
+        if variant in OMNI_VARIANTS and args.strength is not None:
+            raise UserError(f"--strength: --variant {variant} edits as the prompt says, with no strength")
+        if len(args.references) > does.references:
+            takes = f"at most {does.references}" if does.references else "none (omni does)"
+            raise UserError(f"--reference: --variant {variant} takes {takes}, got {len(args.references)}")
     image = _read(args.image, "--image") if args.image else None
     mask = _read(args.mask, "--mask") if args.mask else None
-    return Inputs(image, mask)
+    references = [_read(path, "--reference") for path in args.references]
+    return Inputs(image, mask, references, edit=variant in OMNI_VARIANTS)
 
 
 def build_params(args: argparse.Namespace, inputs: Inputs) -> GenerationParams:
@@ -165,7 +195,7 @@ def generate(args: argparse.Namespace) -> int:
         for name in LOCAL_ONLY:
             if getattr(args, name) is not None:
                 raise UserError(f"--{name.replace('_', '-')} is for local runs; with --api the API's model decides")
-    inputs = read_inputs(args)
+    inputs = read_inputs(args, None if remote else args.variant or "turbo")
     params = build_params(args, inputs)
     if remote:
         return generate_remote(args, shared, params, inputs)
@@ -250,6 +280,15 @@ def generate_local(args: argparse.Namespace, shared: Shared, params: GenerationP
                     update["mask_image"] = stack.store.put(
                         upload_key(LOCAL_NAMESPACE, upload, "mask.png"), openai_mask_to_white(inputs.mask), "image/png"
                     )
+                if inputs.references:
+                    update["reference_images"] = [
+                        stack.store.put(
+                            upload_key(LOCAL_NAMESPACE, upload, f"reference-{i}.{ref.extension}"),
+                            ref.data,
+                            ref.content_type,
+                        )
+                        for i, ref in enumerate(inputs.references, 1)
+                    ]
                 params = params.model_copy(update=update)
             job = stack.submit(params)
             with StepProgress(inputs.task) as bar:
@@ -322,9 +361,12 @@ def _edit_remote(client: ApiClient, args: argparse.Namespace, params: Generation
         "output_format": args.format,
         "response_format": "b64_json",
     }
-    files = {"image": (Path(args.image).name, inputs.image.data, inputs.image.content_type)}
+    # One image as `image`; with references, all as `image[]` (an edit or omni model takes the rest as references).
+    images = [(args.image, inputs.image), *zip(args.references, inputs.references, strict=True)]
+    field_name = "image[]" if inputs.references else "image"
+    files = [(field_name, (Path(path).name, img.data, img.content_type)) for path, img in images]
     if inputs.mask:
-        files["mask"] = (Path(args.mask).name, inputs.mask.data, inputs.mask.content_type)
+        files.append(("mask", (Path(args.mask).name, inputs.mask.data, inputs.mask.content_type)))
     with Console(stderr=True).status(f"{inputs.task} on {client.url} (the API answers when the images are done)"):
         out = client.sync_call(
             "POST", "/v1/images/edits", data={k: str(v) for k, v in form.items() if v is not None}, files=files

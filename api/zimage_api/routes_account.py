@@ -51,9 +51,9 @@ async def upload(
         Form(description="image (kept as sent) or mask (white = repaint, black = keep; kept as a grayscale PNG)."),
     ] = "image",
 ) -> UploadView:
-    """Store an image in the caller's tenant's upload area, for ``inputImage`` / ``maskImage`` of ``POST /v1/jobs``
-    (the same tenant's keys only). Uploads are checked as ``/v1/images/edits`` checks them and deleted after the
-    operator's upload retention."""
+    """Store an image in the caller's tenant's upload area, for ``inputImage`` / ``referenceImages`` /
+    ``maskImage`` of ``POST /v1/jobs`` (the same tenant's keys only). Uploads are checked as ``/v1/images/edits``
+    checks them and deleted after the operator's upload retention."""
     if not app.images.takes_uploads:
         raise ApiError(400, "this API takes no uploads (it has no image storage configured)", code="uploads_disabled")
     checked = await receive(file, "file", app.settings)

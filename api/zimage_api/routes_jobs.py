@@ -38,11 +38,13 @@ async def create_job(
     ``mode``: ``imagejob`` (an ImageJob, visible to kubectl) or ``bulk`` (no ImageJob: its state in Redis for
     the job retention); left out, the API key's default (``imagejob`` unless its entry says ``bulk``).
 
-    ``inputImage``/``maskImage`` must lie in the caller's part of this API's storage (an upload through
-    /v1/images/edits, or an earlier result): workers fetch what they are given, and an HTTP client must not
-    point them anywhere else.
+    ``inputImage``, each of ``referenceImages`` and ``maskImage`` must lie in the caller's part of this API's
+    storage (an upload through /v1/uploads or /v1/images/edits, or an earlier result): workers fetch what they
+    are given, and an HTTP client must not point them anywhere else.
     """
-    for field, uri in (("inputImage", body.input_image), ("maskImage", body.mask_image)):
+    given = [("inputImage", body.input_image), ("maskImage", body.mask_image)]
+    given += [(f"referenceImages.{i}", uri) for i, uri in enumerate(body.reference_images or [])]
+    for field, uri in given:
         if uri and not app.images.owns(uri, caller.tenant):
             raise ApiError(
                 400,

@@ -19,6 +19,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, File, Form, UploadFile
 from fastapi.responses import StreamingResponse
 
+from zimage_api.aliases import variant_of
 from zimage_api.apikeys import Principal
 from zimage_api.deps import App, BaseUrl, Caller
 from zimage_api.errors import ApiError, error_body
@@ -39,7 +40,7 @@ from zimage_api.schemas import (
 )
 from zimage_api.uploads import openai_mask_to_white, receive, store
 from zimage_api.views import image_path
-from zimage_queue.message import OutputFormat
+from zimage_queue.message import OMNI_VARIANTS, VARIANT_DEFAULTS, OutputFormat
 
 router = APIRouter(prefix="/v1/images", tags=["openai"])
 DEFAULT_SIZE = (1024, 1024)
@@ -64,6 +65,18 @@ def parse_size(size: str, fallback: tuple[int, int]) -> tuple[int, int]:
         return fallback
     w, h = (int(x) for x in size.split("x"))
     return w, h
+
+
+def omni_variant(app: App, model: str | None) -> str | None:
+    """The variant of the model an edit asks for when it is one that runs ZImageOmniPipeline (edit, omni: the
+    first image is edited as the prompt says, the others are references); else None (sync: call from a thread).
+    An unknown model is left to the submission to refuse."""
+    name = app.service.resolve_model(model) if model else app.service.default_model()
+    md = app.service.store.get_model(name)
+    if md is None or ((md.get("spec") or {}).get("backend") or "diffusers") != "diffusers":
+        return None
+    variant = variant_of(md)
+    return variant if variant in OMNI_VARIANTS else None
 
 
 def fit(width: int, height: int) -> tuple[int, int]:
@@ -231,8 +244,18 @@ async def edits(
     base: BaseUrl,
     prompt: Annotated[str, Form(min_length=1, max_length=4000)],
     image: Annotated[UploadFile | None, File(description="The image to edit (png, jpeg or webp).")] = None,
-    images: Annotated[list[UploadFile] | None, File(alias="image[]", description="As sent for a list.")] = None,
-    mask: Annotated[UploadFile | None, File(description="Transparent (or white) where to repaint.")] = None,
+    images: Annotated[
+        list[UploadFile] | None,
+        File(
+            alias="image[]",
+            description="As sent for a list. An edit or omni model edits the first as the prompt says, with the others "
+            "as reference images (GET /v1/models: max_reference_images); other models take the first.",
+        ),
+    ] = None,
+    mask: Annotated[
+        UploadFile | None,
+        File(description="Transparent (or white) where to repaint (inpaint; not for edit and omni models)."),
+    ] = None,
     model: Annotated[str | None, Form(max_length=253, description="A ModelDeployment or an alias.")] = None,
     n: Annotated[int, Form(ge=1, le=8)] = 1,
     size: Annotated[str, Form(pattern=SIZE_PATTERN, description="WIDTHxHEIGHT or auto (the input's).")] = "auto",
@@ -250,13 +273,35 @@ async def edits(
     strength: Annotated[float | None, Form(ge=0, le=1, description="Extension.")] = None,
     seed: Annotated[int | None, Form(ge=0, le=2**53 - 1, description="Extension.")] = None,
 ) -> OpenAIImagesResponse | StreamingResponse:
-    source = image or (images[0] if images else None)
-    if source is None:
+    given = [*([image] if image else []), *(images or [])]
+    if not given:
         raise ApiError(400, "image: required", param="image", code="missing_image")
-    checked = await receive(source, "image", app.settings)
+    # Edit and omni models edit from the prompt, with the further images as references; the others start from
+    # the first image (image-to-image), or repaint its mask (inpaint).
+    variant = await asyncio.to_thread(omni_variant, app, model)
+    references = given[1:] if variant else []
+    if variant:
+        allowed = VARIANT_DEFAULTS[variant].references
+        if len(references) > allowed:
+            takes = f"one image and at most {allowed} more (references)" if allowed else "one image"
+            raise ApiError(
+                400,
+                f"image: the {variant} variant takes {takes}, got {len(given)}",
+                param="image",
+                code="unsupported_task",
+            )
+        if mask is not None:
+            raise ApiError(
+                400,
+                f"mask: the {variant} variant edits as the prompt says, without a mask",
+                param="mask",
+                code="unsupported_task",
+            )
+    checked = await receive(given[0], "image", app.settings)
+    checked_refs = [await receive(ref, "image", app.settings) for ref in references]
     upload_id = uuid.uuid4().hex
     fields: dict[str, Any] = {
-        "task": "image-to-image",
+        "task": "edit" if variant else "image-to-image",
         "prompt": prompt,
         "model": model,
         "numImages": n,
@@ -274,6 +319,11 @@ async def edits(
     )
     stored.append(fields["inputImage"])
     try:
+        for i, ref in enumerate(checked_refs, 1):
+            name = f"reference-{i}.{ref.extension}"
+            stored.append(await store(app.images, caller.tenant, upload_id, name, ref.data, ref.content_type))
+        if checked_refs:
+            fields["referenceImages"] = stored[1:]
         if checked_mask is not None:
             fields["task"] = "inpaint"
             fields["maskImage"] = await store(

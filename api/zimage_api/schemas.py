@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from zimage_operator.types import Condition, ImageJobSpec, Phase, ScalingDecision
-from zimage_queue.message import MAX_LORAS_PER_JOB, CamelModel, LoraRef, OutputFormat
+from zimage_queue.message import MAX_LORAS_PER_JOB, CamelModel, LoraRef, OutputFormat, Task
 
 JobMode = Literal["imagejob", "bulk"]
 
@@ -142,10 +142,14 @@ UploadPurpose = Literal["image", "mask"]
 
 
 class UploadView(CamelModel):
-    """``POST /v1/uploads``: a stored image, for ``inputImage`` (or ``maskImage``) of the caller's tenant's jobs."""
+    """``POST /v1/uploads``: a stored image, for ``inputImage``, ``referenceImages`` (or ``maskImage``) of the
+    caller's tenant's jobs."""
 
     object: Literal["upload"] = "upload"
-    uri: str = Field(description="Pass as inputImage or maskImage to POST /v1/jobs (the same tenant's keys only).")
+    uri: str = Field(
+        description="Pass as inputImage, one of referenceImages or maskImage to POST /v1/jobs (the same tenant's keys "
+        "only)."
+    )
     width: int
     height: int
     content_type: str = Field(description="image/png, image/jpeg or image/webp; a mask is always image/png.")
@@ -202,6 +206,16 @@ class ModelView(BaseModel):
     in_flight: int
     adapters: list[str] = Field(
         default_factory=list, description="The LoRA adapters jobs may name in loras (spec.adapters of the deployment)."
+    )
+    tasks: list[Task] | None = Field(
+        None,
+        description="The tasks its variant does (a job's task must be one of them). Null where the API does not "
+        "judge: a remote or function pool, or a variant newer than this API (its workers judge).",
+    )
+    max_reference_images: int | None = Field(
+        None,
+        description="How many referenceImages a job with task edit may give it besides inputImage (0: none); null "
+        "as for tasks.",
     )
 
 

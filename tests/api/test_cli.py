@@ -98,6 +98,22 @@ def test_generate_from_an_image_locally(tmp_path: Path, masked: bool) -> None:
         assert Image.open(upload / "mask.png").convert("L").getpixel((10, 10)) == 255
 
 
+def test_generate_an_omni_edit_with_a_reference_locally(tmp_path: Path) -> None:
+    image, reference = tmp_path / "in.png", tmp_path / "ref.png"
+    image.write_bytes(png(96, 64))
+    reference.write_bytes(png(64, 64, color=(0, 0, 255)))
+    images = tmp_path / "images"
+    out = zimage(
+        "generate", "the two as one", "--variant", "omni", "--image", str(image), "--reference", str(reference),
+        "--width", "64", "--height", "64", "--steps", "2", "-o", str(tmp_path / "out.png"), "--images-dir", str(images),
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert Image.open(tmp_path / "out.png").size == (64, 64)
+    assert "(omni), edit" in out.stderr
+    [upload] = (images / "tenants" / "local" / "uploads").iterdir()  # the worker read both from there
+    assert sorted(p.name for p in upload.iterdir()) == ["image.png", "reference-1.png"]
+
+
 def test_the_api_refusing_is_one_line(api: Api) -> None:
     one_error(zimage("generate", "x", "--model", "nope", env=as_tenant(api)), "--model: no model named 'nope'")
     one_error(zimage("generate", "x", env={"ZIMAGE_API_URL": api.url, "ZIMAGE_API_KEY": ""}), "the API wants a key")

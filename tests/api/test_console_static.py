@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import re
 from pathlib import Path
+from typing import get_args
 
 import httpx
 import pytest
@@ -16,6 +17,8 @@ from tests.unit.test_chart_history import API, env_of, settings
 from tests.unit.test_chart_redis import containers, docs_for
 from zimage_api import console
 from zimage_api.local import local_api, serve_in_thread
+from zimage_api.schemas import ModelView
+from zimage_queue.message import GenerationParams, Task
 from zimage_worker.engine import NoopEngine
 
 __all__ = ["helm"]
@@ -81,3 +84,16 @@ def test_the_chart_turns_it_off_and_names_image_origins(
     assert read.console is False and read.console_image_origins == ["https://s3.example.com"]
     assert "ZIMAGE_API_CONSOLE" in env_of(api)
     assert "https://s3.example.com" in console.content_security_policy(read.console_image_origins)
+
+
+def test_the_create_form_offers_the_tasks_the_models_list_states() -> None:
+    """The form reads a model's tasks and reference images from GET /v1/models under the names that list gives
+    them, and offers exactly the contract's tasks (those a model does, by its ``tasks``)."""
+    js = (console.ASSETS / "create.js").read_text()
+    for name in ("tasks", "max_reference_images", "adapters"):
+        assert name in ModelView.model_fields and re.search(rf"\.{name}\b", js), name
+    block = re.search(r"export const TASKS = \[(.*?)\n\];", js, re.S)
+    assert block is not None
+    assert re.findall(r'\["([a-z-]+)", "', block.group(1)) == list(get_args(Task))
+    fields = GenerationParams.model_json_schema(by_alias=True)["properties"]
+    assert "body.referenceImages" in js and "referenceImages" in fields

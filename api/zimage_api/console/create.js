@@ -1,4 +1,5 @@
-// Create: the job form (text-to-image, image-to-image, inpaint with a mask painted here), and the jobs it started.
+// Create: the job form (text-to-image, image-to-image, inpaint with a mask painted here, edit with reference
+// images), offering the tasks the chosen model does, and the jobs it started.
 import { html, useEffect, useRef, useState } from "./vendor/preact-htm.js";
 import { ApiError, call } from "./api.js";
 import { ErrorBanner, JobWatch, randomSeed } from "./ui.js";
@@ -13,6 +14,19 @@ export const SIZES = [
   ["256x256", "Preview 256×256"],
   ["custom", "Custom…"],
 ];
+
+export const TASKS = [
+  ["text-to-image", "Text to image"],
+  ["image-to-image", "Image to image"],
+  ["inpaint", "Inpaint"],
+  ["edit", "Edit"],
+];
+
+// The tasks a model does (GET /v1/models); one that does not say (a remote or function pool) is offered what a
+// Z-Image model does.
+function offered(m) {
+  return TASKS.filter(([v]) => (m.tasks ? m.tasks.includes(v) : v !== "edit"));
+}
 
 // Settings handed over by "use these settings again" / "vary seed" (the detail page), read once by the form.
 let handed = null;
@@ -135,7 +149,9 @@ export function CreatePage({ me, models }) {
   const size0 = `${initial.width || 1024}x${initial.height || 1024}`;
   const [task, setTask] = useState(initial.task || "text-to-image");
   // An earlier job's input and mask (already in this tenant's storage), reused until another file is chosen.
-  const [reused, setReused] = useState(initial.inputImage ? { image: initial.inputImage, mask: initial.maskImage } : null);
+  const [reused, setReused] = useState(
+    initial.inputImage ? { image: initial.inputImage, mask: initial.maskImage, refs: initial.referenceImages || [] } : null,
+  );
   const [prompt, setPrompt] = useState(initial.prompt || "");
   const [negative, setNegative] = useState(initial.negativePrompt || "");
   const [model, setModel] = useState(initial.model || "");
@@ -152,15 +168,22 @@ export function CreatePage({ me, models }) {
   const [image, setImage] = useState(null); // an HTMLImageElement of the chosen file
   const [file, setFile] = useState(null);
   const [mask, setMask] = useState(null); // the painter's canvas once painted
+  const [refs, setRefs] = useState([]); // the chosen reference image files (edit)
   const [error, setError] = useState(null);
   const [busy, setBusy] = useState(false);
   const [jobs, setJobs] = useState(started.slice());
   const choices = models.filter((m) => !m.alias_of);
-  const adapters = (choices.find((m) => m.id === model) || {}).adapters || []; // the chosen model's
+  const chosen = choices.find((m) => m.id === model) || {};
+  const adapters = chosen.adapters || [];
+  const tasks = offered(chosen);
+  const maxRefs = chosen.max_reference_images || 0;
 
   useEffect(() => {
     if (!model && choices.length) setModel(choices[0].id);
   }, [models]);
+  useEffect(() => {
+    if (model && !tasks.some(([v]) => v === task)) setTask(tasks.length ? tasks[0][0] : "text-to-image");
+  }, [model, models]);
 
   function choose(e) {
     const f = e.target.files[0];
@@ -179,6 +202,11 @@ export function CreatePage({ me, models }) {
     img.src = URL.createObjectURL(f);
   }
 
+  function chooseRefs(e) {
+    setRefs([...e.target.files]);
+    if (reused) setReused({ ...reused, refs: [] });
+  }
+
   async function submit(e) {
     e.preventDefault();
     setError(null);
@@ -192,18 +220,25 @@ export function CreatePage({ me, models }) {
       if (seed !== "") body.seed = +seed;
       const picked = Object.entries(loras).filter(([name]) => adapters.includes(name));
       if (picked.length) body.loras = picked.map(([name, scale]) => ({ name, scale: +scale }));
+      if (task === "edit" && refs.length > maxRefs) {
+        const message = `referenceImages: ${model} takes ${maxRefs ? `at most ${maxRefs}` : "none"}`;
+        throw new ApiError(400, { error: { message, param: "referenceImages" } });
+      }
+      if (task === "image-to-image" || task === "inpaint") body.strength = +strength;
       if (task !== "text-to-image" && reused && !file) {
-        body.strength = +strength;
         body.inputImage = reused.image;
         if (task === "inpaint") body.maskImage = reused.mask;
       } else if (task !== "text-to-image") {
         if (!file) throw new ApiError(400, { error: { message: "inputImage: choose an image first", param: "inputImage" } });
-        body.strength = +strength;
         body.inputImage = (await upload(file, "image", file.name)).uri;
         if (task === "inpaint") {
           if (!mask) throw new ApiError(400, { error: { message: "maskImage: paint the area to repaint first", param: "maskImage" } });
           body.maskImage = (await upload(await toBlob(mask, "#000"), "mask", "mask.png")).uri;
         }
+      }
+      if (task === "edit") {
+        const uris = refs.length ? await Promise.all(refs.map(async (f) => (await upload(f, "image", f.name)).uri)) : (maxRefs && reused && reused.refs) || [];
+        if (uris.length) body.referenceImages = uris;
       }
       const job = await call("/v1/jobs", { method: "POST", json: body });
       started.unshift(job);
@@ -221,7 +256,7 @@ export function CreatePage({ me, models }) {
       <h1 id="create-title">Create</h1>
       <fieldset class="tasks">
         <legend>Task</legend>
-        ${[["text-to-image", "Text to image"], ["image-to-image", "Image to image"], ["inpaint", "Inpaint"]].map(
+        ${tasks.map(
           ([v, label]) => html`<label class="check"><input type="radio" name="task" value=${v} checked=${task === v} onChange=${() => setTask(v)} /> ${label}</label>`,
         )}
       </fieldset>
@@ -230,11 +265,14 @@ export function CreatePage({ me, models }) {
       <label>Negative prompt <textarea name="negativePrompt" rows="2" maxlength="4000" aria-invalid=${invalid("negativePrompt")}
         value=${negative} onInput=${(e) => setNegative(e.target.value)}></textarea></label>
       ${task !== "text-to-image" && html`<div class="source">
-        <label>Input image <input type="file" name="inputImage" accept="image/png,image/jpeg,image/webp" onChange=${choose} aria-invalid=${invalid("inputImage")} /></label>
-        <label>Strength <input type="number" name="strength" min="0" max="1" step="0.05" value=${strength} onInput=${(e) => setStrength(e.target.value)} /></label>
+        <label>${task === "edit" ? "Image to edit" : "Input image"} <input type="file" name="inputImage" accept="image/png,image/jpeg,image/webp" onChange=${choose} aria-invalid=${invalid("inputImage")} /></label>
+        ${task !== "edit" && html`<label>Strength <input type="number" name="strength" min="0" max="1" step="0.05" value=${strength} onInput=${(e) => setStrength(e.target.value)} /></label>`}
         ${reused && !file && html`<p class="muted">Reusing the earlier job's input image${task === "inpaint" ? " and mask" : ""}; choose a file to replace it.</p>`}
         ${image && task === "inpaint" && html`<${MaskPainter} image=${image} onMask=${setMask} />`}
-        ${image && task === "image-to-image" && html`<img class="preview" src=${image.src} alt="the input image" />`}
+        ${image && task !== "inpaint" && html`<img class="preview" src=${image.src} alt=${task === "edit" ? "the image to edit" : "the input image"} />`}
+        ${task === "edit" && maxRefs > 0 && html`<label>Reference images (up to ${maxRefs})
+          <input type="file" name="referenceImages" multiple accept="image/png,image/jpeg,image/webp" onChange=${chooseRefs} aria-invalid=${invalid("referenceImages")} /></label>
+          ${reused && reused.refs.length > 0 && !refs.length && html`<p class="muted">Reusing the earlier job's ${reused.refs.length} reference images; choose files to replace them.</p>`}`}
       </div>`}
       ${adapters.length > 0 && html`<fieldset class="adapters">
         <legend>Adapters</legend>

@@ -187,6 +187,7 @@ export function DetailPage({ id }) {
           <${Row} name="Seed" value=${job.seed} />
           <${Row} name="Images" value=${req.numImages} />
           <${Row} name="Strength" value=${req.strength} />
+          <${Row} name="Reference images" value=${(req.referenceImages || []).length || null} />
           <${Row} name="Adapters" value=${(req.loras || []).map((l) => `${l.name} × ${l.scale ?? "default"}`).join(", ")} />
           <${Row} name="Priority" value=${req.priority} />
           <${Row} name="Format" value=${req.outputFormat} />
