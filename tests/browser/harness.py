@@ -67,15 +67,15 @@ class Stack:
 
 
 @contextmanager
-def console_stack(tmp: Path) -> Iterator[Stack]:
+def console_stack(tmp: Path, variant: str = "turbo") -> Iterator[Stack]:
     keys_dir = tmp / "keys"
     keys_dir.mkdir(parents=True)
     other = new_key("other")
     (keys_dir / "other").write_text(entry_json(other, "team-other"))
-    engine = PacedEngine(load_engine("tiny-random"))
+    engine = PacedEngine(load_engine("tiny-random", variant=variant))
     images = tmp / "images"
     with (
-        local_api(engine=engine, images_dir=images, keys_dir=str(keys_dir), dev_admin=True) as la,
+        local_api(engine=engine, variant=variant, images_dir=images, keys_dir=str(keys_dir), dev_admin=True) as la,
         serve_in_thread(la.app) as url,
     ):
         yield Stack(url, la, engine, images, {"dev": DEV_KEY, "other": other})

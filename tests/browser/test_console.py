@@ -215,6 +215,37 @@ def test_inpaint_with_a_painted_mask(web: Browser, stack: Stack, tmp_path: Path)
     assert left > 0.2 and right == 0.0, (left, right)
 
 
+def test_edit_with_reference_images_on_an_omni_model(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The form offers what the model does (GET /v1/models: tasks): an omni model does text-to-image and edit, and
+    an edit takes the image to edit and up to max_reference_images reference images."""
+    files = tmp_path_factory.mktemp("edit-files")
+    for name, colour in (("photo", (40, 120, 200)), ("hat", (200, 30, 30)), ("scarf", (30, 200, 30))):
+        Image.new("RGB", (64, 64), colour).save(files / f"{name}.png")
+    with console_stack(tmp_path_factory.mktemp("omni"), variant="omni") as omni, browser(omni.url) as web:
+        page = web.page
+        web.sign_in(omni.keys["dev"])
+        tasks = page.get_by_role("group", name="Task").get_by_role("radio")
+        expect(tasks).to_have_count(2)
+        expect(page.get_by_label("Text to image")).to_be_checked()
+        expect(page.get_by_label("Inpaint")).to_have_count(0)
+        page.get_by_label("Edit", exact=True).check()
+        page.get_by_label("Image to edit").set_input_files(str(files / "photo.png"))
+        expect(page.get_by_label("Strength")).to_have_count(0)  # an edit goes as the prompt says
+        page.get_by_label(re.compile(r"^Reference images \(up to 3\)")).set_input_files(
+            [str(files / "hat.png"), str(files / "scarf.png")]
+        )
+        web.shot("16-omni-edit")
+        job = generate(web, "the photo with the hat and the scarf", size="custom", Steps="2")
+        card = page.locator(f'.watch[data-job="{job}"]')
+        expect(card).to_have_attribute("data-phase", "Succeeded", timeout=60_000)
+        web.shot("17-omni-edit-done")
+        with api(omni) as c:
+            request = c.get(f"/v1/jobs/{job}").json()["request"]
+        assert request["task"] == "edit" and (request["width"], request["height"]) == (64, 64)
+        assert len(request["referenceImages"]) == 2 and "strength" not in request
+        assert web.blocked == [] and web.problems == []
+
+
 def test_another_tenants_jobs_are_never_shown(web: Browser, stack: Stack) -> None:
     page = web.page
     with api(stack, "other") as c:
