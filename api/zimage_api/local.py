@@ -157,7 +157,7 @@ class LocalApi:
 def local_api(
     model: str = "tiny-random",
     *,
-    model_name: str = "z-image-turbo",
+    model_name: str | None = None,  # default: z-image-<variant>, as a ModelDeployment of it would be called
     variant: str = "turbo",
     images_dir: str | Path | None = None,
     models_dir: str | None = None,
@@ -170,6 +170,8 @@ def local_api(
     from zimage_worker.engine import load_engine
     from zimage_worker.loop import Worker
     from zimage_worker.storage import LocalStore
+
+    model_name = model_name or f"z-image-{variant}"
 
     tmp = None
     if images_dir is None:

@@ -297,6 +297,14 @@ async def edits(
                 param="mask",
                 code="unsupported_task",
             )
+    elif len(given) > 1:  # not dropped without a word: the caller meant them to count
+        raise ApiError(
+            400,
+            f"image: this model starts from one image, got {len(given)}; several images (references) need a model "
+            "of variant edit or omni (GET /v1/models lists each model's tasks)",
+            param="image",
+            code="unsupported_task",
+        )
     checked = await receive(given[0], "image", app.settings)
     checked_refs = [await receive(ref, "image", app.settings) for ref in references]
     upload_id = uuid.uuid4().hex

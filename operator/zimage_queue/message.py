@@ -240,6 +240,8 @@ class GenerationParams(WireModel):
             errors.append("spec.inputImage/maskImage: only allowed for image-to-image, inpaint and edit")
         if self.task == "edit" and self.mask_image:
             errors.append("spec.maskImage: only allowed for inpaint (an edit says in its prompt what to change)")
+        if self.task == "edit" and self.strength is not None:
+            errors.append("spec.strength: only for image-to-image and inpaint (an edit is not a partial re-noising)")
         if self.reference_images and self.task != "edit":
             errors.append("spec.referenceImages: only allowed when task is edit")
         names = [lora.name for lora in self.loras or []]

@@ -252,6 +252,11 @@ def test_a_refused_edit_leaves_no_upload_behind(api: Api) -> None:
     r = client.post("/v1/images/edits", files={"image": image, "mask": ("m.png", b"not a png", "image/png")},
                     data={"prompt": "x"})  # fmt: skip
     assert r.status_code == 415
+    # several images on a turbo model: refused, not the extra ones silently dropped
+    two = [("image[]", image), ("image[]", ("j.png", png(64, 64), "image/png"))]
+    r = client.post("/v1/images/edits", files=two, data={"prompt": "x"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "image", r.text
+    assert "need a model of variant edit or omni" in r.json()["error"]["message"]
     assert stored() == before
     r = client.post("/v1/images/edits", files={"image": image}, data={"prompt": "x", "size": "64x64"})
     assert r.status_code == 200, r.text

@@ -46,7 +46,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     for name, key in keys.items():
         (root / "keys" / name).write_text(entry_json(key, f"team-{name}", **ROOMY))
     with (
-        local_api(model_name=MODEL, variant="omni", images_dir=root / "images", keys_dir=str(root / "keys")) as la,
+        local_api(
+            model_name=MODEL,
+            variant="omni",
+            images_dir=root / "images",
+            keys_dir=str(root / "keys"),
+            rate_per_second=1000,
+            rate_burst=1000,  # polling for results is not what these tests limit
+        ) as la,  # fmt: skip
         serve_in_thread(la.app) as url,
         httpx.Client(base_url=url, headers={"Authorization": f"Bearer {keys['a']}"}, timeout=120) as a,
         httpx.Client(base_url=url, headers={"Authorization": f"Bearer {keys['b']}"}, timeout=120) as b,

@@ -69,6 +69,7 @@ def test_other_backends_are_not_judged_by_a_variant() -> None:
         ({"task": "edit"}, "spec.inputImage: required when task is edit"),
         ({"task": "edit", "input_image": IMG, "mask_image": IMG}, "spec.maskImage: only allowed for inpaint"),
         ({"task": "image-to-image", "input_image": IMG, "reference_images": REFS[:1]}, "spec.referenceImages"),
+        ({"task": "edit", "input_image": IMG, "strength": 0.5}, "spec.strength: only for image-to-image and inpaint"),
         ({"task": "text-to-image", "input_image": IMG}, "spec.inputImage/maskImage: only allowed for image-to-image"),
     ],
 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import signal
 import sys
@@ -20,12 +21,25 @@ from zimage_worker.storage import open_store
 log = logging.getLogger("zimage_worker")
 
 
+def structured_library_logs() -> None:
+    """transformers and diffusers print through handlers of their own (lines like "[transformers] ..."); send their
+    records to the root logger instead, so the worker's stderr stays one JSON object per line."""
+    for name in ("transformers", "diffusers"):
+        try:
+            library = importlib.import_module(f"{name}.utils.logging")
+        except ImportError:  # the worker extra is not installed: nothing of theirs will log
+            continue
+        library.disable_default_handler()
+        library.enable_propagation()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="zimage-worker", description="Run Z-Image jobs from a Redis queue.")
     p.add_argument("--max-jobs", type=int, default=None, help="exit after this many jobs (burst mode)")
     p.add_argument("--no-http", action="store_true", help="no /healthz, /readyz, /metrics server")
     args = p.parse_args(argv)
     logs.configure()
+    structured_library_logs()
     cfg = WorkerSettings()
     ready = False
     worker: Worker | None = None

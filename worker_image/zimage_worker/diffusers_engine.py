@@ -15,7 +15,6 @@ from zimage_queue.message import OMNI_VARIANTS, VARIANT_DEFAULTS
 from zimage_worker import metrics
 from zimage_worker.adapters import ResidentAdapters
 from zimage_worker.engine import FULL_RANDOM, TINY_RANDOM, VARIANTS, AdapterSet, Cancelled, Request, batch_key
-from zimage_worker.omni import OmniPipeline
 
 if TYPE_CHECKING:
     from zimage_queue import GenerationParams
@@ -129,7 +128,11 @@ class DiffusersEngine:
 
             pipe = build_full_size_pipeline(str(self.device), str(self.dtype).removeprefix("torch."))
         else:
-            loader: Any = OmniPipeline if omni else ZImagePipeline
+            loader: Any = ZImagePipeline
+            if omni:  # imported only here: diffusers' omni module pulls in SigLIP2's image processor
+                from zimage_worker.omni import OmniPipeline
+
+                loader = OmniPipeline
             pipe = loader.from_pretrained(source, revision=revision, **{_dtype_kwarg(): self.dtype})
         pipe.to(self.device)
         # Decode a batch's latents one image at a time: the VAE's activations for 8 images at 1024x1024 would
