@@ -9,9 +9,10 @@ from zimage_api.aliases import variant_of
 from zimage_api.redis_store import is_bulk
 from zimage_api.schemas import ImageLink, JobView, Links, ModelView, Progress
 from zimage_api.signing import UrlSigner
+from zimage_operator import variants
 from zimage_operator.types import TERMINAL_PHASES
 from zimage_queue import QueueStats
-from zimage_queue.message import VARIANT_DEFAULTS, Task, VariantDefaults
+from zimage_queue.message import Task
 
 
 def sse_event(event: str, data: dict[str, Any]) -> str:
@@ -83,18 +84,10 @@ def job_view(
     )
 
 
-def accepts(md: dict[str, Any]) -> VariantDefaults | None:
-    """What a ModelDeployment's variant accepts (its tasks, its reference images), where the API judges that: a
-    diffusers pool of a variant it knows (``zimage_operator.variants.refusal`` passes the rest through)."""
-    if ((md.get("spec") or {}).get("backend") or "diffusers") != "diffusers":
-        return None
-    return VARIANT_DEFAULTS.get(variant_of(md))
-
-
 def model_view(md: dict[str, Any], stats: QueueStats) -> ModelView:
     status, spec = md.get("status") or {}, md.get("spec") or {}
     ready = int(status.get("readyReplicas") or 0)
-    does = accepts(md)
+    does = variants.accepts(md.get("spec") or {})
     return ModelView(
         id=md["metadata"]["name"],
         variant=variant_of(md),

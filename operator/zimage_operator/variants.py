@@ -7,13 +7,26 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from zimage_queue.message import GenerationParams
+from zimage_queue.message import VARIANT_DEFAULTS, GenerationParams, VariantDefaults
+
+
+def judged(spec: Mapping[str, Any]) -> bool:
+    """Whether a ModelDeployment ``spec``'s variant says what it accepts: only the diffusers backend runs Z-Image
+    variants; a remote or function pool is judged by its own backend when it runs the job."""
+    return (spec.get("backend") or "diffusers") == "diffusers"
+
+
+def accepts(spec: Mapping[str, Any]) -> VariantDefaults | None:
+    """What the ModelDeployment ``spec``'s variant accepts (tasks, reference images); None where no variant
+    judges (another backend, or a variant newer than this release)."""
+    if not judged(spec):
+        return None
+    return VARIANT_DEFAULTS.get((spec.get("model") or {}).get("variant") or "turbo")
 
 
 def refusal(params: GenerationParams, model: str, spec: Mapping[str, Any]) -> str | None:
-    """Why the ModelDeployment ``model`` (its ``spec``) cannot run ``params``, or None. Only the diffusers
-    backend runs Z-Image variants; a remote or function pool is judged by its own backend when it runs the job."""
-    if (spec.get("backend") or "diffusers") != "diffusers":
+    """Why the ModelDeployment ``model`` (its ``spec``) cannot run ``params``, or None (see ``judged``)."""
+    if not judged(spec):
         return None
     errors = params.variant_errors((spec.get("model") or {}).get("variant"))
     return f"{'; '.join(errors)} (ModelDeployment {model})" if errors else None
